@@ -1,0 +1,1 @@
+"""alignkit.stages"""
