@@ -1,1 +1,20 @@
-"""alignkit.stages"""
+"""Training stages, one module per kind, found through :data:`REGISTRY`.
+
+A stage module defines its config schema (a :class:`~alignkit.config.StageBase` subclass) and
+``run(cfg, ctx) -> StageResult``. Adding a kind means adding a module and one line here.
+"""
+
+from __future__ import annotations
+
+from alignkit.stages import sft
+
+from alignkit.pipeline import StageKind
+
+REGISTRY: dict[str, StageKind] = {
+    "sft": StageKind(sft.SFTStageConfig, sft.run),
+}
+
+
+def stage_kinds() -> dict[str, type]:
+    """Kind name -> config schema, as :func:`alignkit.config.load_pipeline` wants it."""
+    return {kind: entry.config_cls for kind, entry in REGISTRY.items()}

@@ -1,0 +1,205 @@
+"""The ``alignkit`` command line.
+
+This is the one core module that imports the other areas: it hands the stage registry to the
+pipeline runner. Bad input (config, data, paths) prints one message and exits 2; internal
+errors keep their traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from alignkit.errors import UserError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Alignment training: SFT, RM, DPO, PPO."
+)
+data_app = typer.Typer(no_args_is_help=True, help="Inspect and validate datasets.")
+app.add_typer(data_app, name="data")
+console = Console()
+err_console = Console(stderr=True)
+
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Dotted override, e.g. stages.sft.train.max_steps=50"),
+]
+
+
+def _registry():
+    from alignkit.stages import REGISTRY
+
+    return REGISTRY
+
+
+def _load(config: Path, overrides: list[str] | None):
+    from alignkit.config import load_pipeline
+    from alignkit.stages import stage_kinds
+
+    return load_pipeline(config, stage_kinds(), overrides)
+
+
+def _run(cfg, run_dir: Path | None) -> None:
+    from alignkit.pipeline import run_pipeline
+
+    target = run_dir or Path(cfg.run.dir or f"runs/{cfg.run.name}")
+    run_pipeline(cfg, _registry(), target, console)
+    console.print(f"run directory: [bold]{target}[/]  (alignkit status {target})")
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="Pipeline YAML")],
+    set_: SetOpt = None,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="Run directory (default: run.dir or runs/<name>)")
+    ] = None,
+) -> None:
+    """Run every stage of a pipeline YAML, skipping finished ones and resuming interrupted ones."""
+    _run(_load(config, set_), run_dir)
+
+
+@app.command()
+def sft(
+    config: Annotated[
+        Path | None, typer.Argument(help="Pipeline YAML (its sft stages run)")
+    ] = None,
+    data: Annotated[
+        str | None, typer.Option(help="SFT data: file, Hub dataset or builtin:sft")
+    ] = None,
+    model: Annotated[
+        str, typer.Option(help="Base model: Hub id, path or builtin:tiny")
+    ] = "builtin:tiny",
+    adapter: Annotated[str, typer.Option(help="lora | full | ia3 | prefix | prompt")] = "lora",
+    quantization: Annotated[str, typer.Option(help="none | 4bit | 8bit")] = "none",
+    run_dir: Annotated[Path | None, typer.Option(help="Run directory")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Run SFT alone: from a config's sft stages, or from flags."""
+    from alignkit.config import validate_pipeline
+    from alignkit.stages import stage_kinds
+
+    if config is not None:
+        cfg = _load(config, set_)
+        cfg.stages = [s for s in cfg.stages if s.kind == "sft"]
+        if not cfg.stages:
+            raise UserError(f"{config}: no stage of kind 'sft'")
+    else:
+        if data is None:
+            raise UserError("alignkit sft: give a CONFIG or --data SOURCE")
+        from alignkit.config import apply_override
+
+        raw = {
+            "run": {"name": "sft"},
+            "model": {"name": model, "quantization": quantization},
+            "adapter": {"type": adapter},
+            "stages": [{"name": "sft", "kind": "sft", "data": {"source": data}}],
+        }
+        for item in set_ or []:
+            apply_override(raw, item)
+        cfg = validate_pipeline(raw, stage_kinds(), where="alignkit sft")
+    _run(cfg, run_dir)
+
+
+@app.command()
+def status(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory")],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the manifest with each stage's metrics")
+    ] = False,
+) -> None:
+    """Show a run's stages, their status, key metrics and outputs."""
+    from alignkit.rundir import RunDir
+
+    rd = RunDir(run_dir)
+    manifest = rd.manifest()
+    if manifest is None:
+        raise UserError(f"{run_dir}: no manifest.json here; is this a run directory?")
+    for entry in manifest["stages"]:
+        record = rd.stage_json(entry["name"])
+        if record is not None and record.get("config_hash") == entry["config_hash"]:
+            entry["status"] = "complete"
+            entry["metrics"] = record.get("metrics", {})
+            entry["path"] = str(rd.stage_dir(entry["name"]))
+        elif entry["status"] == "complete":
+            entry["status"] = "stale"
+        if rd.state(entry["name"]).checkpoint is not None and entry["status"] != "complete":
+            entry["checkpoint"] = str(rd.state(entry["name"]).checkpoint)
+    if as_json:
+        print(json.dumps(manifest, indent=2))
+        return
+    from alignkit.pipeline import HEADLINE_KEYS
+
+    table = Table(title=f"{manifest['run']}  ({run_dir})", show_edge=False)
+    for col in ("stage", "kind", "from", "status", "key metrics", "output"):
+        table.add_column(col)
+    colors = {"complete": "green", "running": "yellow", "failed": "red", "stale": "magenta"}
+    for e in manifest["stages"]:
+        m = e.get("metrics") or {}
+        key = ", ".join(f"{k}={m[k]:.4g}" for k in HEADLINE_KEYS if k in m)
+        st = e["status"]
+        table.add_row(
+            e["name"],
+            e["kind"],
+            e.get("parent") or "-",
+            f"[{colors.get(st, 'white')}]{st}[/]",
+            key,
+            e.get("path") or e.get("checkpoint") or "-",
+        )
+    console.print(table)
+
+
+@data_app.command("check")
+def data_check(
+    source: Annotated[str, typer.Argument(help="File, Hub dataset name or builtin:NAME")],
+    kind: Annotated[str, typer.Option(help="Dataset kind: sft")] = "sft",
+    split: Annotated[str | None, typer.Option(help="Split for Hub/builtin sources")] = None,
+    tokenizer: Annotated[
+        str | None, typer.Option(help="Tokenizer (model id/path) for token lengths")
+    ] = None,
+) -> None:
+    """Summarize a dataset (rows, formats, length percentiles) and list bad rows."""
+    from alignkit.data import check as checks
+
+    if kind not in ("sft",):
+        raise UserError(f"--kind {kind!r}: supported kinds: sft")
+    tok = None
+    if tokenizer is not None:
+        from alignkit.config import ModelSpec
+        from alignkit.models import load_tokenizer, resolve_model_path
+
+        tok = load_tokenizer(resolve_model_path(ModelSpec(name=tokenizer)))
+    report = checks.check_sft(source, split=split, tokenizer=tok)
+    checks.print_report(report, console)
+    if report.problems:
+        raise typer.Exit(2)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "datasets", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        app(standalone_mode=False)
+    except UserError as e:
+        err_console.print(f"[red]error:[/] {e}", highlight=False)
+        sys.exit(e.exit_code)
+    except (typer.Exit, SystemExit) as e:
+        sys.exit(getattr(e, "exit_code", getattr(e, "code", 0)))
+    except KeyboardInterrupt:
+        err_console.print("interrupted; re-run the same command to resume")
+        sys.exit(130)
+    except Exception as e:  # click usage errors come through here in non-standalone mode
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(2)
+        raise

@@ -1,0 +1,364 @@
+"""Pipeline configuration: pydantic schemas for the YAML, validated once at the edge.
+
+A pipeline file has ``run``, ``model``, ``adapter`` and ``stages``. The shared blocks live here;
+each stage kind's own schema lives beside its stage (``stages/sft.py``) and is found through the
+stage registry, so the core never imports a stage. Every model forbids unknown keys, and
+:func:`load_pipeline` turns pydantic's errors into messages that name the key, where it is and
+the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import importlib
+import json
+import re
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from alignkit.errors import UserError
+
+BUILTIN_MODEL = "builtin:tiny"
+
+
+class Strict(BaseModel):
+    """Base for every config block: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class RunSpec(Strict):
+    name: str = "run"
+    """Shown in logs and the manifest."""
+    dir: str | None = None
+    """Run directory; default ``runs/<name>``. ``alignkit run --run-dir`` overrides it."""
+    seed: int = 0
+    """Seed for data shuffling, adapter init and sampling; each stage derives its own from it."""
+
+
+class ModelSpec(Strict):
+    name: str = BUILTIN_MODEL
+    """Hub id (``Qwen/Qwen2.5-0.5B-Instruct``), local path, or ``builtin:tiny``."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit); recorded in every stage.json."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """``auto``: bfloat16 on a GPU that supports it, float32 on CPU."""
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    """bitsandbytes quantization of the frozen base (QLoRA with ``4bit``)."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type."""
+    double_quant: bool = True
+    """Quantize the 4-bit quantization constants too (saves ~0.4 bit/param)."""
+    trust_remote_code: bool = False
+    """Run code shipped with a Hub model. Off unless you trust the repository."""
+    attn_implementation: str | None = None
+    """Passed to ``from_pretrained`` (``sdpa``, ``eager``, ``flash_attention_2``)."""
+
+
+class AdapterSpec(Strict):
+    type: Literal["lora", "full", "ia3", "prefix", "prompt"] = "lora"
+    """``lora`` (QLoRA when the base is 4-bit), ``full`` fine-tuning, or another PEFT method."""
+    r: int = Field(16, gt=0)
+    alpha: float = 32
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+    """LoRA/IA3 target modules: a list of module names or ``all-linear``."""
+    use_dora: bool = False
+    use_rslora: bool = False
+    num_virtual_tokens: int = Field(20, gt=0)
+    """Prefix and prompt tuning: number of virtual tokens."""
+    modules_to_save: list[str] = []
+    """Extra modules trained in full and saved with the adapter (e.g. ``embed_tokens``)."""
+
+
+class DataSpec(Strict):
+    source: str
+    """JSONL/JSON/Parquet/CSV file, Hub dataset name, or ``builtin:NAME``."""
+    split: str | None = "train"
+    """Split of a Hub or builtin dataset (ignored for local files)."""
+    eval_source: str | None = None
+    """Held-out data; default: ``eval_split`` of the same source, else a slice of the train rows."""
+    eval_split: str | None = None
+    eval_size: int | float = 0.05
+    """Rows held out for evaluation when no eval source/split is given (int: rows; float: fraction)."""
+    max_rows: int | None = None
+    """Use at most this many training rows (after validation)."""
+    max_eval_rows: int | None = 512
+    on_bad_rows: Literal["error", "skip"] = "error"
+    """``error``: any bad row stops before training (exit 2). ``skip``: drop bad rows, report counts."""
+    max_bad_fraction: float = Field(0.05, ge=0, le=1)
+    """With ``skip``: fail when more than this fraction of rows is bad."""
+
+
+class StageBase(Strict):
+    """Fields every stage has. A stage kind subclasses this with its own fields."""
+
+    kind: str
+    name: str
+    from_: str | None = Field(None, alias="from")
+    """Parent stage name (its output is this stage's starting point)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
+
+    #: Dotted path of the TRL config class the ``train:`` block passes through to (imported only
+    #: when a config is validated, so the CLI starts fast).
+    trainer_config: ClassVar[str | None] = None
+    #: Whether this stage kind starts from the previous policy stage when ``from`` is not given.
+    default_parent: ClassVar[bool] = False
+    #: Whether this stage produces a policy (a later stage may start from it).
+    is_policy: ClassVar[bool] = False
+
+    train: dict[str, Any] = {}
+    """Trainer knobs passed to the TRL config class; checked against its fields."""
+
+    @model_validator(mode="after")
+    def _check_train_keys(self) -> StageBase:
+        if type(self).trainer_config is None or not self.train:
+            return self
+        cls = trainer_config_class(type(self))
+        valid = {f.name for f in dataclasses.fields(cls)}
+        for key in self.train:
+            if key not in valid:
+                raise ValueError(
+                    f"unknown trainer option 'train.{key}' for {cls.__name__}{_suggest(key, valid)}"
+                )
+        return self
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_dirname(cls, v: str) -> str:
+        if not v or "/" in v or v.startswith("."):
+            raise ValueError("stage name must be a plain directory name (no '/', no leading '.')")
+        return v
+
+
+def trainer_config_class(stage_cls: type[StageBase]) -> type:
+    module, _, name = stage_cls.trainer_config.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+class PipelineConfig(Strict):
+    run: RunSpec = RunSpec()
+    model: ModelSpec = ModelSpec()
+    adapter: AdapterSpec = AdapterSpec()
+    stages: list[StageBase]
+
+    def stage(self, name: str) -> StageBase:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+StageKinds = Mapping[str, type[StageBase]]
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """Safe loader that reads ``1e-4`` as a float (YAML 1.1 wants ``1.0e-4``)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text: str):
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def load_pipeline(
+    path: str | Path, stage_kinds: StageKinds, overrides: list[str] | None = None
+) -> PipelineConfig:
+    """Read, override and validate a pipeline YAML; raise :class:`UserError` on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        raw = read_yaml(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: the top level must be a mapping (run, model, adapter, stages)")
+    for item in overrides or []:
+        apply_override(raw, item)
+    return validate_pipeline(raw, stage_kinds, where=str(path))
+
+
+def validate_pipeline(raw: dict, stage_kinds: StageKinds, where: str = "config") -> PipelineConfig:
+    stages_raw = raw.get("stages")
+    if not isinstance(stages_raw, list) or not stages_raw:
+        raise UserError(f"{where}: 'stages' must be a non-empty list of stages")
+    stages: list[StageBase] = []
+    for i, s in enumerate(stages_raw):
+        if not isinstance(s, dict):
+            raise UserError(f"{where}: stages[{i}] must be a mapping with 'name' and 'kind'")
+        kind = s.get("kind")
+        if kind not in stage_kinds:
+            raise UserError(
+                f"{where}: stages[{i}].kind: unknown stage kind {kind!r}"
+                f"{_suggest(str(kind), stage_kinds)}; known kinds: {', '.join(sorted(stage_kinds))}"
+            )
+        cls = stage_kinds[kind]
+        s = {"name": kind, **s}
+        try:
+            stages.append(cls.model_validate(s))
+        except ValidationError as e:
+            raise UserError(_format_errors(e, cls, f"{where}: stages[{i}] ({s['name']})")) from None
+    try:
+        cfg = PipelineConfig.model_validate({**raw, "stages": []})
+    except ValidationError as e:
+        raise UserError(_format_errors(e, PipelineConfig, where)) from None
+    cfg.stages = stages
+    _check_stage_graph(cfg, where)
+    return cfg
+
+
+def _check_stage_graph(cfg: PipelineConfig, where: str) -> None:
+    seen: set[str] = set()
+    for s in cfg.stages:
+        if s.name in seen:
+            raise UserError(f"{where}: two stages are named {s.name!r}; stage names must be unique")
+        if s.from_ is not None and s.from_ not in seen:
+            hint = _suggest(s.from_, seen) if seen else ""
+            raise UserError(
+                f"{where}: stage {s.name!r} has from: {s.from_!r}, which is not an earlier stage"
+                f"{hint}"
+            )
+        seen.add(s.name)
+
+
+def parent_of(cfg: PipelineConfig, stage: StageBase) -> StageBase | None:
+    """The stage this one starts from: ``from`` if given, else the previous policy stage."""
+    if stage.from_ is not None:
+        return cfg.stage(stage.from_)
+    if not type(stage).default_parent:
+        return None
+    idx = cfg.stages.index(stage)
+    for prev in reversed(cfg.stages[:idx]):
+        if type(prev).is_policy:
+            return prev
+    return None
+
+
+# --- overrides ---------------------------------------------------------------------------------
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply ``a.b.c=value`` to the raw config dict. ``stages.NAME.x`` addresses a stage by name
+    (or index); the value is parsed as YAML (``1e-4``, ``true``, ``[q_proj, v_proj]``)."""
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. stages.sft.train.max_steps=50")
+    key, _, text = item.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise UserError(f"--set {item!r}: empty key")
+    try:
+        value = read_yaml(text)
+    except yaml.YAMLError:
+        value = text
+    node: Any = raw
+    for depth, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = _stage_in_list(node, part, item)
+            continue
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = [] if part == "stages" and depth == 0 else {}
+        if not isinstance(nxt, dict | list):
+            raise UserError(f"--set {item!r}: {'.'.join(parts[: depth + 1])} is not a mapping")
+        node = nxt
+    if isinstance(node, list):
+        raise UserError(f"--set {item!r}: address a field inside a stage, e.g. stages.sft.kind")
+    node[parts[-1]] = value
+
+
+def _stage_in_list(stages: list, part: str, item: str) -> dict:
+    if part.isdigit() and int(part) < len(stages):
+        return stages[int(part)]
+    names = [s.get("name", s.get("kind")) for s in stages if isinstance(s, dict)]
+    for s, n in zip(stages, names, strict=False):
+        if n == part:
+            return s
+    raise UserError(f"--set {item!r}: no stage named {part!r}{_suggest(part, names)}")
+
+
+# --- hashing -----------------------------------------------------------------------------------
+
+
+def config_hash(*parts: Any) -> str:
+    """Stable short hash of JSON-able parts (pydantic models are dumped by alias)."""
+    blob = json.dumps(
+        [
+            p.model_dump(mode="json", by_alias=True) if isinstance(p, BaseModel) else p
+            for p in parts
+        ],
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# --- error messages ----------------------------------------------------------------------------
+
+
+def _suggest(key: str, valid) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _format_errors(err: ValidationError, root: type[BaseModel], where: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            key = str(e["loc"][-1])
+            valid = _fields_at(root, e["loc"][:-1])
+            lines.append(f"{where}: unknown key '{loc}'{_suggest(key, valid)}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{where}: {loc or '(top level)'}: {msg}")
+    return "\n".join(lines)
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Valid keys (aliases included) of the model reached by following ``loc`` from ``model``."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = getattr(current, "model_fields", {})
+        if part not in fields:
+            return []
+        current = _model_in(fields[part].annotation)
+        if current is None:
+            return []
+    fields = getattr(current, "model_fields", {})
+    return [f.alias or name for name, f in fields.items()]
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType, list):
+        for arg in typing.get_args(annotation):
+            found = _model_in(arg)
+            if found is not None:
+                return found
+    return None

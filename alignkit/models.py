@@ -1,0 +1,238 @@
+"""Loading base models, tokenizers and adapters; saving what a stage produced.
+
+Every stage builds its model through these functions, so dtype, quantization, pad-token and
+adapter handling are the same everywhere. A stage's saved output is plain peft/transformers:
+``adapter/`` (loadable with ``PeftModel.from_pretrained``) or ``model/`` for full fine-tuning,
+plus the tokenizer with its chat template.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from alignkit.config import BUILTIN_MODEL, AdapterSpec, ModelSpec
+from alignkit.errors import UserError
+
+log = logging.getLogger(__name__)
+
+ADAPTER_DIR = "adapter"
+FULL_MODEL_DIR = "model"
+# Existing tokens that can serve as padding when a tokenizer has none (or pads with EOS).
+_PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad_id|>", "<|endoftext|>")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(spec: ModelSpec) -> str:
+    """A Hub id or local path for ``spec.name``; builds and caches ``builtin:tiny`` on first use."""
+    if spec.name == BUILTIN_MODEL:
+        from alignkit.builtin import ensure_tiny_model
+
+        return str(ensure_tiny_model())
+    if spec.name.startswith("builtin:"):
+        raise UserError(
+            f"model.name: unknown builtin model {spec.name!r}; the builtin is {BUILTIN_MODEL!r}"
+        )
+    return spec.name
+
+
+def torch_dtype(spec: ModelSpec) -> torch.dtype:
+    if spec.dtype != "auto":
+        return _DTYPES[spec.dtype]
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_tokenizer(source: str | Path, spec: ModelSpec | None = None) -> PreTrainedTokenizerBase:
+    """Load a tokenizer and make sure it has a pad token distinct from EOS.
+
+    When the tokenizer has no pad token, or pads with EOS (so masking pads would also mask the
+    EOS the model must learn to emit), an existing pad-like token is used instead, or a new
+    ``<|pad|>`` token is added (the model's embeddings are resized in :func:`load_base`). Either
+    way one log line says so.
+    """
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            str(source),
+            revision=spec.revision if spec else None,
+            trust_remote_code=spec.trust_remote_code if spec else False,
+        )
+    except OSError as e:
+        raise UserError(f"could not load a tokenizer from {source!r}: {e}") from None
+    if tok.pad_token is not None and tok.pad_token_id != tok.eos_token_id:
+        return tok
+    vocab = tok.get_vocab()
+    for cand in _PAD_CANDIDATES:
+        if cand in vocab and vocab[cand] != tok.eos_token_id:
+            log.warning(
+                "tokenizer %s: pad token set to existing %r (was %r)", source, cand, tok.pad_token
+            )
+            tok.pad_token = cand
+            return tok
+    log.warning("tokenizer %s: no pad token distinct from EOS; adding '<|pad|>'", source)
+    tok.add_special_tokens({"pad_token": "<|pad|>"})
+    return tok
+
+
+def quantization_config(spec: ModelSpec):
+    if spec.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if spec.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = torch_dtype(spec)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=spec.quant_type,
+        bnb_4bit_use_double_quant=spec.double_quant,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=compute,
+    )
+
+
+def load_base(
+    spec: ModelSpec,
+    tokenizer: PreTrainedTokenizerBase,
+    path: str | None = None,
+    model_cls=AutoModelForCausalLM,
+    **kwargs,
+):
+    """Load the base model in the requested dtype/quantization, resized to the tokenizer."""
+    path = path or resolve_model_path(spec)
+    quant = quantization_config(spec)
+    extra = dict(kwargs)
+    if quant is not None:
+        extra["quantization_config"] = quant
+        extra["device_map"] = {"": _device_index()}
+    if spec.attn_implementation:
+        extra["attn_implementation"] = spec.attn_implementation
+    try:
+        model = model_cls.from_pretrained(
+            path,
+            revision=spec.revision,
+            dtype=torch_dtype(spec),
+            trust_remote_code=spec.trust_remote_code,
+            **extra,
+        )
+    except OSError as e:
+        raise UserError(f"model.name: could not load {spec.name!r}: {e}") from None
+    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def _device_index():
+    if torch.cuda.is_available():
+        from accelerate import PartialState
+
+        return PartialState().local_process_index
+    return "cpu"
+
+
+def peft_config(adapter: AdapterSpec, task_type: str = "CAUSAL_LM"):
+    """The peft config for an adapter spec (``None`` for full fine-tuning)."""
+    import peft
+
+    if adapter.type == "full":
+        return None
+    if adapter.type == "lora":
+        return peft.LoraConfig(
+            r=adapter.r,
+            lora_alpha=adapter.alpha,
+            lora_dropout=adapter.dropout,
+            target_modules=adapter.target_modules,
+            use_dora=adapter.use_dora,
+            use_rslora=adapter.use_rslora,
+            modules_to_save=adapter.modules_to_save or None,
+            task_type=task_type,
+        )
+    if adapter.type == "ia3":
+        return peft.IA3Config(
+            target_modules=adapter.target_modules,
+            modules_to_save=adapter.modules_to_save or None,
+            task_type=task_type,
+        )
+    if adapter.type == "prefix":
+        return peft.PrefixTuningConfig(
+            num_virtual_tokens=adapter.num_virtual_tokens, task_type=task_type
+        )
+    return peft.PromptTuningConfig(
+        num_virtual_tokens=adapter.num_virtual_tokens, task_type=task_type
+    )
+
+
+def attach_adapter(model, adapter: AdapterSpec, spec: ModelSpec, task_type: str = "CAUSAL_LM"):
+    """Wrap ``model`` with a new trainable adapter (or return it as is for full fine-tuning)."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if adapter.type == "full":
+        if spec.quantization != "none":
+            raise UserError(
+                "adapter.type: full fine-tuning needs an unquantized base; set model.quantization: none"
+            )
+        return model
+    if spec.quantization != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return get_peft_model(model, peft_config(adapter, task_type))
+
+
+def load_adapter(model, adapter_dir: str | Path, trainable: bool, name: str = "default"):
+    """Load a saved adapter onto ``model`` (trainable or frozen)."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise UserError(f"no adapter found at {adapter_dir} (adapter_config.json missing)")
+    return PeftModel.from_pretrained(
+        model, str(adapter_dir), adapter_name=name, is_trainable=trainable
+    )
+
+
+def load_stage_model(
+    stage_dir: str | Path, spec: ModelSpec, trainable: bool = False, model_cls=AutoModelForCausalLM
+):
+    """Base + the adapter (or the full model) a finished stage saved, with the stage's tokenizer."""
+    stage_dir = Path(stage_dir)
+    tokenizer = load_tokenizer(stage_dir, spec)
+    if (stage_dir / FULL_MODEL_DIR).is_dir():
+        model = load_base(
+            spec, tokenizer, path=str(stage_dir / FULL_MODEL_DIR), model_cls=model_cls
+        )
+        model.requires_grad_(trainable)
+        return model, tokenizer
+    model = load_base(spec, tokenizer, model_cls=model_cls)
+    return load_adapter(model, stage_dir / ADAPTER_DIR, trainable=trainable), tokenizer
+
+
+def save_stage_model(model, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> str:
+    """Save the trained adapter (only the ``default`` one) or the full model, plus the tokenizer.
+
+    The tokenizer goes to the stage dir and beside the weights, so ``adapter/`` or ``model/`` alone
+    loads with plain peft/transformers (and vLLM). Returns the subdir name written.
+    """
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        sub = ADAPTER_DIR
+        model.save_pretrained(str(out_dir / sub), selected_adapters=["default"])
+    else:
+        sub = FULL_MODEL_DIR
+        model.save_pretrained(str(out_dir / sub))
+    tokenizer.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir / sub))
+    return sub
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,289 @@
+"""The pipeline runner: decide per stage whether to skip, resume, run or re-run, then do it.
+
+Hand-written: no library runs a chain of training stages with content-hashed skip/resume. Each
+stage's hash covers its own config, the model and adapter specs, the run seed and its parent's
+hash, so a change upstream re-runs everything downstream of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from alignkit import __version__
+from alignkit.config import (
+    AdapterSpec,
+    ModelSpec,
+    PipelineConfig,
+    StageBase,
+    config_hash,
+    parent_of,
+)
+from alignkit.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ParentOutput:
+    """A finished stage this one starts from."""
+
+    name: str
+    kind: str
+    dir: Path
+    record: dict
+
+
+@dataclass
+class StageContext:
+    name: str
+    model: ModelSpec
+    adapter: AdapterSpec
+    seed: int
+    out_dir: Path
+    """Where the stage writes (the partial dir; renamed into place when the stage finishes)."""
+    parent: ParentOutput | None
+    resume_from: Path | None
+    """Latest trainer checkpoint of an interrupted attempt, to resume from."""
+    console: Console
+    is_main: bool = True
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out_dir / "metrics.jsonl"
+
+    @property
+    def where(self) -> str:
+        """How config errors name this stage."""
+        return f"stages.{self.name}"
+
+
+@dataclass
+class StageResult:
+    metrics: dict[str, float]
+    adapter_type: str
+    outputs: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StageKind:
+    """A registry entry: the stage's config schema and its run function."""
+
+    config_cls: type[StageBase]
+    run: Callable[[Any, StageContext], StageResult]
+
+
+@dataclass
+class Decision:
+    stage: StageBase
+    hash: str
+    action: str  # skip | run | resume | rerun
+    reason: str
+    parent: StageBase | None
+
+
+def plan(cfg: PipelineConfig, run_dir: RunDir) -> list[Decision]:
+    """What to do with each stage, in order, and why."""
+    hashes: dict[str, str] = {}
+    reruns: set[str] = set()
+    decisions = []
+    for stage in cfg.stages:
+        parent = parent_of(cfg, stage)
+        h = config_hash(
+            stage, cfg.model, cfg.adapter, cfg.run.seed, hashes.get(parent.name) if parent else None
+        )
+        hashes[stage.name] = h
+        state = run_dir.state(stage.name)
+        upstream = parent is not None and parent.name in reruns
+        if state.complete_hash == h:
+            action, reason = "skip", "complete, config unchanged"
+        elif state.partial_hash == h and state.checkpoint is not None:
+            action, reason = "resume", f"interrupted; resuming from {state.checkpoint.name}"
+        elif state.complete_hash is not None:
+            action = "rerun"
+            reason = f"upstream stage '{parent.name}' re-runs" if upstream else "its config changed"
+        elif upstream and state.partial_hash is None:
+            action, reason = "run", f"not run yet (upstream '{parent.name}' runs first)"
+        else:
+            action, reason = (
+                "run",
+                "not run yet" if state.partial_hash is None else "interrupted before a checkpoint",
+            )
+        if action != "skip":
+            reruns.add(stage.name)
+        decisions.append(Decision(stage, h, action, reason, parent))
+    return decisions
+
+
+def print_plan(decisions: list[Decision], console: Console) -> None:
+    table = Table(title="pipeline plan", show_edge=False)
+    for col in ("stage", "kind", "from", "action", "why"):
+        table.add_column(col)
+    style = {"skip": "dim", "run": "green", "resume": "yellow", "rerun": "magenta"}
+    for d in decisions:
+        table.add_row(
+            d.stage.name,
+            d.stage.kind,
+            d.parent.name if d.parent else "-",
+            f"[{style[d.action]}]{d.action}[/]",
+            d.reason,
+        )
+    console.print(table)
+
+
+def run_pipeline(
+    cfg: PipelineConfig,
+    registry: Mapping[str, StageKind],
+    run_dir: str | Path,
+    console: Console | None = None,
+) -> list[Decision]:
+    from accelerate import PartialState
+
+    console = console or Console()
+    state = PartialState()
+    rd = RunDir(run_dir, is_main=state.is_main_process)
+    decisions = plan(cfg, rd)
+    if state.is_main_process:
+        print_plan(decisions, console)
+    manifest = _manifest(cfg, rd, decisions)
+    rd.write_manifest(manifest)
+    for i, d in enumerate(decisions):
+        if d.action == "skip":
+            continue
+        entry = manifest["stages"][i]
+        entry.update(status="running", started=_now())
+        rd.write_manifest(manifest)
+        resume = rd.state(d.stage.name).checkpoint if d.action == "resume" else None
+        out_dir = rd.begin_stage(d.stage.name, d.hash, resume=resume is not None)
+        state.wait_for_everyone()
+        parent = _parent_output(rd, d.parent)
+        ctx = StageContext(
+            name=d.stage.name,
+            model=cfg.model,
+            adapter=cfg.adapter,
+            seed=cfg.run.seed,
+            out_dir=out_dir,
+            parent=parent,
+            resume_from=resume,
+            console=console,
+            is_main=state.is_main_process,
+        )
+        if state.is_main_process:
+            console.rule(f"[bold]{d.stage.name}[/] ({d.stage.kind}): {d.action}")
+        started = time.time()
+        try:
+            result = registry[d.stage.kind].run(d.stage, ctx)
+        except BaseException:
+            entry.update(status="failed")
+            rd.write_manifest(manifest)
+            raise
+        record = _stage_record(cfg, d, result, parent, started)
+        state.wait_for_everyone()
+        rd.finish_stage(d.stage.name, record)
+        entry.update(status="complete", finished=_now(), metrics=result.metrics)
+        rd.write_manifest(manifest)
+        if state.is_main_process:
+            summary = ", ".join(f"{k}={v:.4g}" for k, v in _headline(result.metrics).items())
+            console.print(
+                f"[green]✓[/] {d.stage.name} complete in {time.time() - started:.0f}s  {summary}"
+            )
+    return decisions
+
+
+def _manifest(cfg: PipelineConfig, rd: RunDir, decisions: list[Decision]) -> dict:
+    old = {s["name"]: s for s in (rd.manifest() or {}).get("stages", [])}
+    stages = []
+    for d in decisions:
+        entry = {
+            "name": d.stage.name,
+            "kind": d.stage.kind,
+            "parent": d.parent.name if d.parent else None,
+            "config_hash": d.hash,
+            "output": d.stage.name,
+            "status": "complete" if d.action == "skip" else "pending",
+        }
+        if d.action == "skip":
+            prev = old.get(d.stage.name, {})
+            record = rd.stage_json(d.stage.name) or {}
+            entry.update(
+                started=prev.get("started", record.get("started")),
+                finished=prev.get("finished", record.get("finished")),
+                metrics=record.get("metrics", {}),
+            )
+        stages.append(entry)
+    return {"run": cfg.run.name, "model": cfg.model.name, "seed": cfg.run.seed, "stages": stages}
+
+
+def _parent_output(rd: RunDir, parent: StageBase | None) -> ParentOutput | None:
+    if parent is None:
+        return None
+    record = rd.stage_json(parent.name)
+    if record is None:
+        raise RuntimeError(f"parent stage {parent.name!r} is not complete")
+    return ParentOutput(parent.name, parent.kind, rd.stage_dir(parent.name), record)
+
+
+def _stage_record(cfg, d: Decision, result: StageResult, parent, started: float) -> dict:
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    return {
+        "name": d.stage.name,
+        "kind": d.stage.kind,
+        "config_hash": d.hash,
+        "parent": parent.name if parent else None,
+        "base_model": {
+            "name": cfg.model.name,
+            "revision": cfg.model.revision,
+            "dtype": cfg.model.dtype,
+        },
+        "quantization": cfg.model.quantization,
+        "adapter_type": result.adapter_type,
+        "outputs": result.outputs,
+        "metrics": result.metrics,
+        "config": d.stage.model_dump(mode="json", by_alias=True),
+        "adapter": cfg.adapter.model_dump(mode="json"),
+        "seed": cfg.run.seed,
+        "versions": {
+            "alignkit": __version__,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "trl": trl.__version__,
+            "peft": peft.__version__,
+        },
+        "started": _now(started),
+        "finished": _now(),
+    }
+
+
+HEADLINE_KEYS = (
+    "heldout_nll",
+    "heldout_nll_base",
+    "eval_loss",
+    "eval_accuracy",
+    "train_loss",
+    "global_step",
+)
+
+
+def _headline(metrics: dict) -> dict:
+    return {k: metrics[k] for k in HEADLINE_KEYS if k in metrics}
+
+
+def _now(t: float | None = None) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t))

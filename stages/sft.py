@@ -1,0 +1,163 @@
+"""Supervised fine-tuning on TRL's SFTTrainer: LoRA, QLoRA or full fine-tuning.
+
+Loss is on assistant turns only by default. With a chat template that marks assistant turns
+(``{% generation %}``, or one TRL knows how to patch) every assistant turn is trained; otherwise
+each conversation is split into prompt (all turns before the last assistant turn) and completion
+(that turn), and only the completion is trained. Plain-text rows train on every token.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import ClassVar, Literal
+
+from alignkit.config import AdapterSpec, DataSpec, StageBase
+from alignkit.errors import UserError
+from alignkit.pipeline import StageContext, StageResult
+from alignkit.training import MetricsCallback, final_train_metrics, trl_args
+
+
+class SFTStageConfig(StageBase):
+    kind: Literal["sft"] = "sft"
+    trainer_config: ClassVar[str] = "trl.SFTConfig"
+    is_policy: ClassVar[bool] = True
+
+    data: DataSpec
+    """Demonstrations: messages, ShareGPT, Alpaca, prompt/completion or plain text rows."""
+    adapter: AdapterSpec | None = None
+    """Overrides the pipeline's ``adapter`` block for this stage."""
+    loss_on: Literal["assistant", "all"] = "assistant"
+    """``assistant``: train on assistant turns only; ``all``: every token of the conversation."""
+    packing: bool = False
+    """Pack several short examples into each sequence of ``max_length`` tokens (fewer pad tokens)."""
+    max_length: int = 1024
+    """Longer examples are truncated (their tail is dropped)."""
+
+
+def run(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
+    import torch
+    from trl import SFTConfig, SFTTrainer
+
+    from alignkit.data.sft import load_sft
+    from alignkit.data.split import train_eval_rows
+    from alignkit.models import (
+        attach_adapter,
+        count_parameters,
+        load_adapter,
+        load_base,
+        load_tokenizer,
+        resolve_model_path,
+        save_stage_model,
+    )
+
+    torch.manual_seed(ctx.seed)
+    # 1. data first: a bad row stops the stage before any model is loaded
+    train_rows, eval_rows = train_eval_rows(cfg.data, load_sft, ctx.seed)
+    if not train_rows:
+        raise UserError(f"{ctx.where}.data: no training rows left")
+
+    # 2. model: base (+ the parent's adapter, trainable, or a new adapter)
+    adapter = cfg.adapter or ctx.adapter
+    tokenizer = load_tokenizer(
+        ctx.parent.dir if ctx.parent else resolve_model_path(ctx.model), ctx.model
+    )
+    model = load_base(ctx.model, tokenizer)
+    if ctx.parent is not None and (ctx.parent.dir / "adapter").is_dir():
+        model = load_adapter(model, ctx.parent.dir / "adapter", trainable=True)
+    else:
+        model = attach_adapter(model, adapter, ctx.model)
+    trainable, total = count_parameters(model)
+    ctx.console.print(f"trainable parameters: {trainable:,} of {total:,} ({adapter.type})")
+
+    # 3. data in the form TRL trains on, with the loss mask we want
+    fmt = _trl_format(train_rows, tokenizer, cfg.loss_on)
+    train_ds, eval_ds = (
+        _to_dataset(train_rows, fmt),
+        _to_dataset(eval_rows, fmt) if eval_rows else None,
+    )
+
+    # 4. trainer
+    args = trl_args(
+        SFTConfig,
+        cfg.train,
+        output_dir=ctx.checkpoint_dir,
+        seed=ctx.seed,
+        where=ctx.where,
+        max_length=cfg.max_length,
+        packing=cfg.packing,
+        eval_packing=False,
+        assistant_only_loss=fmt == "messages_assistant",
+        completion_only_loss=fmt == "prompt_completion",
+        per_device_eval_batch_size=32,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        callbacks=[MetricsCallback(ctx.metrics_path)] if ctx.is_main else [],
+    )
+
+    # 5. held-out NLL before training (the untrained model's), kept across a resume
+    metrics: dict[str, float] = {}
+    pre_file = ctx.out_dir / "pre_eval.json"
+    if eval_ds is not None:
+        if ctx.resume_from is not None and pre_file.exists():
+            pre = json.loads(pre_file.read_text())["eval_loss"]
+        else:
+            pre = trainer.evaluate()["eval_loss"]
+            if ctx.is_main:
+                pre_file.write_text(json.dumps({"eval_loss": pre}))
+        metrics["heldout_nll_base"] = float(pre)
+
+    # 6. train (resuming from the last checkpoint of an interrupted attempt)
+    trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
+    metrics.update(final_train_metrics(trainer))
+    if eval_ds is not None:
+        post = trainer.evaluate()
+        metrics.update({k: float(v) for k, v in post.items() if isinstance(v, int | float)})
+        metrics["heldout_nll"] = float(post["eval_loss"])
+        metrics["heldout_ppl"] = math.exp(min(post["eval_loss"], 50.0))
+    metrics["train_rows"], metrics["eval_rows"] = float(len(train_rows)), float(len(eval_rows))
+
+    # 7. save the trained adapter (or full model) and the tokenizer with its chat template
+    if ctx.is_main:
+        sub = save_stage_model(trainer.model, tokenizer, ctx.out_dir)
+        pre_file.unlink(missing_ok=True)
+    else:
+        sub = "adapter" if adapter.type != "full" else "model"
+    return StageResult(metrics=metrics, adapter_type=adapter.type, outputs={"weights": sub})
+
+
+def _trl_format(rows: list[dict], tokenizer, loss_on: str) -> str:
+    """Which dataset layout to hand TRL: text, messages (+assistant mask) or prompt/completion."""
+    if "text" in rows[0]:
+        return "text"
+    if loss_on == "all":
+        return "messages_all"
+    if tokenizer.chat_template is None:
+        raise UserError(
+            "the tokenizer has no chat template, so conversations cannot be rendered; "
+            "use a chat/instruct model or plain-text rows"
+        )
+    from trl.chat_template_utils import get_training_chat_template
+
+    try:
+        get_training_chat_template(tokenizer)  # None (already marked) or a patched template
+        return "messages_assistant"
+    except (ValueError, NotImplementedError):
+        return "prompt_completion"  # template TRL cannot mark: train on the last assistant turn
+
+
+def _to_dataset(rows: list[dict], fmt: str):
+    from datasets import Dataset
+
+    if fmt == "text":
+        return Dataset.from_list([{"text": r["text"]} for r in rows])
+    if fmt == "prompt_completion":
+        return Dataset.from_list(
+            [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows]
+        )
+    return Dataset.from_list([{"messages": r["messages"]} for r in rows])

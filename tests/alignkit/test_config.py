@@ -1,0 +1,100 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from alignkit.stages import stage_kinds
+
+from alignkit.config import apply_override, config_hash, load_pipeline, validate_pipeline
+from alignkit.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "accelerate" not in p.parts)
+
+
+def minimal(**over):
+    raw = {
+        "run": {"name": "t"},
+        "model": {"name": "builtin:tiny"},
+        "stages": [{"name": "sft", "kind": "sft", "data": {"source": "builtin:sft"}}],
+    }
+    raw.update(over)
+    return raw
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_config_validates(path):
+    cfg = load_pipeline(path, stage_kinds())
+    assert cfg.stages
+
+
+def test_configs_exist():
+    assert any(p.name == "quickstart.yaml" for p in CONFIGS)
+
+
+def test_unknown_top_level_key_suggests_nearest():
+    raw = minimal(adaptor={"type": "lora"})
+    with pytest.raises(UserError, match=r"unknown key 'adaptor' \(did you mean 'adapter'\?\)"):
+        validate_pipeline(raw, stage_kinds())
+
+
+def test_unknown_nested_key_in_stage_suggests_nearest():
+    raw = minimal(stages=[{"name": "sft", "kind": "sft", "data": {"sorce": "x"}}])
+    with pytest.raises(UserError, match=r"unknown key 'data.sorce' \(did you mean 'source'\?\)"):
+        validate_pipeline(raw, stage_kinds())
+
+
+def test_unknown_trainer_knob_is_checked_against_trl_fields():
+    raw = minimal(
+        stages=[{"kind": "sft", "data": {"source": "s"}, "train": {"learning_rat": 1e-4}}]
+    )
+    with pytest.raises(UserError, match=r"train.learning_rat.*did you mean 'learning_rate'"):
+        validate_pipeline(raw, stage_kinds())
+
+
+def test_unknown_stage_kind_and_bad_parent():
+    with pytest.raises(UserError, match="unknown stage kind 'sfft'.*did you mean 'sft'"):
+        validate_pipeline(minimal(stages=[{"kind": "sfft"}]), stage_kinds())
+    raw = minimal(stages=[{"kind": "sft", "from": "nope", "data": {"source": "s"}}])
+    with pytest.raises(UserError, match="not an earlier stage"):
+        validate_pipeline(raw, stage_kinds())
+
+
+def test_bad_value_names_the_field():
+    raw = minimal(model={"name": "m", "quantization": "3bit"})
+    with pytest.raises(UserError, match=r"model.quantization"):
+        validate_pipeline(raw, stage_kinds())
+
+
+def test_dotted_overrides_address_stages_by_name_and_parse_yaml():
+    raw = minimal()
+    apply_override(raw, "stages.sft.train.learning_rate=1e-4")
+    apply_override(raw, "model.quantization=4bit")
+    apply_override(raw, "adapter.target_modules=[q_proj, v_proj]")
+    cfg = validate_pipeline(raw, stage_kinds())
+    assert cfg.stages[0].train == {"learning_rate": 1e-4}
+    assert cfg.model.quantization == "4bit"
+    assert cfg.adapter.target_modules == ["q_proj", "v_proj"]
+    with pytest.raises(UserError, match="no stage named 'dpo'"):
+        apply_override(raw, "stages.dpo.beta=0.1")
+    with pytest.raises(UserError, match="KEY=VALUE"):
+        apply_override(raw, "model.name")
+
+
+def test_config_hash_changes_with_content_only():
+    a = validate_pipeline(minimal(), stage_kinds())
+    b = validate_pipeline(minimal(), stage_kinds())
+    assert config_hash(a.stages[0], a.model) == config_hash(b.stages[0], b.model)
+    b.stages[0].max_length = 7
+    assert config_hash(a.stages[0], a.model) != config_hash(b.stages[0], b.model)
+
+
+def test_cli_bad_config_exits_2_without_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  nmae: x\nstages:\n  - kind: sft\n    data: {source: builtin:sft}\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "alignkit", "run", str(bad)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert "unknown key 'model.nmae'" in proc.stderr and "did you mean 'name'" in proc.stderr
+    assert "Traceback" not in proc.stderr
