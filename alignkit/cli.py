@@ -187,7 +187,8 @@ def main() -> None:
     for noisy in ("httpx", "urllib3", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
     except UserError as e:
         err_console.print(f"[red]error:[/] {e}", highlight=False)
         sys.exit(e.exit_code)

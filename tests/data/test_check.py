@@ -1,0 +1,118 @@
+import json
+from collections import Counter
+
+import pytest
+from rich.console import Console
+
+from alignkit.data.check import check_sft, length_percentiles, print_report
+from alignkit.errors import UserError
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def chat(user, assistant, system=None):
+    turns = [{"role": "system", "content": system}] if system else []
+    return turns + [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+
+
+class WordTokenizer:
+    """One token per word, plus one per turn for the role marker; refuses system turns."""
+
+    def __call__(self, text):
+        return {"input_ids": text.split()}
+
+    def apply_chat_template(self, messages, tokenize, return_dict):
+        assert tokenize and not return_dict
+        if any(m["role"] == "system" for m in messages):
+            raise ValueError("System role not supported")
+        return [tok for m in messages for tok in [f"<{m['role']}>", *m["content"].split()]]
+
+
+def test_length_percentiles_are_nearest_rank():
+    assert length_percentiles(list(range(100, 0, -1))) == {
+        "p50": 50,
+        "p90": 90,
+        "p99": 99,
+        "max": 100,
+    }
+    assert length_percentiles([7]) == {"p50": 7, "p90": 7, "p99": 7, "max": 7}
+    assert length_percentiles([1, 2, 3, 4]) == {"p50": 2, "p90": 4, "p99": 4, "max": 4}
+    assert length_percentiles([]) == {}
+
+
+def test_check_reports_counts_formats_and_problems_without_raising(tmp_path):
+    rows = [
+        {"messages": chat("a", "b")},
+        "{broken",
+        {"conversations": [{"from": "human", "value": "c"}, {"from": "gpt", "value": "d"}]},
+        {"instruction": "i", "output": ""},
+        {"instruction": "i", "output": "o"},
+    ]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    report = check_sft(path)
+    assert (report.total, report.good, report.bad) == (5, 3, 2)
+    assert report.formats == Counter(messages=1, sharegpt=1, alpaca=1)
+    assert [where for where, _ in report.problems] == [f"{path}:2", f"{path}:4"]
+    assert report.problems[1][1] == "empty output"
+    assert report.notes == []
+
+
+def test_check_without_tokenizer_uses_character_lengths(tmp_path):
+    rows = [{"messages": chat("x" * n, "y" * n)} for n in range(1, 11)]
+    report = check_sft(write_jsonl(tmp_path / "d.jsonl", rows))
+    assert report.length_unit == "characters"
+    assert report.lengths == {"p50": 10, "p90": 18, "p99": 20, "max": 20}
+
+
+def test_check_with_tokenizer_counts_chat_template_tokens(tmp_path):
+    rows = [{"messages": chat("one two", "three")}, {"messages": chat("a b c d e", "f g h")}]
+    report = check_sft(write_jsonl(tmp_path / "d.jsonl", rows), tokenizer=WordTokenizer())
+    assert report.length_unit == "tokens"
+    # 2 role markers + 3 words, and 2 role markers + 8 words
+    assert report.lengths == {"p50": 5, "p90": 10, "p99": 10, "max": 10}
+
+
+def test_check_with_tokenizer_on_text_rows(tmp_path):
+    rows = [{"text": "a b c"}, {"text": "a"}, {"text": "a b c d e f g"}]
+    report = check_sft(write_jsonl(tmp_path / "d.jsonl", rows), tokenizer=WordTokenizer())
+    assert report.lengths == {"p50": 3, "p90": 7, "p99": 7, "max": 7}
+
+
+def test_rows_the_chat_template_rejects_are_problems(tmp_path):
+    rows = [{"messages": chat("q", "a")}, {"messages": chat("q", "a", system="s")}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    report = check_sft(path, tokenizer=WordTokenizer())
+    assert report.good == 1
+    assert report.problems == [
+        (f"{path}:2", "chat template failed: ValueError: System role not supported")
+    ]
+    assert report.lengths["max"] == 4
+
+
+def test_check_notes_mixed_text_and_chat_instead_of_raising(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "t"}, {"messages": chat("a", "b")}])
+    report = check_sft(path)
+    assert report.good == 2
+    assert len(report.notes) == 1 and f"e.g. {path}:1" in report.notes[0]
+
+
+def test_check_still_raises_for_an_unreadable_source(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        check_sft(str(tmp_path / "nope.jsonl"))
+
+
+def test_print_report_shows_summary_and_first_twenty_problems(tmp_path):
+    rows = [{"text": "ok"}] + [{"text": ""}] * 25
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    console = Console(record=True, width=300)
+    print_report(check_sft(path), console)
+    out = console.export_text()
+    assert "formats" in out and "text 1" in out
+    assert "length p99 (characters)" in out
+    assert "problems (25):" in out
+    assert f"{path}:21: empty text" in out
+    assert f"{path}:22: empty text" not in out
+    assert "... and 5 more" in out
