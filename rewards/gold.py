@@ -1,0 +1,13 @@
+"""The builtin task's hidden gold reward, as the evaluation and RL stages name it.
+
+``gold_reward(prompts, completions, **meta) -> list[float]`` (TRL's reward signature), in
+[-1, 1]. It rewards content first: ``0.7 * (positive - negative sentiment words) / words``;
+then +0.2 for mentioning one of the prompt's topic words and +0.1 for ending with "."; it
+deducts the share of words outside the task vocabulary and 0.05 per word outside an 8-20 word
+band (at most 0.5). Only meaningful on the builtin task (``builtin:sft``/``preference``/
+``prompts``); the definition lives in :mod:`alignkit.builtin.task`.
+"""
+
+from alignkit.builtin.task import gold_reward
+
+__all__ = ["gold_reward"]
