@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -182,10 +184,18 @@ def data_check(
         raise typer.Exit(2)
 
 
-def main() -> None:
+def _quiet_libraries() -> None:
+    """Keep the console to what a user acts on: our plan, progress bars, results."""
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def main() -> None:
+    _quiet_libraries()
     try:
         code = app(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)

@@ -121,12 +121,38 @@ def load_base(
         )
     except OSError as e:
         raise UserError(f"model.name: could not load {spec.name!r}: {e}") from None
+    if quant is not None and not torch.cuda.is_available():
+        _keep_cpu_4bit_layout(model)
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer))
+        _resize_embeddings(model, len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def _keep_cpu_4bit_layout(model) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference on the first eval forward.
+
+    The repacked layout is inference-only: training after an evaluation (as every stage does
+    when it measures the untrained model first) then fails inside bitsandbytes.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _resize_embeddings(model, size: int) -> None:
+    """Grow the embeddings for added tokens; new rows are the mean of the old ones, so a reload
+    (which repeats this) gives bit-identical weights."""
+    old = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(size, mean_resizing=False)
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb[old:] = emb[:old].mean(0, keepdim=True)
+        out = model.get_output_embeddings()
+        if out is not None and out.weight.data_ptr() != emb.data_ptr():
+            out.weight[old:] = out.weight[:old].mean(0, keepdim=True)
 
 
 def _device_index():
@@ -209,7 +235,12 @@ def load_stage_model(
         model.requires_grad_(trainable)
         return model, tokenizer
     model = load_base(spec, tokenizer, model_cls=model_cls)
-    return load_adapter(model, stage_dir / ADAPTER_DIR, trainable=trainable), tokenizer
+    model = load_adapter(model, stage_dir / ADAPTER_DIR, trainable=trainable)
+    if spec.quantization != "none":  # adapter weights compute in the base's dtype, as in training
+        for name, p in model.named_parameters():
+            if "lora_" in name and p.is_floating_point():
+                p.data = p.data.to(torch_dtype(spec))
+    return model, tokenizer
 
 
 def save_stage_model(model, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> str:

@@ -190,6 +190,7 @@ def run_pipeline(
             rd.write_manifest(manifest)
             raise
         record = _stage_record(cfg, d, result, parent, started)
+        record["resumed_from"] = resume.name if resume else None
         state.wait_for_everyone()
         rd.finish_stage(d.stage.name, record)
         entry.update(status="complete", finished=_now(), metrics=result.metrics)
@@ -274,7 +275,6 @@ def _stage_record(cfg, d: Decision, result: StageResult, parent, started: float)
 HEADLINE_KEYS = (
     "heldout_nll",
     "heldout_nll_base",
-    "eval_loss",
     "eval_accuracy",
     "train_loss",
     "global_step",

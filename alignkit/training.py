@@ -47,6 +47,17 @@ def trl_args(
         raise UserError(f"{where}.train: {cls.__name__} rejected the options: {e}") from None
 
 
+def adapter_params_to(model, dtype: torch.dtype) -> None:
+    """Keep trainable adapter weights in the base's compute dtype.
+
+    TRL casts them to bfloat16 on any quantized base; on CPU (float32 compute) that makes the
+    trained model compute differently from the saved adapter reloaded by peft (3e-4 in logits).
+    """
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != dtype and p.is_floating_point():
+            p.data = p.data.to(dtype)
+
+
 class MetricsCallback(TrainerCallback):
     """Append every trainer log (loss, lr, eval metrics) to ``metrics.jsonl`` on the main process."""
 

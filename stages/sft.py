@@ -15,7 +15,7 @@ from typing import ClassVar, Literal
 from alignkit.config import AdapterSpec, DataSpec, StageBase
 from alignkit.errors import UserError
 from alignkit.pipeline import StageContext, StageResult
-from alignkit.training import MetricsCallback, final_train_metrics, trl_args
+from alignkit.training import MetricsCallback, adapter_params_to, final_train_metrics, trl_args
 
 
 class SFTStageConfig(StageBase):
@@ -49,6 +49,7 @@ def run(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
         load_tokenizer,
         resolve_model_path,
         save_stage_model,
+        torch_dtype,
     )
 
     torch.manual_seed(ctx.seed)
@@ -99,6 +100,9 @@ def run(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
         processing_class=tokenizer,
         callbacks=[MetricsCallback(ctx.metrics_path)] if ctx.is_main else [],
     )
+
+    if ctx.model.quantization != "none":
+        adapter_params_to(trainer.model, torch_dtype(ctx.model))
 
     # 5. held-out NLL before training (the untrained model's), kept across a resume
     metrics: dict[str, float] = {}

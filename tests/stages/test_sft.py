@@ -1,0 +1,85 @@
+"""SFT on the builtin tiny model: LoRA, QLoRA (4-bit on CPU) and full fine-tuning."""
+
+import pytest
+import torch
+from alignkit.stages import REGISTRY, stage_kinds
+
+import alignkit.models as models
+from alignkit.config import ModelSpec, validate_pipeline
+from alignkit.pipeline import run_pipeline
+
+BATCH = ["alpha beta gamma", "the river is calm and bright"]
+
+
+def logits_of(model, tokenizer):
+    enc = tokenizer(BATCH, return_tensors="pt", padding=True)
+    model.eval()
+    with torch.no_grad():
+        return model(**enc).logits.float()
+
+
+def run_and_capture(raw, tmp_path, monkeypatch):
+    """Run the pipeline; return the in-memory trained model's logits and the stage dir."""
+    captured = {}
+    original = models.save_stage_model
+
+    def save_and_capture(model, tokenizer, out_dir):
+        captured["logits"] = logits_of(model, tokenizer)
+        captured["trainable"] = {
+            n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad
+        }
+        return original(model, tokenizer, out_dir)
+
+    monkeypatch.setattr(models, "save_stage_model", save_and_capture)
+    cfg = validate_pipeline(raw, stage_kinds())
+    run_pipeline(cfg, REGISTRY, tmp_path / "run")
+    return captured, tmp_path / "run" / "sft"
+
+
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
+def test_lora_sft_trains_adapter_and_reloads_to_identical_logits(
+    tmp_path, monkeypatch, tiny_pipeline_cfg, quantization
+):
+    raw = tiny_pipeline_cfg(tmp_path / "run", quantization=quantization)
+    captured, stage = run_and_capture(raw, tmp_path, monkeypatch)
+    # LoRA B matrices start at zero: training must have moved them
+    lora_b = [v for n, v in captured["trainable"].items() if "lora_B" in n]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)
+    assert [n for n in captured["trainable"] if "lora" not in n] == []  # only the adapter trains
+    assert (stage / "adapter" / "adapter_model.safetensors").exists()
+    assert not (stage / "adapter" / "ref").exists()
+    spec = ModelSpec(name="builtin:tiny", quantization=quantization)
+    reloaded, tok = models.load_stage_model(stage, spec)
+    assert tok.chat_template and tok.pad_token_id != tok.eos_token_id
+    diff = (logits_of(reloaded, tok) - captured["logits"]).abs().max().item()
+    assert diff == 0.0 if quantization == "none" else diff < 1e-4, diff
+
+
+def test_full_sft_changes_weights_and_reloads(tmp_path, monkeypatch, tiny_pipeline_cfg):
+    raw = tiny_pipeline_cfg(tmp_path / "run", adapter="full")
+    captured, stage = run_and_capture(raw, tmp_path, monkeypatch)
+    spec = ModelSpec(name="builtin:tiny")
+    tok = models.load_tokenizer(models.resolve_model_path(spec))
+    base = models.load_base(spec, tok)
+    base_params = dict(base.named_parameters())
+    changed = [n for n, v in captured["trainable"].items() if not torch.equal(v, base_params[n])]
+    assert len(changed) == len(captured["trainable"]) > 10
+    assert (stage / "model" / "model.safetensors").exists()
+    reloaded, tok = models.load_stage_model(stage, spec)
+    assert torch.equal(logits_of(reloaded, tok), captured["logits"])
+
+
+def test_sft_records_heldout_nll_below_untrained(tmp_path, tiny_pipeline_cfg):
+    raw = tiny_pipeline_cfg(tmp_path / "run", steps=30)
+    cfg = validate_pipeline(raw, stage_kinds())
+    run_pipeline(cfg, REGISTRY, tmp_path / "run")
+    import json
+
+    record = json.loads((tmp_path / "run" / "sft" / "stage.json").read_text())
+    m = record["metrics"]
+    assert m["heldout_nll"] < m["heldout_nll_base"] - 0.05
+    assert m["eval_loss"] == m["heldout_nll"] and m["global_step"] == 30
+    assert record["adapter_type"] == "lora" and record["base_model"]["name"] == "builtin:tiny"
+    lines = (tmp_path / "run" / "sft" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) >= 30  # one per logged step plus evals
+    assert not (tmp_path / "run" / "sft" / "checkpoints").exists()
