@@ -161,7 +161,7 @@ def status(
 @data_app.command("check")
 def data_check(
     source: Annotated[str, typer.Argument(help="File, Hub dataset name or builtin:NAME")],
-    kind: Annotated[str, typer.Option(help="Dataset kind: sft")] = "sft",
+    kind: Annotated[str, typer.Option(help="Dataset kind: sft, preference or prompts")] = "sft",
     split: Annotated[str | None, typer.Option(help="Split for Hub/builtin sources")] = None,
     tokenizer: Annotated[
         str | None, typer.Option(help="Tokenizer (model id/path) for token lengths")
@@ -170,15 +170,20 @@ def data_check(
     """Summarize a dataset (rows, formats, length percentiles) and list bad rows."""
     from alignkit.data import check as checks
 
-    if kind not in ("sft",):
-        raise UserError(f"--kind {kind!r}: supported kinds: sft")
+    check = {
+        "sft": checks.check_sft,
+        "preference": checks.check_preference,
+        "prompts": checks.check_prompts,
+    }.get(kind)
+    if check is None:
+        raise UserError(f"--kind {kind!r}: supported kinds: sft, preference, prompts")
     tok = None
     if tokenizer is not None:
         from alignkit.config import ModelSpec
         from alignkit.models import load_tokenizer, resolve_model_path
 
         tok = load_tokenizer(resolve_model_path(ModelSpec(name=tokenizer)))
-    report = checks.check_sft(source, split=split, tokenizer=tok)
+    report = check(source, split=split, tokenizer=tok)
     checks.print_report(report, console)
     if report.problems:
         raise typer.Exit(2)

@@ -243,6 +243,26 @@ def load_stage_model(
     return model, tokenizer
 
 
+def load_policy(spec: ModelSpec, adapter: AdapterSpec, parent_dir: Path | None):
+    """The model a training stage starts from, with its tokenizer.
+
+    With a parent stage: its adapter loaded trainable on the base (or its full model). Without:
+    the base with a new adapter from ``adapter`` (or the base itself for full fine-tuning).
+    """
+    if parent_dir is not None and (parent_dir / FULL_MODEL_DIR).is_dir():
+        model, tokenizer = load_stage_model(parent_dir, spec, trainable=True)
+        return model, tokenizer
+    tokenizer = load_tokenizer(parent_dir or resolve_model_path(spec), spec)
+    model = load_base(spec, tokenizer)
+    if parent_dir is not None:
+        if spec.quantization != "none":
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        return load_adapter(model, parent_dir / ADAPTER_DIR, trainable=True), tokenizer
+    return attach_adapter(model, adapter, spec), tokenizer
+
+
 def save_stage_model(model, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> str:
     """Save the trained adapter (only the ``default`` one) or the full model, plus the tokenizer.
 

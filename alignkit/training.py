@@ -47,15 +47,22 @@ def trl_args(
         raise UserError(f"{where}.train: {cls.__name__} rejected the options: {e}") from None
 
 
-def adapter_params_to(model, dtype: torch.dtype) -> None:
-    """Keep trainable adapter weights in the base's compute dtype.
+def snapshot_adapter(model, quantized: bool, compute_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Trainable weights to restore after a TRL trainer is built (see :func:`restore_adapter`).
 
-    TRL casts them to bfloat16 on any quantized base; on CPU (float32 compute) that makes the
-    trained model compute differently from the saved adapter reloaded by peft (3e-4 in logits).
+    On a quantized base TRL casts trainable adapter weights to bfloat16. With float32 compute
+    (CPU) that rounding makes the policy differ from the stage it continues (and from TRL's own
+    "ref" copy, taken before the cast), so DPO would not start at ln 2. Empty when not needed.
     """
-    for p in model.parameters():
-        if p.requires_grad and p.dtype != dtype and p.is_floating_point():
-            p.data = p.data.to(dtype)
+    if not quantized or compute_dtype != torch.float32:
+        return {}
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def restore_adapter(model, saved: dict[str, torch.Tensor]) -> None:
+    for name, p in model.named_parameters():
+        if name in saved:
+            p.data = saved[name]
 
 
 class MetricsCallback(TrainerCallback):
@@ -70,6 +77,26 @@ class MetricsCallback(TrainerCallback):
         record = {"step": state.global_step, "epoch": state.epoch, **logs}
         with self.path.open("a") as f:
             f.write(json.dumps(record, default=float) + "\n")
+
+
+def evaluate_before_training(trainer, ctx, prefix: str = "before_") -> dict[str, float]:
+    """Evaluate the untrained model once (the baseline a stage is judged against).
+
+    The result is kept in the partial dir, so a resumed attempt reports the same baseline rather
+    than evaluating its half-trained checkpoint.
+    """
+    saved = ctx.out_dir / "eval_before_training.json"
+    if ctx.resume_from is not None and saved.exists():
+        return json.loads(saved.read_text())
+    raw = trainer.evaluate()
+    metrics = {prefix + k: float(v) for k, v in raw.items() if isinstance(v, int | float)}
+    if ctx.is_main:
+        saved.write_text(json.dumps(metrics))
+    return metrics
+
+
+def evaluate_after_training(trainer) -> dict[str, float]:
+    return {k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, int | float)}
 
 
 def final_train_metrics(trainer) -> dict[str, float]:

@@ -6,12 +6,14 @@ A stage module defines its config schema (a :class:`~alignkit.config.StageBase` 
 
 from __future__ import annotations
 
-from alignkit.stages import sft
+from alignkit.stages import dpo, reward_model, sft
 
 from alignkit.pipeline import StageKind
 
 REGISTRY: dict[str, StageKind] = {
     "sft": StageKind(sft.SFTStageConfig, sft.run),
+    "reward_model": StageKind(reward_model.RewardModelStageConfig, reward_model.run),
+    "dpo": StageKind(dpo.DPOStageConfig, dpo.run),
 }
 
 

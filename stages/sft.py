@@ -8,14 +8,21 @@ each conversation is split into prompt (all turns before the last assistant turn
 
 from __future__ import annotations
 
-import json
 import math
 from typing import ClassVar, Literal
 
 from alignkit.config import AdapterSpec, DataSpec, StageBase
 from alignkit.errors import UserError
 from alignkit.pipeline import StageContext, StageResult
-from alignkit.training import MetricsCallback, adapter_params_to, final_train_metrics, trl_args
+from alignkit.training import (
+    MetricsCallback,
+    evaluate_after_training,
+    evaluate_before_training,
+    final_train_metrics,
+    restore_adapter,
+    snapshot_adapter,
+    trl_args,
+)
 
 
 class SFTStageConfig(StageBase):
@@ -41,16 +48,7 @@ def run(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
 
     from alignkit.data.sft import load_sft
     from alignkit.data.split import train_eval_rows
-    from alignkit.models import (
-        attach_adapter,
-        count_parameters,
-        load_adapter,
-        load_base,
-        load_tokenizer,
-        resolve_model_path,
-        save_stage_model,
-        torch_dtype,
-    )
+    from alignkit.models import count_parameters, load_policy, save_stage_model, torch_dtype
 
     torch.manual_seed(ctx.seed)
     # 1. data first: a bad row stops the stage before any model is loaded
@@ -60,14 +58,8 @@ def run(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
 
     # 2. model: base (+ the parent's adapter, trainable, or a new adapter)
     adapter = cfg.adapter or ctx.adapter
-    tokenizer = load_tokenizer(
-        ctx.parent.dir if ctx.parent else resolve_model_path(ctx.model), ctx.model
-    )
-    model = load_base(ctx.model, tokenizer)
-    if ctx.parent is not None and (ctx.parent.dir / "adapter").is_dir():
-        model = load_adapter(model, ctx.parent.dir / "adapter", trainable=True)
-    else:
-        model = attach_adapter(model, adapter, ctx.model)
+    model, tokenizer = load_policy(ctx.model, adapter, ctx.parent.dir if ctx.parent else None)
+    saved = snapshot_adapter(model, ctx.model.quantization != "none", torch_dtype(ctx.model))
     trainable, total = count_parameters(model)
     ctx.console.print(f"trainable parameters: {trainable:,} of {total:,} ({adapter.type})")
 
@@ -101,35 +93,23 @@ def run(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
         callbacks=[MetricsCallback(ctx.metrics_path)] if ctx.is_main else [],
     )
 
-    if ctx.model.quantization != "none":
-        adapter_params_to(trainer.model, torch_dtype(ctx.model))
+    restore_adapter(trainer.model, saved)
 
-    # 5. held-out NLL before training (the untrained model's), kept across a resume
+    # 5. held-out NLL of the untrained model, then train (resuming an interrupted attempt)
     metrics: dict[str, float] = {}
-    pre_file = ctx.out_dir / "pre_eval.json"
     if eval_ds is not None:
-        if ctx.resume_from is not None and pre_file.exists():
-            pre = json.loads(pre_file.read_text())["eval_loss"]
-        else:
-            pre = trainer.evaluate()["eval_loss"]
-            if ctx.is_main:
-                pre_file.write_text(json.dumps({"eval_loss": pre}))
-        metrics["heldout_nll_base"] = float(pre)
-
-    # 6. train (resuming from the last checkpoint of an interrupted attempt)
+        metrics["heldout_nll_base"] = evaluate_before_training(trainer, ctx)["before_eval_loss"]
     trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
     metrics.update(final_train_metrics(trainer))
     if eval_ds is not None:
-        post = trainer.evaluate()
-        metrics.update({k: float(v) for k, v in post.items() if isinstance(v, int | float)})
-        metrics["heldout_nll"] = float(post["eval_loss"])
-        metrics["heldout_ppl"] = math.exp(min(post["eval_loss"], 50.0))
+        metrics.update(evaluate_after_training(trainer))
+        metrics["heldout_nll"] = metrics["eval_loss"]
+        metrics["heldout_ppl"] = math.exp(min(metrics["eval_loss"], 50.0))
     metrics["train_rows"], metrics["eval_rows"] = float(len(train_rows)), float(len(eval_rows))
 
     # 7. save the trained adapter (or full model) and the tokenizer with its chat template
     if ctx.is_main:
         sub = save_stage_model(trainer.model, tokenizer, ctx.out_dir)
-        pre_file.unlink(missing_ok=True)
     else:
         sub = "adapter" if adapter.type != "full" else "model"
     return StageResult(metrics=metrics, adapter_type=adapter.type, outputs={"weights": sub})

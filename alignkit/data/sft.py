@@ -131,8 +131,9 @@ def _hint(fields: dict) -> str:
     return ""
 
 
-def _messages(value: object, field: str) -> list[dict]:
-    """Check a message list's shape: a non-empty list of {role, content: str}."""
+def parse_messages(value: object, field: str) -> list[dict]:
+    """Check a message list's shape: a non-empty list of {role, content: str}; shared with the
+    preference and prompt loaders, so ``field`` names where the list came from."""
     if not isinstance(value, list):
         raise RowError(f"'{field}' must be a list of messages, got {kind_of(value)}")
     if not value:
@@ -154,21 +155,22 @@ def _messages(value: object, field: str) -> list[dict]:
     return messages
 
 
-def _check_trainable(messages: list[dict], field: str) -> None:
-    """A conversation SFT can learn from: it ends with a non-empty assistant turn."""
+def check_trainable(messages: list[dict], field: str, start: int = 0) -> None:
+    """A conversation a trainer can learn from: it ends with a non-empty assistant turn.
+    ``start`` is the index of ``messages[0]`` in ``field`` (for a tail of a longer list)."""
     if not any(m["role"] == "assistant" for m in messages):
         raise RowError(f"conversation without an assistant turn in '{field}'")
     last = messages[-1]["role"]
     if last != "assistant":
         raise RowError(f"last turn of '{field}' is not the assistant's (it is {last!r})")
-    for i, message in enumerate(messages):
+    for i, message in enumerate(messages, start=start):
         if message["role"] == "assistant" and not message["content"].strip():
             raise RowError(f"empty assistant content in {field}[{i}]")
 
 
 def _conversation(value: object, field: str) -> list[dict]:
-    messages = _messages(value, field)
-    _check_trainable(messages, field)
+    messages = parse_messages(value, field)
+    check_trainable(messages, field)
     return messages
 
 
@@ -220,7 +222,7 @@ def _prompt_completion(fields: dict) -> list[dict]:
             raise RowError("empty prompt")
         prompt_messages = [{"role": "user", "content": prompt}]
     else:
-        prompt_messages = _messages(prompt, "prompt")
+        prompt_messages = parse_messages(prompt, "prompt")
     if isinstance(completion, str):
         if not completion.strip():
             raise RowError("empty completion")

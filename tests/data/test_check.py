@@ -1,10 +1,19 @@
 import json
+import os
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
 from rich.console import Console
 
-from alignkit.data.check import check_sft, length_percentiles, print_report
+from alignkit.data.check import (
+    check_preference,
+    check_prompts,
+    check_sft,
+    length_percentiles,
+    print_report,
+)
 from alignkit.errors import UserError
 
 
@@ -116,3 +125,75 @@ def test_print_report_shows_summary_and_first_twenty_problems(tmp_path):
     assert f"{path}:21: empty text" in out
     assert f"{path}:22: empty text" not in out
     assert "... and 5 more" in out
+
+
+def pref(prompt, chosen, rejected):
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def test_check_preference_reports_formats_lengths_and_length_bias(tmp_path):
+    rows = [
+        pref("q", "long answer", "no"),  # 1 + 11 vs 1 + 2
+        pref("q", "yes", "longer one"),
+        {
+            "chosen": "\n\nHuman: hi\n\nAssistant: hello",
+            "rejected": "\n\nHuman: hi\n\nAssistant: yo",
+        },
+        {"prompt": "q", "chosen": "same", "rejected": "same"},
+        pref("qq", "abcd", "abc"),
+    ]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    report = check_preference(path)
+    assert (report.kind, report.total, report.good) == ("preference", 5, 4)
+    assert report.formats == Counter(explicit=3, hh_rlhf=1)
+    assert report.problems == [(f"{path}:4", "chosen is identical to rejected")]
+    assert report.length_unit == "characters"
+    assert report.lengths["prompt+chosen max"] == 12 and report.lengths["prompt+rejected max"] == 11
+    assert report.lengths["prompt+chosen p50"] == 6
+    assert report.length_bias == 0.75
+    assert len(report.notes) == 1 and "longer than rejected in 75.0% of pairs" in report.notes[0]
+
+
+def test_check_preference_counts_template_tokens_and_records_template_failures(tmp_path):
+    rows = [
+        pref("a b", "c d e", "f"),
+        pref([{"role": "system", "content": "s"}, {"role": "user", "content": "q"}], "x", "y"),
+        pref("a", "b", "c d"),
+    ]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    report = check_preference(path, tokenizer=WordTokenizer())
+    assert report.length_unit == "tokens"
+    assert report.problems == [
+        (f"{path}:2", "chat template failed: ValueError: System role not supported")
+    ]
+    assert report.lengths["prompt+chosen max"] == 7  # 2 role markers + 5 words
+    assert report.lengths["prompt+rejected max"] == 5
+    assert report.length_bias == 0.5 and report.notes == []
+
+
+def test_check_prompts_notes_references_and_repeated_ids(tmp_path):
+    rows = [{"prompt": "a"}, {"prompt": "bb", "reference": "r"}, {"prompt": "a"}, {"text": "x"}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    report = check_prompts(path)
+    assert (report.good, report.lengths["max"]) == (3, 2)
+    assert report.problems[0][0] == f"{path}:4"
+    assert report.notes[0] == "1 of 3 prompts have a reference answer"
+    assert f"{path}:3 repeats id" in report.notes[1] and f"of {path}:1" in report.notes[1]
+
+
+def alignkit(*args):
+    env = {**os.environ, "COLUMNS": "400"}  # keep rich from wrapping long paths
+    command = [sys.executable, "-m", "alignkit", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env=env)
+
+
+def test_cli_data_check_preference_prints_length_bias_and_exit_code(tmp_path):
+    clean = write_jsonl(tmp_path / "clean.jsonl", [pref("q", "longer", "no"), pref("q", "a", "b")])
+    proc = alignkit("data", "check", clean, "--kind", "preference")
+    assert proc.returncode == 0, proc.stderr
+    assert "length bias" in proc.stdout and "chosen longer in 50.0% of pairs" in proc.stdout
+    bad = write_jsonl(tmp_path / "bad.jsonl", [pref("q", "longer", "no"), {"chosen": "x"}])
+    proc = alignkit("data", "check", bad, "--kind", "preference")
+    assert proc.returncode == 2, proc.stderr
+    assert "chosen longer in 100.0% of pairs" in proc.stdout
+    assert f"{bad}:2: missing 'rejected'" in proc.stdout

@@ -1,0 +1,167 @@
+"""Direct preference optimization on TRL's DPOTrainer.
+
+Handoff: with a parent SFT stage, the policy is the SFT adapter loaded trainable, and TRL adds a
+frozen copy of it as the "ref" adapter on the same base weights (no second model; works on a
+4-bit base). Without a parent the policy is a new adapter and the reference is the base itself
+(a zero-initialised adapter copy computes exactly the base). Only the trained adapter is saved.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, field_validator
+
+from alignkit.config import AdapterSpec, DataSpec, StageBase
+from alignkit.errors import UserError
+from alignkit.pipeline import StageContext, StageResult
+from alignkit.training import (
+    MetricsCallback,
+    evaluate_after_training,
+    evaluate_before_training,
+    final_train_metrics,
+    restore_adapter,
+    snapshot_adapter,
+    trl_args,
+)
+
+#: TRL 1.16 DPOTrainer loss types.
+LOSS_TYPES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+)
+
+
+class DPOStageConfig(StageBase):
+    kind: Literal["dpo"] = "dpo"
+    trainer_config: ClassVar[str] = "trl.DPOConfig"
+    is_policy: ClassVar[bool] = True
+    default_parent: ClassVar[bool] = True
+
+    data: DataSpec
+    """Preference pairs (any format the preference loader detects)."""
+    adapter: AdapterSpec | None = None
+    """Adapter for a DPO stage without a parent (a parent's adapter is continued)."""
+    beta: float = Field(0.1, gt=0)
+    """Strength of the pull towards the reference (higher: smaller drift)."""
+    loss_type: list[str] = ["sigmoid"]
+    """One or more TRL loss types (sigmoid, ipo, hinge, robust, ...); several are summed with
+    ``train.loss_weights``."""
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    """Probability that a label is flipped (robust DPO); 0 for plain DPO."""
+    precompute_ref_log_probs: bool = False
+    """Compute the reference's log-probs once before training instead of at every step."""
+    max_length: int = 1024
+    """Prompt + completion tokens; longer pairs are truncated."""
+
+    @field_validator("loss_type", mode="before")
+    @classmethod
+    def _one_or_more(cls, v):
+        v = [v] if isinstance(v, str) else v
+        for item in v:
+            if item not in LOSS_TYPES:
+                raise ValueError(
+                    f"unknown loss_type {item!r}; TRL's DPO offers: {', '.join(LOSS_TYPES)}"
+                )
+        return v
+
+
+def run(cfg: DPOStageConfig, ctx: StageContext) -> StageResult:
+    trainer, tokenizer, adapter, n_train, n_eval = build_trainer(cfg, ctx)
+
+    metrics: dict[str, float] = {}
+    if n_eval:
+        metrics.update(evaluate_before_training(trainer, ctx))
+    trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
+    metrics.update(final_train_metrics(trainer))
+    if n_eval:
+        metrics.update(evaluate_after_training(trainer))
+    metrics["train_rows"], metrics["eval_rows"] = float(n_train), float(n_eval)
+
+    sub = "adapter" if adapter.type != "full" else "model"
+    if ctx.is_main:
+        from alignkit.models import save_stage_model
+
+        sub = save_stage_model(trainer.model, tokenizer, ctx.out_dir)
+    return StageResult(metrics=metrics, adapter_type=adapter.type, outputs={"weights": sub})
+
+
+def build_trainer(cfg: DPOStageConfig, ctx: StageContext):
+    """Data, policy (+ reference) and the DPOTrainer; returns (trainer, tokenizer, adapter spec,
+    train rows, eval rows). Separate from :func:`run` so tests can inspect the handoff."""
+    import torch
+    from trl import DPOConfig, DPOTrainer
+
+    from alignkit.data.preference import load_preference
+    from alignkit.data.split import train_eval_rows
+    from alignkit.models import count_parameters, load_policy, load_stage_model, torch_dtype
+
+    torch.manual_seed(ctx.seed)
+    train_rows, eval_rows = train_eval_rows(cfg.data, load_preference, ctx.seed)
+
+    parent_dir = ctx.parent.dir if ctx.parent else None
+    if ctx.parent is not None and ctx.parent.kind == "reward_model":
+        raise UserError(
+            f"{ctx.where}.from: DPO starts from a policy stage, not {ctx.parent.name!r}"
+        )
+    adapter = cfg.adapter or ctx.adapter
+    if parent_dir is not None:
+        adapter = AdapterSpec(type=ctx.parent.record.get("adapter_type", adapter.type))
+    model, tokenizer = load_policy(ctx.model, adapter, parent_dir)
+    ref_model = None
+    if adapter.type == "full":  # no adapters to switch: the reference is a second frozen copy
+        if parent_dir is not None:
+            ref_model, _ = load_stage_model(parent_dir, ctx.model)
+        else:
+            from alignkit.models import load_base
+
+            ref_model = load_base(ctx.model, tokenizer)
+    saved = snapshot_adapter(model, ctx.model.quantization != "none", torch_dtype(ctx.model))
+    trainable, total = count_parameters(model)
+    ctx.console.print(f"trainable parameters: {trainable:,} of {total:,} ({adapter.type})")
+
+    args = trl_args(
+        DPOConfig,
+        cfg.train,
+        output_dir=ctx.checkpoint_dir,
+        seed=ctx.seed,
+        where=ctx.where,
+        beta=cfg.beta,
+        loss_type=cfg.loss_type,
+        label_smoothing=cfg.label_smoothing,
+        precompute_ref_log_probs=cfg.precompute_ref_log_probs,
+        max_length=cfg.max_length,
+        per_device_eval_batch_size=32,
+    )
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=_dataset(train_rows),
+        eval_dataset=_dataset(eval_rows) if eval_rows else None,
+        processing_class=tokenizer,
+        callbacks=[MetricsCallback(ctx.metrics_path)] if ctx.is_main else [],
+    )
+    restore_adapter(trainer.model, saved)
+    return trainer, tokenizer, adapter, len(train_rows), len(eval_rows)
+
+
+def _dataset(rows: list[dict]):
+    from datasets import Dataset
+
+    return Dataset.from_list(
+        [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
+    )

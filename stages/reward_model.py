@@ -1,0 +1,164 @@
+"""Reward model on TRL's RewardTrainer: LoRA, QLoRA or full fine-tuning.
+
+The model is the base loaded as a sequence classifier with one output. With an adapter, the
+score head is trained in full and saved with the adapter (``modules_to_save``), so the saved
+stage reloads to the same scores (see :mod:`alignkit.rewards.reward_model`). With
+``from_sft: true`` the adapter continues from the SFT stage's adapter instead of a new one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from alignkit.config import AdapterSpec, DataSpec, StageBase
+from alignkit.errors import UserError
+from alignkit.pipeline import StageContext, StageResult
+from alignkit.training import (
+    MetricsCallback,
+    evaluate_after_training,
+    evaluate_before_training,
+    final_train_metrics,
+    restore_adapter,
+    snapshot_adapter,
+    trl_args,
+)
+
+#: Names classification heads go by in transformers models.
+HEAD_NAMES = ("score", "classifier")
+
+
+class RewardModelStageConfig(StageBase):
+    kind: Literal["reward_model"] = "reward_model"
+    trainer_config: ClassVar[str] = "trl.RewardConfig"
+
+    data: DataSpec
+    """Preference pairs (any format the preference loader detects)."""
+    adapter: AdapterSpec | None = None
+    """Overrides the pipeline's ``adapter`` block for this stage."""
+    from_sft: bool = False
+    """Continue from the parent (``from:``) SFT stage's adapter instead of the base model."""
+    use_margin: bool = False
+    """Use each pair's margin (e.g. UltraFeedback score gap) in the loss: -log σ(r_c - r_r - m)."""
+    center_rewards: float | None = Field(None, ge=0)
+    """Coefficient of the reward-centering term (mean squared reward), e.g. 0.01; off when null."""
+    max_length: int = 1024
+    """Pairs longer than this (tokens, either side) are dropped from training."""
+
+
+def run(cfg: RewardModelStageConfig, ctx: StageContext) -> StageResult:
+    import torch
+    from trl import RewardConfig, RewardTrainer
+
+    from alignkit.data.preference import load_preference
+    from alignkit.data.split import train_eval_rows
+    from alignkit.models import count_parameters, save_stage_model, torch_dtype
+
+    torch.manual_seed(ctx.seed)
+    # 1. data: every row validated before any model is loaded
+    train_rows, eval_rows = train_eval_rows(cfg.data, load_preference, ctx.seed)
+    if cfg.from_sft and ctx.parent is None:
+        raise UserError(f"{ctx.where}.from_sft: true needs `from: <sft stage>`")
+
+    # 2. model: base as a one-output classifier, with a new adapter or the SFT one continued
+    adapter = cfg.adapter or ctx.adapter
+    sft_dir = ctx.parent.dir if cfg.from_sft else None
+    model, tokenizer = load_reward_model_for_training(ctx.model, adapter, sft_dir)
+    saved = snapshot_adapter(model, ctx.model.quantization != "none", torch_dtype(ctx.model))
+    trainable, total = count_parameters(model)
+    ctx.console.print(
+        f"trainable parameters: {trainable:,} of {total:,} ({adapter.type} + score head)"
+    )
+
+    # 3. trainer
+    train_ds = _dataset(train_rows, cfg.use_margin)
+    eval_ds = _dataset(eval_rows, cfg.use_margin) if eval_rows else None
+    args = trl_args(
+        RewardConfig,
+        cfg.train,
+        output_dir=ctx.checkpoint_dir,
+        seed=ctx.seed,
+        where=ctx.where,
+        max_length=cfg.max_length,
+        center_rewards_coefficient=cfg.center_rewards,
+        per_device_eval_batch_size=32,
+    )
+    trainer = RewardTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        callbacks=[MetricsCallback(ctx.metrics_path)] if ctx.is_main else [],
+    )
+    restore_adapter(trainer.model, saved)
+
+    # 4. train, with held-out pairwise accuracy before and after
+    metrics: dict[str, float] = {}
+    if eval_ds is not None:
+        metrics.update(evaluate_before_training(trainer, ctx))
+    trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
+    metrics.update(final_train_metrics(trainer))
+    if eval_ds is not None:
+        metrics.update(evaluate_after_training(trainer))
+        metrics["heldout_pairwise_accuracy"] = metrics["eval_accuracy"]
+    metrics["train_rows"], metrics["eval_rows"] = float(len(train_rows)), float(len(eval_rows))
+
+    # 5. save adapter + score head (or the full model) with the tokenizer and scoring settings
+    sub = "adapter" if adapter.type != "full" else "model"
+    if ctx.is_main:
+        sub = save_stage_model(trainer.model, tokenizer, ctx.out_dir)
+    return StageResult(
+        metrics=metrics,
+        adapter_type=adapter.type,
+        outputs={"weights": sub, "max_length": cfg.max_length},
+    )
+
+
+def load_reward_model_for_training(spec, adapter: AdapterSpec, sft_dir: Path | None):
+    """Base as a sequence classifier (num_labels=1) plus a trainable adapter whose
+    ``modules_to_save`` includes the score head; or the whole model for full fine-tuning."""
+    from peft import PeftConfig, PeftModel, prepare_model_for_kbit_training
+    from transformers import AutoModelForSequenceClassification
+
+    from alignkit.models import attach_adapter, load_base, load_tokenizer, resolve_model_path
+
+    tokenizer = load_tokenizer(sft_dir or resolve_model_path(spec), spec)
+    model = load_base(spec, tokenizer, model_cls=AutoModelForSequenceClassification, num_labels=1)
+    head = next((h for h in HEAD_NAMES if hasattr(model, h)), None)
+    if head is None:
+        raise UserError(f"{spec.name}: no classification head ({', '.join(HEAD_NAMES)}) found")
+    if adapter.type == "full":
+        return attach_adapter(model, adapter, spec, task_type="SEQ_CLS"), tokenizer
+    if adapter.type != "lora":
+        raise UserError(
+            f"adapter.type: the reward model supports lora or full, not {adapter.type!r}"
+        )
+    if sft_dir is None:
+        with_head = adapter.model_copy(update={"modules_to_save": [*adapter.modules_to_save, head]})
+        return attach_adapter(model, with_head, spec, task_type="SEQ_CLS"), tokenizer
+    # continue the SFT adapter: same LoRA weights, re-targeted at the classifier, head added
+    config = PeftConfig.from_pretrained(str(sft_dir / "adapter"))
+    config.task_type = "SEQ_CLS"
+    config.modules_to_save = sorted({*(config.modules_to_save or []), head})
+    if spec.quantization != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = PeftModel.from_pretrained(
+        model, str(sft_dir / "adapter"), config=config, is_trainable=True
+    )
+    return model, tokenizer
+
+
+def _dataset(rows: list[dict], use_margin: bool):
+    from datasets import Dataset
+
+    keep = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
+    if use_margin:
+        missing = sum(r.get("margin") is None for r in rows)
+        if missing:
+            raise UserError(f"use_margin: true but {missing} of {len(rows)} pairs have no margin")
+        for k, r in zip(keep, rows, strict=True):
+            k["margin"] = float(r["margin"])
+    return Dataset.from_list(keep)
