@@ -85,29 +85,74 @@ def sft(
     set_: SetOpt = None,
 ) -> None:
     """Run SFT alone: from a config's sft stages, or from flags."""
-    from alignkit.config import validate_pipeline
+    stage = {"name": "sft", "kind": "sft"}
+    _single_stage("sft", config, data, model, adapter, quantization, stage, run_dir, set_)
+
+
+def _single_stage(kind, config, data, model, adapter, quantization, stage, run_dir, overrides):
+    """Run one stage kind from a config (with the stages it starts from) or from flags."""
+    from alignkit.config import apply_override, validate_pipeline
     from alignkit.stages import stage_kinds
 
     if config is not None:
-        cfg = _load(config, set_)
-        cfg.stages = [s for s in cfg.stages if s.kind == "sft"]
-        if not cfg.stages:
-            raise UserError(f"{config}: no stage of kind 'sft'")
+        from alignkit.config import parent_of
+
+        cfg = _load(config, overrides)
+        needed: set[str] = set()
+        for target in (s for s in cfg.stages if s.kind == kind):
+            node = target
+            while node is not None:  # the stage and every stage it starts from
+                needed.add(node.name)
+                node = parent_of(cfg, node)
+        if not needed:
+            raise UserError(f"{config}: no stage of kind {kind!r}")
+        cfg.stages = [s for s in cfg.stages if s.name in needed]
     else:
         if data is None:
-            raise UserError("alignkit sft: give a CONFIG or --data SOURCE")
-        from alignkit.config import apply_override
-
+            raise UserError(f"alignkit {kind}: give a CONFIG or --data SOURCE")
         raw = {
-            "run": {"name": "sft"},
+            "run": {"name": kind},
             "model": {"name": model, "quantization": quantization},
             "adapter": {"type": adapter},
-            "stages": [{"name": "sft", "kind": "sft", "data": {"source": data}}],
+            "stages": [{**stage, "data": {"source": data}}],
         }
-        for item in set_ or []:
+        for item in overrides or []:
             apply_override(raw, item)
-        cfg = validate_pipeline(raw, stage_kinds(), where="alignkit sft")
+        cfg = validate_pipeline(raw, stage_kinds(), where=f"alignkit {kind}")
     _run(cfg, run_dir)
+
+
+@app.command()
+def dpo(
+    config: Annotated[
+        Path | None, typer.Argument(help="Pipeline YAML (its dpo stages run)")
+    ] = None,
+    data: Annotated[
+        str | None, typer.Option(help="Preference data: file, Hub dataset, builtin")
+    ] = None,
+    model: Annotated[
+        str, typer.Option(help="Base model: Hub id, path or builtin:tiny")
+    ] = "builtin:tiny",
+    adapter: Annotated[str, typer.Option(help="lora | full")] = "lora",
+    quantization: Annotated[str, typer.Option(help="none | 4bit | 8bit")] = "none",
+    beta: Annotated[float, typer.Option(help="DPO beta")] = 0.1,
+    run_dir: Annotated[Path | None, typer.Option(help="Run directory")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Run DPO alone: from a config (its stages up to and including DPO), or from flags."""
+    stage = {"name": "dpo", "kind": "dpo", "beta": beta}
+    _single_stage("dpo", config, data, model, adapter, quantization, stage, run_dir, set_)
+
+
+@app.command()
+def merge(
+    stage: Annotated[Path, typer.Argument(help="A finished stage: RUN_DIR/STAGE")],
+    out: Annotated[Path, typer.Option(help="Directory for the merged model")],
+) -> None:
+    """Merge a stage's adapter into its base and save a full model for serving."""
+    from alignkit.models import merge_stage
+
+    console.print(f"merged model written to [bold]{merge_stage(stage, out)}[/]")
 
 
 @app.command()

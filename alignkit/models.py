@@ -225,7 +225,12 @@ def load_adapter(model, adapter_dir: str | Path, trainable: bool, name: str = "d
 def load_stage_model(
     stage_dir: str | Path, spec: ModelSpec, trainable: bool = False, model_cls=AutoModelForCausalLM
 ):
-    """Base + the adapter (or the full model) a finished stage saved, with the stage's tokenizer."""
+    """Base + the adapter (or the full model) a finished stage saved, with the stage's tokenizer.
+
+    A sequence-classification class is loaded with one output (the reward model's score)."""
+    from transformers import AutoModelForSequenceClassification
+
+    extra = {"num_labels": 1} if model_cls is AutoModelForSequenceClassification else {}
     stage_dir = Path(stage_dir)
     tokenizer = load_tokenizer(stage_dir, spec)
     if (stage_dir / FULL_MODEL_DIR).is_dir():
@@ -234,7 +239,7 @@ def load_stage_model(
         )
         model.requires_grad_(trainable)
         return model, tokenizer
-    model = load_base(spec, tokenizer, model_cls=model_cls)
+    model = load_base(spec, tokenizer, model_cls=model_cls, **extra)
     model = load_adapter(model, stage_dir / ADAPTER_DIR, trainable=trainable)
     if spec.quantization != "none":  # adapter weights compute in the base's dtype, as in training
         for name, p in model.named_parameters():
@@ -280,6 +285,44 @@ def save_stage_model(model, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -
     tokenizer.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir / sub))
     return sub
+
+
+def merge_stage(stage_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write base + a stage's adapter as one full model (safetensors + tokenizer) that plain
+    ``from_pretrained`` loads. A quantized stage is merged into the unquantized base weights."""
+    import json
+
+    from transformers import AutoModelForSequenceClassification
+
+    stage_dir, out_dir = Path(stage_dir), Path(out_dir)
+    record_file = stage_dir / "stage.json"
+    if not record_file.exists():
+        raise UserError(f"{stage_dir}: not a finished stage (no stage.json)")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise UserError(f"--out {out_dir}: exists and is not empty; choose a new directory")
+    record = json.loads(record_file.read_text())
+    spec = ModelSpec.model_validate(record["base_model"])
+    if spec.quantization != "none":
+        log.warning(
+            "merging into the unquantized base weights (the stage trained on a %s base)",
+            spec.quantization,
+        )
+        spec = spec.model_copy(update={"quantization": "none"})
+    model_cls = (
+        AutoModelForSequenceClassification
+        if record["kind"] == "reward_model"
+        else AutoModelForCausalLM
+    )
+    model, tokenizer = load_stage_model(stage_dir, spec, model_cls=model_cls)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    tmp = out_dir.with_name(f".{out_dir.name}.partial")
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    if out_dir.exists():
+        out_dir.rmdir()
+    tmp.rename(out_dir)
+    return out_dir
 
 
 def count_parameters(model) -> tuple[int, int]:

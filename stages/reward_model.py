@@ -120,7 +120,12 @@ def run(cfg: RewardModelStageConfig, ctx: StageContext) -> StageResult:
 def load_reward_model_for_training(spec, adapter: AdapterSpec, sft_dir: Path | None):
     """Base as a sequence classifier (num_labels=1) plus a trainable adapter whose
     ``modules_to_save`` includes the score head; or the whole model for full fine-tuning."""
-    from peft import PeftConfig, PeftModel, prepare_model_for_kbit_training
+    from peft import (
+        PeftConfig,
+        get_peft_model,
+        prepare_model_for_kbit_training,
+        set_peft_model_state_dict,
+    )
     from transformers import AutoModelForSequenceClassification
 
     from alignkit.models import attach_adapter, load_base, load_tokenizer, resolve_model_path
@@ -140,14 +145,23 @@ def load_reward_model_for_training(spec, adapter: AdapterSpec, sft_dir: Path | N
         with_head = adapter.model_copy(update={"modules_to_save": [*adapter.modules_to_save, head]})
         return attach_adapter(model, with_head, spec, task_type="SEQ_CLS"), tokenizer
     # continue the SFT adapter: same LoRA weights, re-targeted at the classifier, head added
+    from safetensors.torch import load_file
+
     config = PeftConfig.from_pretrained(str(sft_dir / "adapter"))
     config.task_type = "SEQ_CLS"
+    config.inference_mode = False
     config.modules_to_save = sorted({*(config.modules_to_save or []), head})
+    state = load_file(str(sft_dir / "adapter" / "adapter_model.safetensors"))
+    for pname, p in getattr(model, head).named_parameters():  # the new head starts as initialised
+        state[f"base_model.model.{head}.{pname}"] = p.detach().clone()
     if spec.quantization != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    model = PeftModel.from_pretrained(
-        model, str(sft_dir / "adapter"), config=config, is_trainable=True
-    )
+    model = get_peft_model(model, config)
+    result = set_peft_model_state_dict(model, state)
+    if result.unexpected_keys:
+        raise UserError(
+            f"{sft_dir}/adapter does not fit the reward model: {result.unexpected_keys[:3]}"
+        )
     return model, tokenizer
 
 

@@ -35,6 +35,6 @@ def tiny_pipeline(run_dir, *, adapter="lora", quantization="none", steps=4, **st
     }
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_pipeline_cfg():
     return tiny_pipeline

@@ -82,3 +82,59 @@ def test_bad_rows_exit_2_with_file_and_line_before_training(tmp_path):
     assert not (tmp_path / "run" / "sft").exists()
     check = alignkit("data", "check", data, "--kind", "sft")
     assert check.returncode == 2 and f"{data}:2" in check.stdout
+
+
+def test_chained_pipeline_skips_then_reruns_downstream_of_a_changed_sft(
+    tmp_path, tiny_pipeline_cfg
+):
+    raw = tiny_pipeline_cfg(tmp_path / "run", steps=2)
+    pref = {
+        "source": "builtin:preference",
+        "eval_split": "test",
+        "max_rows": 32,
+        "max_eval_rows": 16,
+    }
+    small = {"max_steps": 2, "per_device_train_batch_size": 8}
+    raw["stages"] += [
+        {
+            "name": "rm",
+            "kind": "reward_model",
+            "from": "sft",
+            "from_sft": True,
+            "data": pref,
+            "max_length": 64,
+            "train": small,
+        },
+        {"name": "rm_base", "kind": "reward_model", "data": pref, "max_length": 64, "train": small},
+        {"name": "dpo", "kind": "dpo", "data": pref, "max_length": 64, "train": small},
+    ]
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    first = alignkit("run", cfg)
+    assert first.returncode == 0, first.stderr
+    manifest = json.loads(alignkit("status", tmp_path / "run", "--json").stdout)
+    assert [(s["name"], s["parent"], s["status"]) for s in manifest["stages"]] == [
+        ("sft", None, "complete"),
+        ("rm", "sft", "complete"),
+        ("rm_base", None, "complete"),
+        ("dpo", "sft", "complete"),
+    ]
+    dpo = json.loads((tmp_path / "run" / "dpo" / "stage.json").read_text())
+    assert dpo["parent"] == "sft" and "eval_rewards/accuracies" in dpo["metrics"]
+
+    again = alignkit("run", cfg)
+    assert again.returncode == 0 and again.stdout.count("config unchanged") == 4
+
+    changed = alignkit("run", cfg, "--set", "stages.sft.train.learning_rate=1e-3")
+    assert changed.returncode == 0, changed.stderr
+    rows = {
+        line.split()[0]: line
+        for line in changed.stdout.splitlines()
+        if line.strip()[:3] in ("sft", "rm ", "rm_", "dpo")
+    }
+    assert "config changed" in rows["sft"]
+    assert (
+        "upstream stage 'sft' re-runs" in rows["rm"]
+        and "upstream stage 'sft' re-runs" in rows["dpo"]
+    )
+    assert "config unchanged" in rows["rm_base"]

@@ -53,6 +53,14 @@ def test_lora_sft_trains_adapter_and_reloads_to_identical_logits(
     assert tok.chat_template and tok.pad_token_id != tok.eos_token_id
     diff = (logits_of(reloaded, tok) - captured["logits"]).abs().max().item()
     assert diff == 0.0 if quantization == "none" else diff < 1e-4, diff
+    if quantization == "none":  # a merged model loads with plain transformers, same logits
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        merged = models.merge_stage(stage, tmp_path / "merged")
+        plain = AutoModelForCausalLM.from_pretrained(merged)
+        plain_tok = AutoTokenizer.from_pretrained(merged)
+        assert plain_tok.chat_template == tok.chat_template
+        assert (logits_of(plain, plain_tok) - captured["logits"]).abs().max() < 1e-4
 
 
 def test_full_sft_changes_weights_and_reloads(tmp_path, monkeypatch, tiny_pipeline_cfg):
