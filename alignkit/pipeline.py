@@ -275,7 +275,9 @@ def _stage_record(cfg, d: Decision, result: StageResult, parent, started: float)
 HEADLINE_KEYS = (
     "heldout_nll",
     "heldout_nll_base",
-    "eval_accuracy",
+    "heldout_pairwise_accuracy",
+    "eval_rewards/accuracies",
+    "eval_rewards/margins",
     "train_loss",
     "global_step",
 )
