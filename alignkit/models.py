@@ -181,8 +181,11 @@ def peft_config(adapter: AdapterSpec, task_type: str = "CAUSAL_LM"):
             task_type=task_type,
         )
     if adapter.type == "ia3":
+        # IA3 scales feed-forward inputs differently: peft's per-architecture defaults know which
+        # modules are which, so "all-linear" means "use them"
+        targets = None if adapter.target_modules == "all-linear" else adapter.target_modules
         return peft.IA3Config(
-            target_modules=adapter.target_modules,
+            target_modules=targets,
             modules_to_save=adapter.modules_to_save or None,
             task_type=task_type,
         )

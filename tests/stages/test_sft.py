@@ -91,3 +91,18 @@ def test_sft_records_heldout_nll_below_untrained(tmp_path, tiny_pipeline_cfg):
     lines = (tmp_path / "run" / "sft" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) >= 30  # one per logged step plus evals
     assert not (tmp_path / "run" / "sft" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("adapter", ["ia3", "prompt", "prefix"])
+def test_other_peft_types_train_and_reload(tmp_path, monkeypatch, tiny_pipeline_cfg, adapter):
+    raw = tiny_pipeline_cfg(tmp_path / "run", adapter=adapter)
+    raw["stages"][0]["train"]["learning_rate"] = 3e-2
+    captured, stage = run_and_capture(raw, tmp_path, monkeypatch)
+    assert captured["trainable"]
+    spec = ModelSpec(name="builtin:tiny")
+    reloaded, tok = models.load_stage_model(stage, spec)
+    base = models.load_base(spec, tok)
+    assert (logits_of(reloaded, tok) - captured["logits"]).abs().max() < 1e-5
+    base_logits = logits_of(base, tok)
+    tail = captured["logits"][:, -base_logits.shape[1] :]  # prompt tuning prepends virtual tokens
+    assert (base_logits - tail).abs().max() > 1e-4  # the adapter does something
