@@ -17,6 +17,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from alignkit.errors import UserError
@@ -234,6 +235,42 @@ def data_check(
         raise typer.Exit(2)
 
 
+@app.command()
+def rollout(
+    prompts: Annotated[str, typer.Option(help="Prompts: file, Hub dataset or builtin:prompts")],
+    out: Annotated[Path, typer.Option(help="Output directory (re-run to resume)")],
+    model: Annotated[str | None, typer.Option(help="Hub id, path or builtin:tiny")] = None,
+    adapter: Annotated[str | None, typer.Option(help="PEFT adapter dir on --model")] = None,
+    stage: Annotated[str | None, typer.Option(help="A finished stage RUN_DIR/STAGE")] = None,
+    n: Annotated[int, typer.Option(help="Samples per prompt")] = 4,
+    engine: Annotated[str, typer.Option(help="hf | vllm")] = "hf",
+    reward: Annotated[
+        list[str] | None, typer.Option(help="gold, a rule, module:function or an RM dir; SPEC*W")
+    ] = None,
+    best_of_n: Annotated[bool, typer.Option(help="Also write DIR/preferences.jsonl")] = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: Annotated[int, typer.Option(help="0 = off")] = 0,
+    max_new_tokens: int = 128,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable)")] = None,
+    seed: int = 0,
+    split: Annotated[str | None, typer.Option(help="Split of a Hub/builtin source")] = None,
+    max_prompts: int | None = None,
+    on_bad_rows: Annotated[str, typer.Option(help="error | skip")] = "error",
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
+    quantization: Annotated[str | None, typer.Option(help="none | 4bit | 8bit")] = None,
+    chunk_prompts: Annotated[int | None, typer.Option(help="Prompts per write")] = None,
+    batch_size: Annotated[int, typer.Option(help="HF: sequences per forward")] = 64,
+    gpu_memory_utilization: Annotated[float, typer.Option(help="vLLM")] = 0.9,
+    tensor_parallel_size: Annotated[int, typer.Option(help="vLLM")] = 1,
+) -> None:
+    """Generate n completions per prompt, score them, write sharded JSONL (resumable)."""
+    options = dict(locals())  # every flag above, before anything else is defined
+    from alignkit.rollouts.job import job_config, run_rollout_job
+
+    run_rollout_job(job_config(**options), console)
+
+
 def _quiet_libraries() -> None:
     """Keep the console to what a user acts on: our plan, progress bars, results."""
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
@@ -250,7 +287,7 @@ def main() -> None:
         code = app(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
     except UserError as e:
-        err_console.print(f"[red]error:[/] {e}", highlight=False)
+        err_console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
         sys.exit(e.exit_code)
     except (typer.Exit, SystemExit) as e:
         sys.exit(getattr(e, "exit_code", getattr(e, "code", 0)))

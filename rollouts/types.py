@@ -1,0 +1,134 @@
+"""The rollout contract: ``engine.generate(prompts, SamplingConfig) -> RolloutBatch``.
+
+Prompts are message lists (rendered once, here, with the tokenizer's chat template and
+``add_generation_prompt=True``) or token ids (used as given). Engines only ever see token ids:
+a rendered string that an engine tokenizes again would get a second BOS / template prefix.
+
+Ordering: ``RolloutBatch`` is prompt-major. Sample ``j`` of prompt ``i`` sits at index
+``i * n + j`` of every per-sample list; per-prompt lists (``prompt_ids``, ``prompt_text``) have
+one entry per prompt, in the order the prompts were given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from pydantic import Field, model_validator
+
+from alignkit.config import Strict
+from alignkit.errors import UserError
+
+Messages = list[dict]
+Prompt = Messages | list[int]
+FinishReason = Literal["stop", "length"]
+
+
+class SamplingConfig(Strict):
+    """How to sample. The defaults are the RL defaults: the model's own distribution."""
+
+    n: int = Field(1, ge=1)
+    """Samples per prompt."""
+    temperature: float = Field(1.0, ge=0)
+    """0 means greedy decoding."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling; 1 keeps every token."""
+    top_k: int = Field(0, ge=0)
+    """0 keeps every token. (HF ``generate`` would otherwise apply its default top-k of 50.)"""
+    max_new_tokens: int = Field(128, ge=1)
+    stop: list[str] = []
+    """Stop strings: the completion text ends before the first one."""
+    stop_token_ids: list[int] = []
+    """Extra stop tokens besides the tokenizer's EOS (kept in ``completion_ids``)."""
+    seed: int | None = 0
+    """Same seed, prompts and engine settings -> same samples. ``None``: not reproducible."""
+    logprobs: bool = False
+    """Record the log-prob of every sampled token under the distribution it was sampled from
+    (after temperature, top-k and top-p; with greedy decoding, the model's own distribution)."""
+    ignore_eos: bool = False
+    """Keep generating past EOS up to ``max_new_tokens`` (benchmarks only)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> SamplingConfig:
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class RolloutBatch:
+    """Completions for a list of prompts; ``n`` samples per prompt, prompt-major (see module doc).
+
+    ``completion_ids`` end with the stop token (EOS or a stop id) when ``finish_reason`` is
+    ``"stop"`` because of a token; ``completion_text`` never contains EOS or a stop string.
+    ``logprobs[k][t]`` belongs to ``completion_ids[k][t]``.
+    """
+
+    prompt_ids: list[list[int]]
+    prompt_text: list[str]
+    completion_ids: list[list[int]]
+    completion_text: list[str]
+    finish_reason: list[FinishReason]
+    n: int
+    logprobs: list[list[float]] | None = None
+
+    def __post_init__(self) -> None:
+        expected = len(self.prompt_ids) * self.n
+        for name in ("completion_ids", "completion_text", "finish_reason"):
+            if len(getattr(self, name)) != expected:
+                raise ValueError(f"{name} has {len(getattr(self, name))} entries, not {expected}")
+
+    def __len__(self) -> int:
+        return len(self.completion_ids)
+
+    def prompt_index(self, k: int) -> int:
+        """The prompt that sample ``k`` answers."""
+        return k // self.n
+
+    def sample_prompt_ids(self) -> list[list[int]]:
+        """``prompt_ids`` repeated per sample, aligned with ``completion_ids``."""
+        return [ids for ids in self.prompt_ids for _ in range(self.n)]
+
+
+class Engine(Protocol):
+    """A generation engine (``hf``, ``vllm``)."""
+
+    tokenizer: object
+
+    def generate(self, prompts: Sequence[Prompt], cfg: SamplingConfig) -> RolloutBatch: ...
+
+
+def encode_prompts(tokenizer, prompts: Sequence[Prompt]) -> list[list[int]]:
+    """Token ids for each prompt: message lists through the chat template (once), ids as given."""
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, list | tuple) and p and all(isinstance(t, int) for t in p):
+            out.append([int(t) for t in p])
+        elif isinstance(p, list | tuple) and p and all(isinstance(m, dict) for m in p):
+            out.append(render_messages(tokenizer, list(p)))
+        else:
+            raise UserError(
+                f"prompt {i}: expected a message list ([{{'role': 'user', 'content': ...}}]) or "
+                f"token ids, got {type(p).__name__}{' (empty)' if not p else ''}; wrap a plain "
+                "string as a user message"
+            )
+    return out
+
+
+def render_messages(tokenizer, messages: Messages) -> list[int]:
+    """The chat template applied once, ending with the assistant generation prompt."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            f"tokenizer {tokenizer.name_or_path!r} has no chat template: give prompts as token "
+            "ids, or use a model (or stage) whose tokenizer has one"
+        )
+    # tokenize=True renders and tokenizes without adding special tokens a second time.
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    return [int(t) for t in ids]
