@@ -6,7 +6,7 @@ A stage module defines its config schema (a :class:`~alignkit.config.StageBase` 
 
 from __future__ import annotations
 
-from alignkit.stages import dpo, reward_model, sft
+from alignkit.stages import dpo, grpo, ppo, reward_model, sft
 
 from alignkit.pipeline import StageKind
 
@@ -14,6 +14,9 @@ REGISTRY: dict[str, StageKind] = {
     "sft": StageKind(sft.SFTStageConfig, sft.run),
     "reward_model": StageKind(reward_model.RewardModelStageConfig, reward_model.run),
     "dpo": StageKind(dpo.DPOStageConfig, dpo.run),
+    "grpo": StageKind(grpo.GRPOStageConfig, grpo.run),
+    "rloo": StageKind(grpo.RLOOStageConfig, grpo.run),
+    "ppo": StageKind(ppo.PPOStageConfig, ppo.run),
 }
 
 

@@ -1,0 +1,117 @@
+"""PPO on one frozen base with policy, reference, value and reward adapters.
+
+Hand-written: TRL no longer ships a PPO trainer, and the alternatives hold four model copies.
+One step: sample completions from the policy (rollout engine) → score them (the reward adapter
+and/or reward functions, minus a penalty for no EOS) → per-token KL to the reference → GAE →
+whitened advantages → ``ppo_epochs`` × minibatches of clipped policy and value updates. The
+algorithm's tensor maths lives in :mod:`alignkit.stages.ppo_core`, the model in
+:mod:`alignkit.stages.ppo_model`, the loop's bookkeeping in :mod:`alignkit.stages.ppo_loop`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from alignkit.config import AdapterSpec, DataSpec, HeldoutSpec, StageBase, Strict
+from alignkit.errors import UserError
+from alignkit.pipeline import StageContext, StageResult
+
+
+class RolloutSpec(Strict):
+    engine: Literal["hf", "vllm"] = "hf"
+    """``hf``: generate with the live policy (default, any device); ``vllm``: a vLLM engine that
+    receives the policy adapter after every update (needs a GPU and the ``vllm`` extra)."""
+    batch_size: int = 64
+    gpu_memory_utilization: float = 0.3
+    tensor_parallel_size: int = 1
+
+
+class PPOStageConfig(StageBase):
+    kind: Literal["ppo"] = "ppo"
+    is_policy: ClassVar[bool] = True
+    default_parent: ClassVar[bool] = True
+
+    data: DataSpec
+    """Prompts (any prompt source: prompt/messages/instruction rows, or preference/SFT rows)."""
+    reward_model: str | None = None
+    """Name of a reward_model stage of this run; on the same base it runs as a fourth adapter."""
+    rewards: list[str] = []
+    """Reward specs added to the RM score: ``gold``, a rule, ``module:function``, ``spec*weight``."""
+    normalize_scores: bool = True
+    """Scale scores by a running mean/std (do this for RM scores before choosing kl_coef)."""
+    missing_eos_penalty: float = Field(0.0, ge=0)
+    """Subtracted from the score of a completion that hit max_new_tokens without EOS."""
+    steps: int = Field(100, gt=0)
+    prompts_per_step: int = Field(64, gt=0)
+    minibatches: int = Field(4, gt=0)
+    ppo_epochs: int = Field(4, gt=0)
+    micro_batch_size: int | None = None
+    """Split each minibatch into chunks this size (gradient accumulation); default: no split."""
+    learning_rate: float = Field(3e-4, gt=0)
+    value_learning_rate: float = Field(1e-3, gt=0)
+    kl_coef: float = Field(0.05, ge=0)
+    adaptive_kl: bool = False
+    kl_target: float = Field(1.5, gt=0)
+    """Adaptive KL: target KL to the reference per sequence (nats)."""
+    kl_horizon: int = Field(640, gt=0)
+    """Adaptive KL: samples over which the coefficient may move by ±20%."""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    clip_range: float = Field(0.2, gt=0)
+    value_clip_range: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0)
+    entropy_coef: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    whiten_rewards: bool = False
+    max_new_tokens: int = Field(40, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    checkpoint_every: int = Field(20, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    value_adapter: AdapterSpec = AdapterSpec()
+    rollout: RolloutSpec = RolloutSpec()
+    heldout: HeldoutSpec = HeldoutSpec()
+
+
+def run(cfg: PPOStageConfig, ctx: StageContext) -> StageResult:
+    from alignkit.stages.ppo_loop import PPOTrainer
+
+    if ctx.parent is None or ctx.parent.kind == "reward_model":
+        raise UserError(f"{ctx.where}: PPO starts from a policy stage (set `from: sft`)")
+    if cfg.reward_model is None and not cfg.rewards:
+        raise UserError(f"{ctx.where}: give reward_model (a reward_model stage) and/or rewards")
+    if cfg.prompts_per_step % cfg.minibatches:
+        raise UserError(f"{ctx.where}: prompts_per_step must be divisible by minibatches")
+    rm_dir = None
+    if cfg.reward_model is not None:
+        rm_dir = ctx.out_dir.parent / cfg.reward_model
+        record = ctx.parent.record
+        if not (rm_dir / "stage.json").exists():
+            raise UserError(
+                f"{ctx.where}.reward_model: no finished stage {cfg.reward_model!r} in the run"
+            )
+        import json
+
+        rm_record = json.loads((rm_dir / "stage.json").read_text())
+        if rm_record["kind"] != "reward_model":
+            raise UserError(
+                f"{ctx.where}.reward_model: {cfg.reward_model!r} is a {rm_record['kind']} stage"
+            )
+        if (
+            rm_record["base_model"]["name"] != record["base_model"]["name"]
+            or rm_record["adapter_type"] != "lora"
+        ):
+            # a reward model on another base (or fully fine-tuned) is loaded on its own
+            cfg = cfg.model_copy(
+                update={"rewards": [*cfg.rewards, str(rm_dir)], "reward_model": None}
+            )
+            rm_dir = None
+    trainer = PPOTrainer(cfg, ctx, rm_dir)
+    metrics = trainer.train()
+    if ctx.is_main:
+        from alignkit.models import save_stage_model
+
+        save_stage_model(trainer.model.peft, trainer.tokenizer, ctx.out_dir)
+    return StageResult(metrics=metrics, adapter_type="lora", outputs={"weights": "adapter"})

@@ -1,0 +1,150 @@
+"""PPO's one-base, many-adapters model: policy, reference, value and (optionally) reward.
+
+Every role is a peft adapter on the same frozen base weights; switching the active adapter,
+not the model, gives each forward pass. peft's ``set_adapter`` also rewrites ``requires_grad``
+(it freezes every adapter but the active one), so :meth:`PPOModel.role` restores the trainable
+set after each switch, and the loop runs each backward before switching away.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from alignkit.config import AdapterSpec, ModelSpec
+from alignkit.errors import UserError
+
+POLICY, REFERENCE, VALUE, REWARD = "default", "ref", "value", "reward"
+
+
+class PPOModel(nn.Module):
+    def __init__(self, peft_model, value_head: nn.Linear, reward_head: nn.Linear | None):
+        super().__init__()
+        self.peft = peft_model
+        self.value_head = value_head
+        self.reward_head = reward_head
+        self._trainable = {n: p.requires_grad for n, p in self.named_parameters()}
+
+    @property
+    def decoder(self):
+        """The transformer body (below the LM head) of the wrapped causal LM."""
+        return self.peft.get_base_model().model
+
+    def set_trainable(self) -> None:
+        """Policy and value adapters and the value head train; base, reference and reward don't."""
+        for name, p in self.named_parameters():
+            p.requires_grad_(
+                f".{POLICY}." in name or f".{VALUE}." in name or name.startswith("value_head")
+            )
+        self._trainable = {n: p.requires_grad for n, p in self.named_parameters()}
+
+    @contextmanager
+    def role(self, adapter: str):
+        self.peft.set_adapter(adapter)
+        try:
+            yield
+        finally:
+            self.peft.set_adapter(POLICY)
+            for name, p in self.named_parameters():
+                p.requires_grad_(self._trainable[name])
+
+    def policy_parameters(self):
+        return [p for n, p in self.named_parameters() if f".{POLICY}." in n and p.requires_grad]
+
+    def value_parameters(self):
+        return [
+            p
+            for n, p in self.named_parameters()
+            if (f".{VALUE}." in n or n.startswith("value_head")) and p.requires_grad
+        ]
+
+    def logits(self, ids, attn, pos):
+        return self.peft(
+            input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False
+        ).logits
+
+    def hidden(self, ids, attn, pos):
+        return self.decoder(
+            input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False
+        ).last_hidden_state
+
+
+class SharedBaseRewardModel(nn.Module):
+    """The reward model as an adapter + score head on PPO's base, with a sequence classifier's
+    interface (``.logits`` read at the last non-pad token), so :class:`RewardModelScorer` drives it."""
+
+    def __init__(self, ppo: PPOModel, pad_token_id: int):
+        super().__init__()
+        self.ppo, self.pad = ppo, pad_token_id
+
+    def forward(self, input_ids, attention_mask):
+        pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        with self.ppo.role(REWARD):
+            hidden = self.ppo.hidden(input_ids, attention_mask, pos)
+        last = attention_mask.sum(1) - 1  # right-padded by the scorer
+        scores = self.ppo.reward_head(hidden[torch.arange(len(last)), last])
+        return type("Out", (), {"logits": scores})()
+
+
+def build_ppo_model(
+    spec: ModelSpec, sft_dir: Path, value_adapter: AdapterSpec, rm_dir: Path | None
+) -> tuple[PPOModel, object]:
+    """Base + policy (SFT adapter, trainable) + ref (SFT adapter, frozen) + value (new LoRA, head
+    from the RM's score head when there is one, else zeros) + reward (RM adapter, frozen)."""
+    from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from alignkit.models import load_base, load_tokenizer, peft_config
+
+    if not (sft_dir / "adapter").is_dir():
+        raise UserError(f"PPO needs a LoRA policy stage to start from; {sft_dir} has no adapter/")
+    tokenizer = load_tokenizer(sft_dir, spec)
+    base = load_base(spec, tokenizer)
+    base.requires_grad_(False)
+    model = PeftModel.from_pretrained(
+        base, str(sft_dir / "adapter"), adapter_name=POLICY, is_trainable=True
+    )
+    model.load_adapter(str(sft_dir / "adapter"), adapter_name=REFERENCE, is_trainable=False)
+    model.add_adapter(VALUE, peft_config(value_adapter))
+    hidden = base.config.get_text_config().hidden_size
+    value_head = nn.Linear(hidden, 1, bias=False)
+    nn.init.zeros_(value_head.weight)
+    reward_head = None
+    if rm_dir is not None:
+        rm_state = load_file(str(rm_dir / "adapter" / "adapter_model.safetensors"))
+        head_key = next((k for k in rm_state if k.endswith("score.weight")), None)
+        if head_key is None:
+            raise UserError(f"{rm_dir}: the reward adapter has no saved score head")
+        rm_config = json.loads((rm_dir / "adapter" / "adapter_config.json").read_text())
+        lora = value_adapter.model_copy(
+            update={
+                "type": "lora",
+                "r": rm_config["r"],
+                "alpha": rm_config["lora_alpha"],
+                "target_modules": rm_config["target_modules"],
+                "modules_to_save": [],
+                "use_rslora": rm_config.get("use_rslora", False),
+                "use_dora": rm_config.get("use_dora", False),
+            }
+        )
+        model.add_adapter(REWARD, peft_config(lora))
+        lora_state = {k: v for k, v in rm_state.items() if "lora_" in k}
+        result = set_peft_model_state_dict(model, lora_state, adapter_name=REWARD)
+        if result.unexpected_keys:
+            raise UserError(
+                f"{rm_dir}: reward adapter does not fit the base: {result.unexpected_keys[:3]}"
+            )
+        reward_head = nn.Linear(hidden, 1, bias=False)
+        with torch.no_grad():
+            reward_head.weight.copy_(rm_state[head_key])
+            value_head.weight.copy_(rm_state[head_key])  # value starts from the RM's head
+        reward_head.requires_grad_(False)
+        assert get_peft_model_state_dict(model, adapter_name=REWARD)
+    model.set_adapter(POLICY)
+    ppo = PPOModel(model, value_head, reward_head)
+    ppo.set_trainable()
+    return ppo, tokenizer
