@@ -98,6 +98,24 @@ class DataSpec(Strict):
     """With ``skip``: fail when more than this fraction of rows is bad."""
 
 
+class HeldoutSpec(Strict):
+    """Held-out evaluation after a policy stage: sample the policy and its reference on the same
+    prompts, score both, and estimate KL(policy || reference) from the policy's samples."""
+
+    enabled: bool = True
+    prompts: str | None = None
+    """Prompt source; default: ``builtin:prompts`` when the stage trains on builtin data, else off."""
+    split: str | None = "test"
+    num_prompts: int = Field(64, gt=0)
+    samples_per_prompt: int = Field(2, gt=0)
+    max_new_tokens: int = Field(40, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    rewards: list[str] = []
+    """Reward specs to score with (``gold``, a rule, ``module:function``, an RM stage dir);
+    ``gold`` is added for builtin data. Recorded as ``reward``/``reward_ref`` (weighted sum)."""
+    seed: int = 1234
+
+
 class StageBase(Strict):
     """Fields every stage has. A stage kind subclasses this with its own fields."""
 
