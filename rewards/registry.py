@@ -25,9 +25,8 @@ import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from alignkit.rewards import rules
-
 from alignkit.errors import UserError
+from alignkit.rewards import rules
 
 RewardFn = Callable[..., list[float]]
 ACCEPTED = (

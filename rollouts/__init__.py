@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import difflib
 
+from alignkit.errors import UserError
 from alignkit.rollouts.source import ModelSource, model_source
 from alignkit.rollouts.types import Engine, RolloutBatch, SamplingConfig, encode_prompts
-
-from alignkit.errors import UserError
 
 ENGINES = ("hf", "vllm")
 

@@ -21,8 +21,6 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
-from alignkit.rollouts.source import ModelSource
-from alignkit.rollouts.types import Prompt, RolloutBatch, SamplingConfig, encode_prompts
 from transformers import (
     GenerationConfig,
     LogitsProcessor,
@@ -31,6 +29,9 @@ from transformers import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+
+from alignkit.rollouts.source import ModelSource
+from alignkit.rollouts.types import Prompt, RolloutBatch, SamplingConfig, encode_prompts
 
 
 class HFEngine:

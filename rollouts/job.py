@@ -28,17 +28,17 @@ from collections import Counter
 from pathlib import Path
 from typing import Literal
 
-from alignkit.rollouts import load_engine, model_source
-from alignkit.rollouts.best_of_n import write_preferences
-from alignkit.rollouts.shards import ShardWriter, read_rollouts, repair_torn_tail, shard_paths
-from alignkit.rollouts.types import SamplingConfig
-from alignkit.rollouts.vllm import VLLMConfig
 from pydantic import Field, ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from alignkit.config import Strict
 from alignkit.errors import UserError
+from alignkit.rollouts import load_engine, model_source
+from alignkit.rollouts.best_of_n import write_preferences
+from alignkit.rollouts.shards import ShardWriter, read_rollouts, repair_torn_tail, shard_paths
+from alignkit.rollouts.types import SamplingConfig
+from alignkit.rollouts.vllm import VLLMConfig
 
 JOB_FILE = "job.json"
 # What the rows depend on: an existing out dir must match these to be resumed.
@@ -106,9 +106,8 @@ def job_config(**options) -> RolloutJobConfig:
 
 def run_rollout_job(cfg: RolloutJobConfig, console: Console | None = None) -> dict:
     """Run (or resume) the job; returns the summary also stored in ``out/job.json``."""
-    from alignkit.rewards.registry import resolve_rewards
-
     from alignkit.data.prompts import load_prompts
+    from alignkit.rewards.registry import resolve_rewards
 
     console = console or Console(stderr=True)
     if cfg.best_of_n and (not cfg.rewards or cfg.sampling.n < 2):

@@ -26,12 +26,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from alignkit.rollouts.source import ModelSource
-from alignkit.rollouts.types import Prompt, RolloutBatch, SamplingConfig, encode_prompts
 from pydantic import Field
 
 from alignkit.config import Strict
 from alignkit.errors import UserError
+from alignkit.rollouts.source import ModelSource
+from alignkit.rollouts.types import Prompt, RolloutBatch, SamplingConfig, encode_prompts
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's LoRAConfig.max_lora_rank choices
 

@@ -11,11 +11,11 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from alignkit.stages import ppo_core as core
-from alignkit.stages.ppo_model import REFERENCE, VALUE, SharedBaseRewardModel, build_ppo_model
 from tqdm.auto import tqdm
 
 from alignkit.errors import UserError
+from alignkit.stages import ppo_core as core
+from alignkit.stages.ppo_model import REFERENCE, VALUE, SharedBaseRewardModel, build_ppo_model
 
 
 class RunningMoments:
@@ -44,11 +44,11 @@ class RunningMoments:
 class PPOTrainer:
     def __init__(self, cfg, ctx, rm_dir: Path | None):
         from accelerate import Accelerator
+
+        from alignkit.data.prompts import load_prompts
         from alignkit.rewards.registry import resolve_rewards
         from alignkit.rewards.reward_model import RewardModelScorer
         from alignkit.rollouts.hf import HFEngine
-
-        from alignkit.data.prompts import load_prompts
 
         self.cfg, self.ctx = cfg, ctx
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())

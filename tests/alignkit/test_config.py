@@ -3,10 +3,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from alignkit.stages import stage_kinds
 
 from alignkit.config import apply_override, config_hash, load_pipeline, validate_pipeline
 from alignkit.errors import UserError
+from alignkit.stages import stage_kinds
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "accelerate" not in p.parts)

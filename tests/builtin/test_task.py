@@ -5,10 +5,10 @@ from __future__ import annotations
 import statistics
 
 import pytest
-from alignkit.rewards.gold import gold_reward
 
 from alignkit.builtin import load_builtin, task
 from alignkit.errors import UserError
+from alignkit.rewards.gold import gold_reward
 
 
 def _gold(prompt: str, completion: str) -> float:

@@ -6,10 +6,10 @@ import json
 import pickle
 
 import pytest
-from alignkit.rewards import resolve_reward, resolve_rewards
-from alignkit.rewards.gold import gold_reward
 
 from alignkit.errors import UserError
+from alignkit.rewards import resolve_reward, resolve_rewards
+from alignkit.rewards.gold import gold_reward
 
 PROMPTS = ["Topic: river garden", "Topic: city"]
 COMPLETIONS = ["the river is calm and bright and happy today in the garden.", "bad bad bad"]

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from alignkit.rollouts.hf import HFEngine
-from alignkit.rollouts.source import model_source
 
 from alignkit.builtin import load_builtin
 from alignkit.models import load_base, load_tokenizer
+from alignkit.rollouts.hf import HFEngine
+from alignkit.rollouts.source import model_source
 
 
 def messages(text: str) -> list[dict]:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from alignkit.rollouts.hf import HFEngine
-from alignkit.rollouts.types import SamplingConfig, encode_prompts
 from tokenizers.processors import TemplateProcessing
 
 from alignkit.errors import UserError
+from alignkit.rollouts.hf import HFEngine
+from alignkit.rollouts.types import SamplingConfig, encode_prompts
 
 EOS = 1  # builtin:tiny: <|end|>; pad is 0
 

@@ -10,11 +10,11 @@ import time
 from collections import Counter
 
 import pytest
-from alignkit.rollouts.job import job_config, run_rollout_job
-from alignkit.rollouts.shards import read_rollouts, shard_paths
 
 from alignkit.builtin.task import gold_score
 from alignkit.errors import UserError
+from alignkit.rollouts.job import job_config, run_rollout_job
+from alignkit.rollouts.shards import read_rollouts, shard_paths
 
 BASE = ["--model", "builtin:tiny", "--prompts", "builtin:prompts", "--max-new-tokens", "16"]
 

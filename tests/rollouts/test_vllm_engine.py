@@ -11,6 +11,10 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig
+
+from alignkit.errors import UserError
 from alignkit.rollouts.source import model_source
 from alignkit.rollouts.vllm import (
     VLLMConfig,
@@ -18,10 +22,6 @@ from alignkit.rollouts.vllm import (
     check_tensor_parallel,
     lora_rank_slot,
 )
-from safetensors.torch import load_file, save_file
-from transformers import AutoConfig
-
-from alignkit.errors import UserError
 
 from .conftest import make_lora_stage, messages
 

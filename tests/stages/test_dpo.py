@@ -4,8 +4,6 @@ import math
 
 import pytest
 import torch
-from alignkit.stages import REGISTRY, stage_kinds
-from alignkit.stages.dpo import DPOStageConfig, build_trainer
 from rich.console import Console
 from trl.trainer.utils import use_adapter
 
@@ -13,6 +11,8 @@ from alignkit.config import AdapterSpec, DataSpec, ModelSpec, validate_pipeline
 from alignkit.models import load_stage_model
 from alignkit.pipeline import ParentOutput, StageContext, run_pipeline
 from alignkit.rundir import RunDir
+from alignkit.stages import REGISTRY, stage_kinds
+from alignkit.stages.dpo import DPOStageConfig, build_trainer
 
 BATCH = ["Topic: river garden", "Topic: school music the bright calm"]
 

@@ -3,14 +3,14 @@
 import json
 
 import torch
-from alignkit.rewards.gold import gold_reward
-from alignkit.rewards.reward_model import RewardModelScorer
-from alignkit.stages import REGISTRY, stage_kinds
 from rich.console import Console
 
 from alignkit.config import validate_pipeline
 from alignkit.models import merge_stage
 from alignkit.pipeline import run_pipeline
+from alignkit.rewards.gold import gold_reward
+from alignkit.rewards.reward_model import RewardModelScorer
+from alignkit.stages import REGISTRY, stage_kinds
 
 PROMPTS = ["Topic: river garden", "Topic: school music", "Topic: river garden"]
 COMPLETIONS = [
@@ -93,10 +93,10 @@ def test_reward_model_trains_and_reloads_to_the_same_scores(tmp_path, monkeypatc
 
 
 def test_reward_model_from_sft_continues_the_sft_adapter(tmp_path, tiny_pipeline_cfg):
-    from alignkit.stages.reward_model import load_reward_model_for_training
     from safetensors.torch import load_file
 
     from alignkit.config import AdapterSpec, ModelSpec
+    from alignkit.stages.reward_model import load_reward_model_for_training
 
     raw = tiny_pipeline_cfg(tmp_path / "run", steps=3)
     run_pipeline(

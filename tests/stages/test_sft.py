@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from alignkit.stages import REGISTRY, stage_kinds
 
 import alignkit.models as models
 from alignkit.config import ModelSpec, validate_pipeline
 from alignkit.pipeline import run_pipeline
+from alignkit.stages import REGISTRY, stage_kinds
 
 BATCH = ["alpha beta gamma", "the river is calm and bright"]
 
