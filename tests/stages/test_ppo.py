@@ -33,7 +33,7 @@ def run_dir(tmp_path_factory, tiny_pipeline_cfg):
     return RunDir(root)
 
 
-def make(rd, out_dir, resume=None, **over):
+def make(rd, out_dir, resume=None, spec=None, **over):
     fields = {
         "name": "ppo",
         "data": {"source": "builtin:prompts", "max_rows": 64},
@@ -49,7 +49,7 @@ def make(rd, out_dir, resume=None, **over):
     }
     cfg = PPOStageConfig(**{**fields, **over})
     ctx = StageContext(
-        name="ppo", model=ModelSpec(), adapter=AdapterSpec(), seed=0, out_dir=out_dir,
+        name="ppo", model=spec or ModelSpec(), adapter=AdapterSpec(), seed=0, out_dir=out_dir,
         parent=ParentOutput("sft", "sft", rd.stage_dir("sft"), rd.stage_json("sft")),
         resume_from=resume, console=Console(quiet=True),
     )  # fmt: skip
@@ -97,7 +97,9 @@ def test_ppo_adapters_start_right_and_only_policy_and_value_move(run_dir, tmp_pa
     assert len((tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
-def test_ppo_resumes_from_its_checkpoint(run_dir, tmp_path):
+def test_ppo_resumes_from_its_checkpoint_to_the_same_next_step(run_dir, tmp_path):
+    straight = make(run_dir, tmp_path / "straight", steps=3)
+    straight.train()
     first = make(run_dir, tmp_path / "ppo")
     first.train()
     saved = {n: p.detach().clone() for n, p in first.model.named_parameters() if ".default." in n}
@@ -108,6 +110,24 @@ def test_ppo_resumes_from_its_checkpoint(run_dir, tmp_path):
         if n in saved:
             assert torch.equal(p, saved[n])
     assert again.train()["global_step"] == 3
+    import json
+
+    def step3(path):
+        rows = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+        return next(r for r in rows if r["step"] == 3)
+
+    a, b = step3(tmp_path / "straight"), step3(tmp_path / "ppo")
+    for key in ("policy_loss", "value_loss", "score_mean", "kl"):
+        assert abs(a[key] - b[key]) < 1e-5, key
+
+
+def test_ppo_step_runs_on_a_4bit_base(run_dir, tmp_path):
+    trainer = make(run_dir, tmp_path / "ppo", spec=ModelSpec(quantization="4bit"), steps=1)
+    base = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "base_layer" in n}
+    assert trainer.train()["global_step"] == 1
+    for n, p in trainer.model.named_parameters():
+        if n in base:
+            assert torch.equal(p.view(torch.uint8), base[n].view(torch.uint8)), n
 
 
 def test_non_finite_loss_stops_with_the_step_named(run_dir, tmp_path, monkeypatch):

@@ -60,3 +60,33 @@ def test_adaptive_kl_moves_towards_target():
     assert math.isclose(ctl.value, 0.1 * 1.02)
     ctl.update(0.0, n_samples=10)
     assert ctl.value < 0.1 * 1.02
+
+
+def test_constant_reward_gives_zero_mean_whitened_advantages():
+    torch.manual_seed(1)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.float)
+    rewards = core.token_rewards(torch.full((3,), 0.7), torch.zeros(3, 4), mask, kl_coef=0.0)
+    adv, _ = core.gae(rewards, torch.randn(3, 4), mask, gamma=1.0, lam=0.95)
+    white = core.masked_whiten(adv, mask)
+    assert abs(core.masked_mean(white, mask).item()) < 1e-6
+    assert abs(core.masked_var(white, mask).item() - 1) < 1e-4
+
+
+def test_without_kl_one_epoch_loss_is_the_plain_clipped_objective():
+    torch.manual_seed(2)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.float)
+    scores = torch.tensor([1.0, -0.5])
+    old = torch.randn(2, 3)
+    new = old + 0.3 * torch.randn(2, 3)
+    rewards = core.token_rewards(scores, core.kl_estimate(old, old + 5), mask, kl_coef=0.0)
+    adv, _ = core.gae(rewards, torch.zeros(2, 3), mask, gamma=1.0, lam=1.0)
+    # gamma = lambda = 1 and zero values: every token's advantage is the sequence score
+    assert torch.allclose(adv, scores[:, None] * mask)
+    got = core.policy_loss(new, old, adv, mask, clip=0.2).loss
+    terms = []
+    for b in range(2):
+        for t in range(int(mask[b].sum())):
+            r = math.exp(new[b, t] - old[b, t])
+            a = adv[b, t].item()
+            terms.append(-min(r * a, max(min(r, 1.2), 0.8) * a))
+    assert math.isclose(got.item(), sum(terms) / len(terms), rel_tol=1e-5)
