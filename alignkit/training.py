@@ -99,6 +99,17 @@ def evaluate_after_training(trainer) -> dict[str, float]:
     return {k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, int | float)}
 
 
+def train_and_evaluate(trainer, ctx, evaluate: bool) -> dict[str, float]:
+    """Evaluate the untrained model (``before_*``), train (resuming an interrupted attempt from
+    its checkpoint), evaluate again: the metrics a TRL-backed stage records."""
+    metrics = evaluate_before_training(trainer, ctx) if evaluate else {}
+    trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
+    metrics.update(final_train_metrics(trainer))
+    if evaluate:
+        metrics.update(evaluate_after_training(trainer))
+    return metrics
+
+
 def final_train_metrics(trainer) -> dict[str, float]:
     """The last logged value of each training metric (the trainer's own names)."""
     out: dict[str, float] = {}

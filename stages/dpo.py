@@ -12,16 +12,14 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from alignkit.config import AdapterSpec, DataSpec, StageBase
+from alignkit.config import AdapterSpec, DataSpec, HeldoutSpec, StageBase
 from alignkit.errors import UserError
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.training import (
     MetricsCallback,
-    evaluate_after_training,
-    evaluate_before_training,
-    final_train_metrics,
     restore_adapter,
     snapshot_adapter,
+    train_and_evaluate,
     trl_args,
 )
 
@@ -66,6 +64,8 @@ class DPOStageConfig(StageBase):
     """Compute the reference's log-probs once before training instead of at every step."""
     max_length: int = 1024
     """Prompt + completion tokens; longer pairs are truncated."""
+    heldout: HeldoutSpec = HeldoutSpec()
+    """Sample the trained policy and its reference on held-out prompts (gold reward, KL)."""
 
     @field_validator("loss_type", mode="before")
     @classmethod
@@ -82,14 +82,9 @@ class DPOStageConfig(StageBase):
 def run(cfg: DPOStageConfig, ctx: StageContext) -> StageResult:
     trainer, tokenizer, adapter, n_train, n_eval = build_trainer(cfg, ctx)
 
-    metrics: dict[str, float] = {}
-    if n_eval:
-        metrics.update(evaluate_before_training(trainer, ctx))
-    trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
-    metrics.update(final_train_metrics(trainer))
-    if n_eval:
-        metrics.update(evaluate_after_training(trainer))
+    metrics = train_and_evaluate(trainer, ctx, evaluate=n_eval > 0)
     metrics["train_rows"], metrics["eval_rows"] = float(n_train), float(n_eval)
+    metrics.update(_heldout(cfg, ctx, trainer, tokenizer))
 
     sub = "adapter" if adapter.type != "full" else "model"
     if ctx.is_main:
@@ -97,6 +92,21 @@ def run(cfg: DPOStageConfig, ctx: StageContext) -> StageResult:
 
         sub = save_stage_model(trainer.model, tokenizer, ctx.out_dir)
     return StageResult(metrics=metrics, adapter_type=adapter.type, outputs={"weights": sub})
+
+
+def _heldout(cfg, ctx, trainer, tokenizer) -> dict[str, float]:
+    from alignkit.eval.views import AdapterView
+    from alignkit.stages.common import heldout_evaluation
+
+    model = trainer.model
+    if trainer.ref_model is not None:  # full fine-tuning: a separate frozen reference
+        reference = AdapterView(trainer.ref_model)
+    elif "ref" in getattr(model, "peft_config", {}):
+        reference = AdapterView(model, "ref")
+    else:
+        reference = AdapterView.base_of(model)
+    policy = AdapterView(model, "default") if hasattr(model, "peft_config") else AdapterView(model)
+    return heldout_evaluation(cfg, ctx, policy, reference, tokenizer)
 
 
 def build_trainer(cfg: DPOStageConfig, ctx: StageContext):

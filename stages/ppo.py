@@ -75,6 +75,28 @@ class PPOStageConfig(StageBase):
     heldout: HeldoutSpec = HeldoutSpec()
 
 
+def _heldout(cfg, ctx, trainer) -> dict[str, float]:
+    """Held-out metrics; the reward is the one PPO trained on (RM adapter and/or functions)."""
+    from alignkit.eval.views import AdapterView
+    from alignkit.stages.common import heldout_evaluation
+
+    def reward(prompts, completions, **meta):
+        import torch
+
+        total = torch.zeros(len(completions))
+        if trainer.scorer is not None:
+            total += torch.tensor(trainer.scorer(prompts, completions))
+        if trainer.reward_fn is not None:
+            total += torch.tensor(trainer.reward_fn(prompts, completions, **meta))
+        return total.tolist()
+
+    peft = trainer.model.peft
+    custom = None if cfg.heldout.rewards else reward
+    return heldout_evaluation(
+        cfg, ctx, AdapterView(peft, "default"), AdapterView(peft, "ref"), trainer.tokenizer, custom
+    )
+
+
 def run(cfg: PPOStageConfig, ctx: StageContext) -> StageResult:
     from alignkit.stages.ppo_loop import PPOTrainer
 
@@ -110,6 +132,7 @@ def run(cfg: PPOStageConfig, ctx: StageContext) -> StageResult:
             rm_dir = None
     trainer = PPOTrainer(cfg, ctx, rm_dir)
     metrics = trainer.train()
+    metrics.update(_heldout(cfg, ctx, trainer))
     if ctx.is_main:
         from alignkit.models import save_stage_model
 

@@ -18,11 +18,9 @@ from alignkit.errors import UserError
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.training import (
     MetricsCallback,
-    evaluate_after_training,
-    evaluate_before_training,
-    final_train_metrics,
     restore_adapter,
     snapshot_adapter,
+    train_and_evaluate,
     trl_args,
 )
 
@@ -96,13 +94,8 @@ def run(cfg: RewardModelStageConfig, ctx: StageContext) -> StageResult:
     restore_adapter(trainer.model, saved)
 
     # 4. train, with held-out pairwise accuracy before and after
-    metrics: dict[str, float] = {}
+    metrics = train_and_evaluate(trainer, ctx, evaluate=eval_ds is not None)
     if eval_ds is not None:
-        metrics.update(evaluate_before_training(trainer, ctx))
-    trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
-    metrics.update(final_train_metrics(trainer))
-    if eval_ds is not None:
-        metrics.update(evaluate_after_training(trainer))
         metrics["heldout_pairwise_accuracy"] = metrics["eval_accuracy"]
     metrics["train_rows"], metrics["eval_rows"] = float(len(train_rows)), float(len(eval_rows))
 

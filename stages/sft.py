@@ -11,16 +11,14 @@ from __future__ import annotations
 import math
 from typing import ClassVar, Literal
 
-from alignkit.config import AdapterSpec, DataSpec, StageBase
+from alignkit.config import AdapterSpec, DataSpec, HeldoutSpec, StageBase
 from alignkit.errors import UserError
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.training import (
     MetricsCallback,
-    evaluate_after_training,
-    evaluate_before_training,
-    final_train_metrics,
     restore_adapter,
     snapshot_adapter,
+    train_and_evaluate,
     trl_args,
 )
 
@@ -40,6 +38,8 @@ class SFTStageConfig(StageBase):
     """Pack several short examples into each sequence of ``max_length`` tokens (fewer pad tokens)."""
     max_length: int = 1024
     """Longer examples are truncated (their tail is dropped)."""
+    heldout: HeldoutSpec = HeldoutSpec()
+    """Sample the trained policy and the base on held-out prompts (gold reward, KL)."""
 
 
 def run(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
@@ -96,16 +96,13 @@ def run(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
     restore_adapter(trainer.model, saved)
 
     # 5. held-out NLL of the untrained model, then train (resuming an interrupted attempt)
-    metrics: dict[str, float] = {}
+    metrics = train_and_evaluate(trainer, ctx, evaluate=eval_ds is not None)
     if eval_ds is not None:
-        metrics["heldout_nll_base"] = evaluate_before_training(trainer, ctx)["before_eval_loss"]
-    trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
-    metrics.update(final_train_metrics(trainer))
-    if eval_ds is not None:
-        metrics.update(evaluate_after_training(trainer))
+        metrics["heldout_nll_base"] = metrics["before_eval_loss"]
         metrics["heldout_nll"] = metrics["eval_loss"]
         metrics["heldout_ppl"] = math.exp(min(metrics["eval_loss"], 50.0))
     metrics["train_rows"], metrics["eval_rows"] = float(len(train_rows)), float(len(eval_rows))
+    metrics.update(_heldout(cfg, ctx, trainer.model, tokenizer))
 
     # 7. save the trained adapter (or full model) and the tokenizer with its chat template
     if ctx.is_main:
@@ -113,6 +110,23 @@ def run(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
     else:
         sub = "adapter" if adapter.type != "full" else "model"
     return StageResult(metrics=metrics, adapter_type=adapter.type, outputs={"weights": sub})
+
+
+def _heldout(cfg, ctx, model, tokenizer) -> dict[str, float]:
+    """Policy vs its reference: the base (adapters disabled), or a fresh base for full FT."""
+    from peft import PeftModel
+
+    from alignkit.eval.views import AdapterView
+    from alignkit.models import load_base
+    from alignkit.stages.common import heldout_evaluation
+
+    if isinstance(model, PeftModel):
+        reference = AdapterView.base_of(model)
+    elif cfg.heldout.enabled:
+        reference = AdapterView(load_base(ctx.model, tokenizer).to(model.device))
+    else:
+        return {}
+    return heldout_evaluation(cfg, ctx, AdapterView(model), reference, tokenizer)
 
 
 def _trl_format(rows: list[dict], tokenizer, loss_on: str) -> str:

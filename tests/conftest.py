@@ -18,6 +18,7 @@ def tiny_pipeline(run_dir, *, adapter="lora", quantization="none", steps=4, **st
             "max_eval_rows": 32,
         },
         "max_length": 64,
+        "heldout": {"num_prompts": 8, "samples_per_prompt": 1, "max_new_tokens": 16},
         "train": {
             "max_steps": steps,
             "per_device_train_batch_size": 8,
