@@ -1,0 +1,342 @@
+"""GRPO on TRL's GRPOTrainer; also runs RLOO (TRL's RLOOTrainer, config in :mod:`.rloo`).
+
+Both sample ``num_generations`` completions per prompt, score them with the reward functions of
+:mod:`alignkit.rewards` and push the policy towards the better ones of each group; they differ
+only in TRL's trainer and config class (advantages, and where ``beta`` enters), so one run
+function serves both.
+
+Handoff: with a parent SFT stage the policy is the SFT adapter loaded trainable (no
+``peft_config``), and TRL adds a frozen copy of it as the "ref" adapter on the same base weights
+(GRPO when ``beta != 0``, RLOO always; read in TRL 1.16's ``__init__``), so the KL is measured
+against the SFT policy, not the pre-SFT base. Only the trained adapter is saved.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from alignkit.config import AdapterSpec, DataSpec, HeldoutSpec, StageBase, Strict
+from alignkit.errors import UserError
+from alignkit.pipeline import StageContext, StageResult
+from alignkit.training import (
+    MetricsCallback,
+    final_train_metrics,
+    restore_adapter,
+    snapshot_adapter,
+    trl_args,
+)
+
+STAGE_PREFIX = "stage:"
+#: Trainer options this stage sets from its own fields; ``train.<key>`` may not override them.
+OWNED_OPTIONS = {
+    "beta": "beta",
+    "num_generations": "num_generations",
+    "max_completion_length": "max_completion_length",
+    "temperature": "temperature",
+    "reward_weights": "rewards (write 'gold*0.5')",
+    "use_vllm": "rollout.engine",
+    "vllm_mode": "rollout.engine",
+    "vllm_gpu_memory_utilization": "rollout.gpu_memory_utilization",
+    "vllm_tensor_parallel_size": "rollout.tensor_parallel_size",
+}
+
+
+class RolloutSpec(Strict):
+    engine: Literal["hf", "vllm"] = "hf"
+    """``hf``: transformers ``generate``. ``vllm``: TRL's vLLM in colocate mode (same GPU as
+    training; the ``vllm`` extra, CUDA only)."""
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
+    """vLLM's share of the GPU (weights + KV cache); the rest is left to training."""
+    tensor_parallel_size: int = Field(1, ge=1)
+
+
+class OnlineRLConfig(StageBase):
+    """Fields GRPO and RLOO share. Batch sizes count completions, not prompts: every device
+    step holds whole groups of ``num_generations`` (default ``per_device_train_batch_size``:
+    one group)."""
+
+    is_policy: ClassVar[bool] = True
+    default_parent: ClassVar[bool] = True
+
+    data: DataSpec
+    """Prompts (any format :func:`alignkit.data.prompts.load_prompts` detects), e.g.
+    ``builtin:prompts``. Other row fields (``reference``, ``id``) reach the reward functions."""
+    rewards: list[str] = Field(min_length=1)
+    """Reward specs, summed with optional weights: ``gold``, a rule, ``module:function``, a
+    reward-model directory, or a reward-model stage of this run (``stage:NAME``, or its bare
+    name when that is no builtin reward), e.g. ``[rm, "length*0.1"]``."""
+    adapter: AdapterSpec | None = None
+    """Adapter for a stage without a parent (a parent's adapter is continued)."""
+    beta: float = Field(0.04, ge=0)
+    """KL coefficient towards the reference (the parent policy). TRL's GRPO default 0 drops the
+    reference altogether (no KL term, no "ref" adapter, nothing holds the policy near SFT);
+    0.04 is the GRPO paper's value. It is a light leash: raise it for a smaller KL."""
+    num_generations: int = Field(8, ge=2)
+    """Completions sampled per prompt (the group the advantages are computed within)."""
+    max_completion_length: int = Field(256, gt=0)
+    """New tokens per completion; longer ones are cut (and count as not finished)."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature; top-k and top-p are off (on-policy samples, unbiased KL)."""
+    rollout: RolloutSpec = RolloutSpec()
+    heldout: HeldoutSpec = HeldoutSpec()
+    """Sample the trained policy and its reference on held-out prompts (gold reward, the
+    configured reward unless ``heldout.rewards`` names others, KL)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> OnlineRLConfig:
+        if self.data.eval_source or self.data.eval_split:
+            raise ValueError("data: held-out prompts go in heldout.prompts and heldout.split")
+        for key in self.train:
+            if key in OWNED_OPTIONS:
+                raise ValueError(
+                    f"'train.{key}' is set by this stage's '{OWNED_OPTIONS[key]}'; set it there"
+                )
+        return self
+
+
+class GRPOStageConfig(OnlineRLConfig):
+    """Group-relative advantages; the KL (k3 estimator, per token) is a term of the loss."""
+
+    kind: Literal["grpo"] = "grpo"
+    trainer_config: ClassVar[str] = "trl.GRPOConfig"
+
+
+def run(cfg: OnlineRLConfig, ctx: StageContext) -> StageResult:
+    trainer, tokenizer, adapter, reward, n_prompts = build_trainer(cfg, ctx)
+
+    trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
+    metrics = final_train_metrics(trainer)
+    metrics["train_prompts"] = float(n_prompts)
+    # held-out evaluation: eval/heldout.py evaluate_policy (via stages/common.py)
+    heldout = _heldout(cfg, ctx, trainer, tokenizer, reward)
+    for key in heldout.keys() & metrics.keys():  # TRL's `reward` is the last training batch's
+        metrics[f"train_{key}"] = metrics.pop(key)
+    metrics.update(heldout)
+
+    sub = "adapter" if adapter.type != "full" else "model"
+    if ctx.is_main:
+        from alignkit.models import save_stage_model
+
+        sub = save_stage_model(trainer.model, tokenizer, ctx.out_dir)
+    return StageResult(metrics=metrics, adapter_type=adapter.type, outputs={"weights": sub})
+
+
+def _heldout(
+    cfg: OnlineRLConfig, ctx: StageContext, trainer, tokenizer, reward
+) -> dict[str, float]:
+    """Policy vs its reference, the parent policy: TRL's "ref" adapter (a separate model for
+    full fine-tuning). GRPO with ``beta: 0`` keeps no reference, so the parent's is loaded."""
+    from peft import PeftModel
+
+    from alignkit.eval.views import AdapterView
+    from alignkit.models import ADAPTER_DIR, load_base, load_stage_model
+    from alignkit.stages.common import heldout_evaluation
+
+    if not cfg.heldout.enabled:
+        return {}
+    model = trainer.model
+    if isinstance(model, PeftModel):
+        if "ref" not in model.peft_config and ctx.parent is not None:
+            model.load_adapter(str(ctx.parent.dir / ADAPTER_DIR), adapter_name="ref")
+        has_ref = "ref" in model.peft_config
+        policy = AdapterView(model, "default")
+        reference = AdapterView(model, "ref") if has_ref else AdapterView.base_of(model)
+    else:
+        policy, ref = AdapterView(model), trainer.ref_model
+        if ref is None and ctx.parent is not None:
+            ref = load_stage_model(ctx.parent.dir, ctx.model)[0].to(model.device)
+        elif ref is None:
+            ref = load_base(ctx.model, tokenizer).to(model.device)
+        reference = AdapterView(ref)
+    custom = None if cfg.heldout.rewards else reward  # default: the reward it trained on
+    return heldout_evaluation(cfg, ctx, policy, reference, tokenizer, custom)
+
+
+def build_trainer(cfg: OnlineRLConfig, ctx: StageContext):
+    """Prompts, rewards, policy (+ "ref" adapter) and the TRL trainer; returns (trainer,
+    tokenizer, adapter spec, summed reward, prompt rows). Separate from :func:`run` so tests
+    can inspect the handoff."""
+    import torch
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    from alignkit.data.prompts import load_prompts
+    from alignkit.models import count_parameters, load_policy, torch_dtype
+
+    config_cls, trainer_cls = {
+        "grpo": (GRPOConfig, GRPOTrainer),
+        "rloo": (RLOOConfig, RLOOTrainer),
+    }[cfg.kind]
+    torch.manual_seed(ctx.seed)
+
+    # 1. prompts and reward functions first: a bad row or reward name stops before any model loads
+    data = cfg.data
+    rows = load_prompts(data.source, data.split, data.on_bad_rows, data.max_bad_fraction).rows
+    rows = rows[: data.max_rows] if data.max_rows is not None else rows
+    if not rows:
+        raise UserError(f"{ctx.where}.data: no prompts")
+    # the run dir: ctx.out_dir is the stage's partial dir inside it
+    reward = reward_functions(cfg.rewards, ctx.out_dir.parent, ctx.where)
+    reward_funcs = [NamedReward(name, fn) for name, fn, _ in reward.components]
+    weights = [weight for _, _, weight in reward.components]
+    if cfg.rollout.engine == "vllm":
+        _check_vllm(ctx.where)
+
+    # 2. policy: the parent's adapter, trainable (TRL copies it into the frozen "ref" adapter)
+    if ctx.parent is not None and ctx.parent.kind == "reward_model":
+        raise UserError(
+            f"{ctx.where}.from: {cfg.kind} starts from a policy stage, not {ctx.parent.name!r}"
+        )
+    parent_dir = ctx.parent.dir if ctx.parent else None
+    adapter = cfg.adapter or ctx.adapter
+    if parent_dir is not None:
+        adapter = AdapterSpec(type=ctx.parent.record.get("adapter_type", adapter.type))
+    model, tokenizer = load_policy(ctx.model, adapter, parent_dir)
+    saved = snapshot_adapter(model, ctx.model.quantization != "none", torch_dtype(ctx.model))
+    trainable, total = count_parameters(model)
+    ctx.console.print(f"trainable parameters: {trainable:,} of {total:,} ({adapter.type})")
+    ctx.console.print(f"reward: {reward.__name__}")
+
+    # 3. trainer
+    vllm = cfg.rollout.engine == "vllm"
+    try:
+        args = trl_args(
+            config_cls,
+            cfg.train,
+            output_dir=ctx.checkpoint_dir,
+            seed=ctx.seed,
+            where=ctx.where,
+            beta=cfg.beta,
+            num_generations=cfg.num_generations,
+            per_device_train_batch_size=cfg.num_generations,
+            max_completion_length=cfg.max_completion_length,
+            temperature=cfg.temperature,
+            top_k=0,  # HF generate samples top-50 unless told otherwise: not the policy
+            top_p=1.0,
+            reward_weights=weights,
+            disable_dropout=True,  # sampling and training forwards must agree for the ratios
+            use_vllm=vllm,
+            vllm_mode="colocate",
+            vllm_gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+            vllm_tensor_parallel_size=cfg.rollout.tensor_parallel_size,
+        )
+    except UserError as e:
+        if "num_generations" not in str(e):
+            raise
+        raise UserError(
+            f"{e}\n(train.per_device_train_batch_size and generation_batch_size count "
+            f"completions: make the batch a multiple of num_generations={cfg.num_generations})"
+        ) from None
+    trainer = trainer_cls(
+        model=model,
+        reward_funcs=reward_funcs,
+        args=args,
+        train_dataset=_dataset(rows),
+        processing_class=tokenizer,
+        callbacks=[MetricsCallback(ctx.metrics_path)] if ctx.is_main else [],
+    )
+    restore_adapter(trainer.model, saved)
+    _move_reward_models(reward, trainer.accelerator.device)
+    return trainer, tokenizer, adapter, reward, len(rows)
+
+
+def reward_functions(specs: list[str], run_dir: Path, where: str):
+    """The weighted reward the specs name (a :class:`WeightedReward`; TRL gets its components
+    and weights, logs each as ``rewards/<name>/mean`` and optimises the sum, ``reward``). A
+    reward-model stage of this run is named by its stage name (``stage:rm``, or ``rm`` when
+    that is no builtin reward) and found in ``run_dir``."""
+    # the registry splits "spec*weight" the same way; the spec is needed alone to spot stage names
+    from alignkit.rewards.registry import WeightedReward, _split_weight, resolve_reward
+
+    components = []
+    for i, item in enumerate(specs):
+        spec, weight = _split_weight(item)
+        stage_dir = _reward_stage(spec, run_dir, f"{where}.rewards[{i}]: {item!r}")
+        try:
+            name, fn = resolve_reward(str(stage_dir) if stage_dir else spec)
+        except UserError as e:
+            stages = _reward_stages(run_dir)
+            hint = f"; reward_model stages of this run: {', '.join(stages)}" if stages else ""
+            message = str(e).removeprefix("--reward ")
+            raise UserError(f"{where}.rewards[{i}]: {message}{hint}") from None
+        components.append((stage_dir.name if stage_dir else name, fn, weight))
+    try:
+        return WeightedReward(components)  # refuses a reward named twice
+    except UserError as e:
+        raise UserError(f"{where}.rewards: {str(e).removeprefix('--reward: ')}") from None
+
+
+def _reward_stage(spec: str, run_dir: Path, where: str) -> Path | None:
+    """The finished reward_model stage of this run that ``spec`` names, if it names one."""
+    from alignkit.rewards.registry import known_names
+
+    if spec.startswith(STAGE_PREFIX):
+        name = spec.removeprefix(STAGE_PREFIX).strip()
+        if not _is_reward_stage(run_dir / name):
+            raise UserError(
+                f"{where}: no finished reward_model stage {name!r} in {run_dir} (it must come "
+                f"before this stage); reward_model stages there: "
+                f"{', '.join(_reward_stages(run_dir)) or 'none'}"
+            )
+        return run_dir / name
+    if spec in known_names() or "/" in spec or not _is_reward_stage(run_dir / spec):
+        return None
+    return run_dir / spec
+
+
+class NamedReward:
+    """A reward function under the name TRL logs it by (TRL names a ``functools.partial`` by
+    the function it wraps, so two rules or two reward models would share a name)."""
+
+    def __init__(self, name: str, fn):
+        self.__name__ = name
+        self.fn = fn
+
+    def __call__(self, prompts, completions, **meta) -> list[float | None]:
+        return self.fn(prompts=prompts, completions=completions, **meta)
+
+
+def _move_reward_models(reward, device) -> None:
+    """A reward model loads on the CPU; score on the policy's device (a quantized one is there)."""
+    from alignkit.rewards.reward_model import RewardModelScorer
+
+    for _, fn, _ in reward.components:
+        if isinstance(fn, RewardModelScorer) and next(fn.model.parameters()).device != device:
+            fn.model.to(device)
+
+
+def _is_reward_stage(path: Path) -> bool:
+    import json
+
+    record = path / "stage.json"
+    return record.is_file() and json.loads(record.read_text()).get("kind") == "reward_model"
+
+
+def _reward_stages(run_dir: Path) -> list[str]:
+    if not run_dir.is_dir():
+        return []
+    return sorted(p.name for p in run_dir.iterdir() if _is_reward_stage(p))
+
+
+def _check_vllm(where: str) -> None:
+    """Fail before any model loads: TRL's colocated vLLM needs the extra and a CUDA GPU."""
+    import torch
+
+    if importlib.util.find_spec("vllm") is None:
+        raise UserError(
+            f"{where}.rollout.engine: vllm is not installed; install the extra "
+            "(pip install 'alignkit[vllm]', CUDA only) or use engine: hf"
+        )
+    if not torch.cuda.is_available():
+        raise UserError(f"{where}.rollout.engine: vllm needs a CUDA GPU; use engine: hf on CPU")
+
+
+def _dataset(rows: list[dict]):
+    from datasets import Dataset
+
+    return Dataset.from_list(
+        [{"prompt": r["prompt"], "reference": r["reference"], "id": r["id"]} for r in rows]
+    )
