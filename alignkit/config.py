@@ -150,6 +150,12 @@ class StageBase(Strict):
                 )
         return self
 
+    def uses_stages(self) -> list[str]:
+        """Names of other stages whose outputs this stage reads besides its parent (e.g. a reward
+        model). A name that is a stage of the pipeline must come earlier; its hash is part of
+        this stage's hash, so re-running it re-runs this stage."""
+        return []
+
     @field_validator("name")
     @classmethod
     def _name_is_dirname(cls, v: str) -> str:
@@ -253,6 +259,12 @@ def _check_stage_graph(cfg: PipelineConfig, where: str) -> None:
     for s in cfg.stages:
         if s.name in seen:
             raise UserError(f"{where}: two stages are named {s.name!r}; stage names must be unique")
+        names = {x.name for x in cfg.stages}
+        for used in s.uses_stages():
+            if used in names and used not in seen:
+                raise UserError(
+                    f"{where}: stage {s.name!r} uses stage {used!r}, which must come before it"
+                )
         if s.from_ is not None and s.from_ not in seen:
             hint = _suggest(s.from_, seen) if seen else ""
             raise UserError(

@@ -101,21 +101,34 @@ def plan(cfg: PipelineConfig, run_dir: RunDir) -> list[Decision]:
     decisions = []
     for stage in cfg.stages:
         parent = parent_of(cfg, stage)
-        h = config_hash(
-            stage, cfg.model, cfg.adapter, cfg.run.seed, hashes.get(parent.name) if parent else None
-        )
+        used = [n for n in stage.uses_stages() if n in hashes]
+        parts = [
+            stage,
+            cfg.model,
+            cfg.adapter,
+            cfg.run.seed,
+            hashes.get(parent.name) if parent else None,
+        ]
+        if used:  # only stages that read other stages carry their hashes (older hashes stay valid)
+            parts.append({n: hashes[n] for n in used})
+        h = config_hash(*parts)
         hashes[stage.name] = h
         state = run_dir.state(stage.name)
-        upstream = parent is not None and parent.name in reruns
+        upstream_names = [n for n in ([parent.name] if parent else []) + used if n in reruns]
+        upstream = bool(upstream_names)
         if state.complete_hash == h:
             action, reason = "skip", "complete, config unchanged"
         elif state.partial_hash == h and state.checkpoint is not None:
             action, reason = "resume", f"interrupted; resuming from {state.checkpoint.name}"
         elif state.complete_hash is not None:
             action = "rerun"
-            reason = f"upstream stage '{parent.name}' re-runs" if upstream else "its config changed"
+            reason = (
+                f"upstream stage '{upstream_names[0]}' re-runs"
+                if upstream
+                else "its config changed"
+            )
         elif upstream and state.partial_hash is None:
-            action, reason = "run", f"not run yet (upstream '{parent.name}' runs first)"
+            action, reason = "run", f"not run yet (upstream '{upstream_names[0]}' runs first)"
         else:
             action, reason = (
                 "run",

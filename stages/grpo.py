@@ -86,6 +86,13 @@ class OnlineRLConfig(StageBase):
     """Sample the trained policy and its reference on held-out prompts (gold reward, the
     configured reward unless ``heldout.rewards`` names others, KL)."""
 
+    def uses_stages(self) -> list[str]:
+        """Reward specs that may name reward_model stages of the run (the pipeline keeps those
+        that do: they must run first, and their hashes join this stage's)."""
+        from alignkit.rewards.registry import _split_weight
+
+        return [_split_weight(r)[0].removeprefix(STAGE_PREFIX).strip() for r in self.rewards]
+
     @model_validator(mode="after")
     def _check(self) -> OnlineRLConfig:
         if self.data.eval_source or self.data.eval_split:

@@ -74,6 +74,9 @@ class PPOStageConfig(StageBase):
     rollout: RolloutSpec = RolloutSpec()
     heldout: HeldoutSpec = HeldoutSpec()
 
+    def uses_stages(self) -> list[str]:
+        return [self.reward_model] if self.reward_model else []
+
 
 def _heldout(cfg, ctx, trainer) -> dict[str, float]:
     """Held-out metrics; the reward is the one PPO trained on (RM adapter and/or functions)."""

@@ -6,6 +6,7 @@ from typing import ClassVar, Literal
 import pytest
 
 from alignkit.config import StageBase, validate_pipeline
+from alignkit.errors import UserError
 from alignkit.pipeline import StageKind, plan, run_pipeline
 from alignkit.rundir import RunDir
 
@@ -111,3 +112,35 @@ def test_interrupted_stage_with_checkpoint_resumes(tmp_path):
     # a checkpoint from another config is not resumed
     c2 = cfg(a=99)
     assert plan(c2, rd)[0].action == "run"
+
+
+class ReaderConfig(FakeConfig):
+    kind: Literal["reader"] = "reader"
+    reads: str | None = None
+
+    def uses_stages(self):
+        return [self.reads] if self.reads else []
+
+
+def test_a_stage_that_reads_another_reruns_with_it(tmp_path):
+    registry = {**REGISTRY, "reader": StageKind(ReaderConfig, fake_run)}
+    kinds = {"fake": FakeConfig, "reader": ReaderConfig}
+
+    def c(rm_value):
+        raw = {"stages": [
+            {"name": "sft", "kind": "fake", "value": 1},
+            {"name": "rm", "kind": "fake", "value": rm_value, "from": None},
+            {"name": "ppo", "kind": "reader", "from": "sft", "reads": "rm"},
+        ]}  # fmt: skip
+        return validate_pipeline(raw, kinds)
+
+    run_pipeline(c(1), registry, tmp_path)
+    CALLS.clear()
+    decisions = run_pipeline(c(2), registry, tmp_path)
+    assert CALLS == ["rm", "ppo"]
+    assert "upstream stage 'rm' re-runs" in decisions[2].reason
+    bad = {
+        "stages": [{"name": "ppo", "kind": "reader", "reads": "rm"}, {"name": "rm", "kind": "fake"}]
+    }
+    with pytest.raises(UserError, match="uses stage 'rm', which must come before it"):
+        validate_pipeline(bad, kinds)
