@@ -34,3 +34,27 @@ def test_quickstart_meets_its_promises(tmp_path):
     assert m["reward_model"]["heldout_pairwise_accuracy"] >= 0.80
     assert m["dpo"]["eval_rewards/accuracies"] >= 0.75
     assert abs(m["dpo"]["before_eval_loss"] - 0.6931) < 1e-3
+
+
+@pytest.mark.slow
+def test_quickstart_ppo_beats_its_reference_within_the_kl_target(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "alignkit",
+            "run",
+            ROOT / "configs/quickstart-ppo.yaml",
+            "--run-dir",
+            tmp_path,
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ppo = json.loads((tmp_path / "ppo" / "stage.json").read_text())["metrics"]
+    dpo = json.loads((tmp_path / "dpo" / "stage.json").read_text())["metrics"]
+    assert ppo["gold_reward_gain_ci_low"] > 0  # the gain exceeds its CI half-width
+    assert ppo["kl_ref"] < 3.0  # the configured kl_target
+    ppo_gain = ppo["gold_reward"] - ppo["gold_reward_ref"]
+    assert ppo_gain >= dpo["gold_reward"] - dpo["gold_reward_ref"]
