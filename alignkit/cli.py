@@ -271,6 +271,43 @@ def rollout(
     run_rollout_job(job_config(**options), console)
 
 
+@app.command()
+def compare(
+    config: Annotated[
+        Path | None, typer.Argument(help="Compare YAML (configs/compare.yaml); flags override it")
+    ] = None,
+    base: Annotated[
+        str | None, typer.Option(help="Base: Hub id, path, builtin:tiny or stage")
+    ] = None,
+    base_adapter: Annotated[str | None, typer.Option(help="PEFT adapter dir on --base")] = None,
+    aligned: Annotated[
+        list[str] | None, typer.Option(help="RUN_DIR/STAGE or model id/path (repeatable)")
+    ] = None,
+    prompts: Annotated[str | None, typer.Option(help="Prompts: file, Hub dataset, builtin")] = None,
+    reward: Annotated[
+        list[str] | None,
+        typer.Option(help="gold, a rule, module:function or an RM dir (repeatable)"),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Output dir (samples cached there)")] = None,
+    n: Annotated[int | None, typer.Option(help="Samples per prompt (default 4)")] = None,
+    engine: Annotated[str | None, typer.Option(help="hf | vllm")] = None,
+    head_to_head: Annotated[
+        bool | None, typer.Option("--head-to-head", help="Also compare aligned models pairwise")
+    ] = None,
+    split: Annotated[str | None, typer.Option(help="Split of a Hub/builtin source")] = None,
+    max_prompts: Annotated[int | None, typer.Option(help="First N prompts (default 256)")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Default 128")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Default 1.0")] = None,
+    seed: Annotated[int | None, typer.Option(help="Default 0")] = None,
+) -> None:
+    """Compare aligned models with their base: rewards, win rates with CIs, KL, a report."""
+    options = dict(locals())
+    from alignkit.eval.compare import compare_config, run_compare
+
+    options["rewards"] = options.pop("reward")
+    run_compare(compare_config(options.pop("config"), **options), console)
+
+
 def _quiet_libraries() -> None:
     """Keep the console to what a user acts on: our plan, progress bars, results."""
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")

@@ -68,7 +68,7 @@ def measure(layout: str, shape: str, batch: int, seq: int) -> dict:
         with torch.no_grad():
             for name in ("ref", "reward"):
                 m.set_adapter(name)
-                out = m(input_ids=ids, output_hidden_states=name == "reward")
+                m(input_ids=ids, output_hidden_states=name == "reward")
         m.set_adapter("default")
         m(input_ids=ids, labels=ids).loss.backward()
         m.set_adapter("value")
@@ -104,7 +104,9 @@ def measure(layout: str, shape: str, batch: int, seq: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--shape", default="qwen2.5-0.5b", choices=sorted(SHAPES))
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
@@ -121,11 +123,15 @@ def main() -> None:
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     sft = rows[0]["peak_mib"]
-    print(f"\nPPO memory, {args.shape} shape, batch {args.batch} x {args.seq} tokens, {rows[0]['device']}")
+    print(
+        f"\nPPO memory, {args.shape} shape, batch {args.batch} x {args.seq} tokens, {rows[0]['device']}"
+    )
     print(f"{'layout':<13} {'peak MiB':>10} {'vs SFT':>7} {'weights MiB':>12} {'step s':>7}")
     for r in rows:
         r["vs_sft"] = r["peak_mib"] / sft
-        print(f"{r['layout']:<13} {r['peak_mib']:>10.0f} {r['vs_sft']:>6.2f}x {r['weights_mib']:>12.0f} {r['seconds']:>7.1f}")
+        print(
+            f"{r['layout']:<13} {r['peak_mib']:>10.0f} {r['vs_sft']:>6.2f}x {r['weights_mib']:>12.0f} {r['seconds']:>7.1f}"
+        )
     with open(args.csv, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()

@@ -6,17 +6,18 @@ A stage module defines its config schema (a :class:`~alignkit.config.StageBase` 
 
 from __future__ import annotations
 
-from alignkit.stages import dpo, grpo, ppo, reward_model, sft
-
 from alignkit.pipeline import StageKind
+from alignkit.stages import dpo, grpo, ppo, reward_model, rloo, sft
+from alignkit.stages import eval as eval_stage
 
 REGISTRY: dict[str, StageKind] = {
     "sft": StageKind(sft.SFTStageConfig, sft.run),
     "reward_model": StageKind(reward_model.RewardModelStageConfig, reward_model.run),
     "dpo": StageKind(dpo.DPOStageConfig, dpo.run),
     "grpo": StageKind(grpo.GRPOStageConfig, grpo.run),
-    "rloo": StageKind(grpo.RLOOStageConfig, grpo.run),
+    "rloo": StageKind(rloo.RLOOStageConfig, rloo.run),
     "ppo": StageKind(ppo.PPOStageConfig, ppo.run),
+    "eval": StageKind(eval_stage.EvalStageConfig, eval_stage.run),
 }
 
 

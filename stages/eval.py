@@ -1,0 +1,147 @@
+"""The ``eval`` stage: a pipeline ends by comparing its policy stages with the base model (and
+with each other), through the same comparison as ``alignkit compare``.
+
+Outputs in the stage dir: ``report.md``, ``results.json``, ``samples.jsonl``, the PNG plots and
+the cached samples (``generations/``). ``stage.json`` metrics name each comparison
+``<model>/<reward>/win_rate`` (with ``/ci_low``, ``/ci_high``, ``/p_value``), and each model's
+``<model>/<reward>/mean`` and ``<model>/kl`` (nats per sequence, to the base).
+
+The stage's config hash follows its parent (by default the last policy stage before it): a
+change to another compared stage does not re-run it on its own; ``alignkit compare`` can always
+be run by hand on the finished stages.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from alignkit.config import BUILTIN_MODEL, StageBase
+from alignkit.errors import UserError
+from alignkit.pipeline import StageContext, StageResult
+
+
+class EvalStageConfig(StageBase):
+    kind: Literal["eval"] = "eval"
+    default_parent: ClassVar[bool] = True
+
+    stages: list[str] = []
+    """Policy stages to compare; default: every finished policy stage before this one."""
+    compare_base: bool = True
+    """Compare each stage with the pipeline's base model (``model``)."""
+    head_to_head: bool = True
+    """Also compare the stages with each other: each against every one before it."""
+    prompts: str | None = None
+    """Prompt source; default on ``builtin:tiny``: ``builtin:sft`` (its references give NLL,
+    BLEU and ROUGE-L)."""
+    split: str | None = "test"
+    rewards: list[str] = []
+    """Reward specs as ``alignkit compare --reward`` takes them; the name of a reward_model
+    stage of this run works too. Default on ``builtin:tiny``: ``gold``."""
+    n: int = Field(4, ge=1)
+    """Samples per prompt and model."""
+    max_prompts: int = Field(128, ge=1)
+    max_new_tokens: int = Field(48, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    engine: Literal["hf", "vllm"] = "hf"
+
+    def uses_stages(self) -> list[str]:
+        """The compared stages and reward stages: re-running any of them re-runs the comparison."""
+        return [*self.stages, *self.rewards]
+
+
+def run(cfg: EvalStageConfig, ctx: StageContext) -> StageResult:
+    from alignkit.eval.compare import CompareConfig, run_compare
+
+    if not ctx.is_main:  # one process compares; the others wait for the stage to finish
+        return StageResult(metrics={}, adapter_type="none")
+    run_dir = ctx.out_dir.parent
+    stages = cfg.stages or _policy_stages(run_dir, ctx)
+    for name in stages:
+        if not (run_dir / name / "stage.json").is_file():
+            raise UserError(f"{ctx.where}.stages: {name!r} is not a finished stage of this run")
+    builtin = ctx.model.name == BUILTIN_MODEL
+    prompts = cfg.prompts or ("builtin:sft" if builtin else None)
+    rewards = cfg.rewards or (["gold"] if builtin else [])
+    if prompts is None or not rewards:
+        raise UserError(
+            f"{ctx.where}: set prompts and rewards (defaults exist only for {BUILTIN_MODEL})"
+        )
+    if not stages or (not cfg.compare_base and len(stages) < 2):
+        raise UserError(f"{ctx.where}: nothing to compare; list policy stages in `stages`")
+    compare = CompareConfig(
+        base=ctx.model.name if cfg.compare_base else None,
+        aligned=[str(run_dir / s) for s in stages],
+        head_to_head=cfg.head_to_head and len(stages) > 1,
+        prompts=prompts,
+        split=cfg.split,
+        max_prompts=cfg.max_prompts,
+        rewards=[_reward(spec, run_dir) for spec in rewards],
+        out=str(ctx.out_dir),
+        n=cfg.n,
+        temperature=cfg.temperature,
+        max_new_tokens=cfg.max_new_tokens,
+        seed=ctx.seed,
+        engine=cfg.engine,
+        dtype=ctx.model.dtype,
+        quantization=ctx.model.quantization,
+    )
+    results = run_compare(compare, ctx.console)
+    return StageResult(
+        metrics=_metrics(results),
+        adapter_type="none",
+        outputs={
+            "report": "report.md",
+            "results": "results.json",
+            "plots": ",".join(results["plots"]),
+        },
+    )
+
+
+def _policy_stages(run_dir: Path, ctx: StageContext) -> list[str]:
+    """Finished policy stages listed before this one in the run's manifest."""
+    from alignkit.stages import REGISTRY
+
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    names = []
+    for entry in manifest["stages"]:
+        if entry["name"] == ctx.name:
+            break
+        kind = REGISTRY.get(entry["kind"])
+        if (
+            kind is not None
+            and kind.config_cls.is_policy
+            and (run_dir / entry["name"] / "stage.json").is_file()
+        ):
+            names.append(entry["name"])
+    return names
+
+
+def _reward(spec: str, run_dir: Path) -> str:
+    """A stage name of this run stands for that stage's directory."""
+    stage = run_dir / spec
+    return str(stage) if "/" not in spec and (stage / "stage.json").is_file() else spec
+
+
+def _metrics(results: dict) -> dict[str, float]:
+    from alignkit.eval.report import reward_label
+
+    out: dict[str, float] = {}
+    for m in results["models"]:
+        for reward, r in m["rewards"].items():
+            if r["mean"] is not None:
+                out[f"{m['label']}/{reward_label(reward)}/mean"] = r["mean"]
+        if m["kl"] is not None:
+            out[f"{m['label']}/kl"] = m["kl"]["per_sequence"]["mean"]
+    for c in results["comparisons"]:
+        key = f"{c['model']}/{reward_label(c['reward'])}/win_rate"
+        if c["against"] != results["base"]:
+            key = f"{c['model']}_vs_{c['against']}/{reward_label(c['reward'])}/win_rate"
+        out.update(
+            {key: c["win_rate"], f"{key}/ci_low": c["ci_low"], f"{key}/ci_high": c["ci_high"]}
+        )
+        out[f"{key}/p_value"] = c["p_value"]
+    return out
