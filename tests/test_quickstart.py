@@ -58,3 +58,24 @@ def test_quickstart_ppo_beats_its_reference_within_the_kl_target(tmp_path):
     assert ppo["kl_ref"] < 3.0  # the configured kl_target
     ppo_gain = ppo["gold_reward"] - ppo["gold_reward_ref"]
     assert ppo_gain >= dpo["gold_reward"] - dpo["gold_reward_ref"]
+
+
+@pytest.mark.slow
+def test_quickstart_grpo_beats_its_reference(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "alignkit",
+            "run",
+            ROOT / "configs/quickstart-grpo.yaml",
+            "--run-dir",
+            tmp_path,
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    grpo = json.loads((tmp_path / "grpo" / "stage.json").read_text())["metrics"]
+    assert grpo["gold_reward_gain_ci_low"] > 0
+    assert 0 < grpo["kl_ref"] < 10
