@@ -10,6 +10,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_config(name: str, run_dir: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "alignkit", "run", ROOT / "configs" / name, "--run-dir", run_dir],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_quickstart_meets_its_promises(tmp_path):
     proc = subprocess.run(
