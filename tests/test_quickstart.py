@@ -21,20 +21,7 @@ def run_config(name: str, run_dir: Path) -> None:
 
 @pytest.mark.slow
 def test_quickstart_meets_its_promises(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "alignkit",
-            "run",
-            ROOT / "configs/quickstart.yaml",
-            "--run-dir",
-            tmp_path,
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_config("quickstart.yaml", tmp_path)
     m = {
         s: json.loads((tmp_path / s / "stage.json").read_text())["metrics"]
         for s in ("sft", "reward_model", "dpo")
@@ -47,20 +34,7 @@ def test_quickstart_meets_its_promises(tmp_path):
 
 @pytest.mark.slow
 def test_quickstart_ppo_beats_its_reference_within_the_kl_target(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "alignkit",
-            "run",
-            ROOT / "configs/quickstart-ppo.yaml",
-            "--run-dir",
-            tmp_path,
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_config("quickstart-ppo.yaml", tmp_path)
     ppo = json.loads((tmp_path / "ppo" / "stage.json").read_text())["metrics"]
     dpo = json.loads((tmp_path / "dpo" / "stage.json").read_text())["metrics"]
     assert ppo["gold_reward_gain_ci_low"] > 0  # the gain exceeds its CI half-width
@@ -71,20 +45,7 @@ def test_quickstart_ppo_beats_its_reference_within_the_kl_target(tmp_path):
 
 @pytest.mark.slow
 def test_quickstart_grpo_beats_its_reference(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "alignkit",
-            "run",
-            ROOT / "configs/quickstart-grpo.yaml",
-            "--run-dir",
-            tmp_path,
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_config("quickstart-grpo.yaml", tmp_path)
     grpo = json.loads((tmp_path / "grpo" / "stage.json").read_text())["metrics"]
     assert grpo["gold_reward_gain_ci_low"] > 0
     assert 0 < grpo["kl_ref"] < 10
