@@ -95,7 +95,7 @@ def build_ppo_model(
 ) -> tuple[PPOModel, object]:
     """Base + policy (SFT adapter, trainable) + ref (SFT adapter, frozen) + value (new LoRA, head
     from the RM's score head when there is one, else zeros) + reward (RM adapter, frozen)."""
-    from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+    from peft import PeftModel, set_peft_model_state_dict
     from safetensors.torch import load_file
 
     from alignkit.models import load_base, load_tokenizer, peft_config
@@ -143,7 +143,6 @@ def build_ppo_model(
             reward_head.weight.copy_(rm_state[head_key])
             value_head.weight.copy_(rm_state[head_key])  # value starts from the RM's head
         reward_head.requires_grad_(False)
-        assert get_peft_model_state_dict(model, adapter_name=REWARD)
     model.set_adapter(POLICY)
     ppo = PPOModel(model, value_head, reward_head)
     ppo.set_trainable()
