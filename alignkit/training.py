@@ -79,6 +79,15 @@ class MetricsCallback(TrainerCallback):
             f.write(json.dumps(record, default=float) + "\n")
 
 
+def make_trl_trainer(trainer_cls, ctx, saved_adapter: dict[str, torch.Tensor], **kwargs):
+    """A TRL trainer that logs to the stage's metrics.jsonl (main process), with the adapter
+    weights of :func:`snapshot_adapter` put back after TRL's constructor cast them."""
+    callbacks = [MetricsCallback(ctx.metrics_path)] if ctx.is_main else []
+    trainer = trainer_cls(callbacks=callbacks, **kwargs)
+    restore_adapter(trainer.model, saved_adapter)
+    return trainer
+
+
 def evaluate_before_training(trainer, ctx, prefix: str = "before_") -> dict[str, float]:
     """Evaluate the untrained model once (the baseline a stage is judged against).
 

@@ -16,8 +16,7 @@ from alignkit.config import AdapterSpec, DataSpec, HeldoutSpec, StageBase
 from alignkit.errors import UserError
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.training import (
-    MetricsCallback,
-    restore_adapter,
+    make_trl_trainer,
     snapshot_adapter,
     train_and_evaluate,
     trl_args,
@@ -156,16 +155,17 @@ def build_trainer(cfg: DPOStageConfig, ctx: StageContext):
         max_length=cfg.max_length,
         per_device_eval_batch_size=32,
     )
-    trainer = DPOTrainer(
+    trainer = make_trl_trainer(
+        DPOTrainer,
+        ctx,
+        saved,
         model=model,
         ref_model=ref_model,
         args=args,
         train_dataset=_dataset(train_rows),
         eval_dataset=_dataset(eval_rows) if eval_rows else None,
         processing_class=tokenizer,
-        callbacks=[MetricsCallback(ctx.metrics_path)] if ctx.is_main else [],
     )
-    restore_adapter(trainer.model, saved)
     return trainer, tokenizer, adapter, len(train_rows), len(eval_rows)
 
 

@@ -17,8 +17,7 @@ from alignkit.config import AdapterSpec, DataSpec, StageBase
 from alignkit.errors import UserError
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.training import (
-    MetricsCallback,
-    restore_adapter,
+    make_trl_trainer,
     snapshot_adapter,
     train_and_evaluate,
     trl_args,
@@ -83,15 +82,16 @@ def run(cfg: RewardModelStageConfig, ctx: StageContext) -> StageResult:
         center_rewards_coefficient=cfg.center_rewards,
         per_device_eval_batch_size=32,
     )
-    trainer = RewardTrainer(
+    trainer = make_trl_trainer(
+        RewardTrainer,
+        ctx,
+        saved,
         model=model,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        callbacks=[MetricsCallback(ctx.metrics_path)] if ctx.is_main else [],
     )
-    restore_adapter(trainer.model, saved)
 
     # 4. train, with held-out pairwise accuracy before and after
     metrics = train_and_evaluate(trainer, ctx, evaluate=eval_ds is not None)

@@ -15,8 +15,7 @@ from alignkit.config import AdapterSpec, DataSpec, HeldoutSpec, StageBase
 from alignkit.errors import UserError
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.training import (
-    MetricsCallback,
-    restore_adapter,
+    make_trl_trainer,
     snapshot_adapter,
     train_and_evaluate,
     trl_args,
@@ -84,16 +83,16 @@ def run(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
         completion_only_loss=fmt == "prompt_completion",
         per_device_eval_batch_size=32,
     )
-    trainer = SFTTrainer(
+    trainer = make_trl_trainer(
+        SFTTrainer,
+        ctx,
+        saved,
         model=model,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        callbacks=[MetricsCallback(ctx.metrics_path)] if ctx.is_main else [],
     )
-
-    restore_adapter(trainer.model, saved)
 
     # 5. held-out NLL of the untrained model, then train (resuming an interrupted attempt)
     metrics = train_and_evaluate(trainer, ctx, evaluate=eval_ds is not None)

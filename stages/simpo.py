@@ -15,8 +15,7 @@ from pydantic import Field
 from alignkit.config import AdapterSpec, DataSpec, HeldoutSpec, StageBase
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.training import (
-    MetricsCallback,
-    restore_adapter,
+    make_trl_trainer,
     snapshot_adapter,
     train_and_evaluate,
     trl_args,
@@ -85,15 +84,16 @@ def run(cfg: _ReferenceFree, ctx: StageContext) -> StageResult:
         config_cls, cfg.train, output_dir=ctx.checkpoint_dir, seed=ctx.seed, where=ctx.where,
         beta=cfg.beta, max_length=cfg.max_length, per_device_eval_batch_size=32, **ours,
     )  # fmt: skip
-    trainer = trainer_cls(
+    trainer = make_trl_trainer(
+        trainer_cls,
+        ctx,
+        saved,
         model=model,
         args=args,
         train_dataset=dataset(train_rows),
         eval_dataset=dataset(eval_rows),
         processing_class=tokenizer,
-        callbacks=[MetricsCallback(ctx.metrics_path)] if ctx.is_main else [],
     )
-    restore_adapter(trainer.model, saved)
     metrics = train_and_evaluate(trainer, ctx, evaluate=bool(eval_rows))
     metrics["train_rows"], metrics["eval_rows"] = float(len(train_rows)), float(len(eval_rows))
 

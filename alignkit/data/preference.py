@@ -29,10 +29,8 @@ from alignkit.data.sft import check_trainable, parse_messages
 from alignkit.data.sources import (
     BadRowPolicy,
     RowError,
-    enforce_bad_row_policy,
     kind_of,
-    load_rows,
-    normalize_rows,
+    load_checked,
 )
 
 if TYPE_CHECKING:
@@ -69,8 +67,7 @@ def load_preference(
     max_bad_fraction: float = 0.05,
 ) -> PreferenceData:
     """Load and normalize preference pairs from any source; raises DataError for unusable data."""
-    result = normalize_rows(load_rows(source, split), normalize_preference_row)
-    enforce_bad_row_policy(source, result, on_bad_rows, max_bad_fraction)
+    result = load_checked(source, split, normalize_preference_row, on_bad_rows, max_bad_fraction)
     return PreferenceData(result.rows, result.formats, result.problems, result.total)
 
 

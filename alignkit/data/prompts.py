@@ -24,10 +24,8 @@ from alignkit.data.sft import normalize_sft_row, parse_messages
 from alignkit.data.sources import (
     BadRowPolicy,
     RowError,
-    enforce_bad_row_policy,
     kind_of,
-    load_rows,
-    normalize_rows,
+    load_checked,
 )
 
 __all__ = ["PromptData", "load_prompts", "normalize_prompt_row", "prompt_id"]
@@ -53,8 +51,7 @@ def load_prompts(
     max_bad_fraction: float = 0.05,
 ) -> PromptData:
     """Load and normalize prompt rows from any source; raises DataError for unusable data."""
-    result = normalize_rows(load_rows(source, split), normalize_prompt_row)
-    enforce_bad_row_policy(source, result, on_bad_rows, max_bad_fraction)
+    result = load_checked(source, split, normalize_prompt_row, on_bad_rows, max_bad_fraction)
     return PromptData(result.rows, result.formats, result.problems, result.total)
 
 

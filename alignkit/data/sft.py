@@ -23,10 +23,8 @@ from alignkit.data.sources import (
     BadRowPolicy,
     Normalized,
     RowError,
-    enforce_bad_row_policy,
     kind_of,
-    load_rows,
-    normalize_rows,
+    load_checked,
 )
 from alignkit.errors import DataError
 
@@ -69,8 +67,7 @@ def load_sft(
     max_bad_fraction: float = 0.05,
 ) -> SFTData:
     """Load and normalize SFT rows from any source; raises DataError for unusable data."""
-    result = normalize_rows(load_rows(source, split), normalize_sft_row)
-    enforce_bad_row_policy(source, result, on_bad_rows, max_bad_fraction)
+    result = load_checked(source, split, normalize_sft_row, on_bad_rows, max_bad_fraction)
     mixed = mixed_kinds_problem(result)
     if mixed is not None:
         raise DataError(f"{source}: {mixed}", [])

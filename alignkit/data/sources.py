@@ -257,3 +257,16 @@ def format_problems(problems: list[tuple[str, str]], limit: int) -> str:
     if len(problems) > limit:
         lines.append(f"  ... and {len(problems) - limit} more")
     return "\n".join(lines)
+
+
+def load_checked(
+    source: str,
+    split: str | None,
+    normalize,
+    on_bad_rows: BadRowPolicy = "error",
+    max_bad_fraction: float = 0.05,
+) -> Normalized:
+    """Read a source, normalize every row and apply the bad-row policy (raises DataError)."""
+    result = normalize_rows(load_rows(source, split), normalize)
+    enforce_bad_row_policy(source, result, on_bad_rows, max_bad_fraction)
+    return result
