@@ -13,15 +13,15 @@ against the SFT policy, not the pre-SFT base. Only the trained adapter is saved.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from alignkit.config import AdapterSpec, DataSpec, HeldoutSpec, StageBase, Strict
+from alignkit.config import AdapterSpec, DataSpec, HeldoutSpec, StageBase
 from alignkit.errors import UserError
 from alignkit.pipeline import StageContext, StageResult
+from alignkit.stages.common import RolloutSpec, check_vllm
 from alignkit.training import (
     MetricsCallback,
     final_train_metrics,
@@ -43,15 +43,6 @@ OWNED_OPTIONS = {
     "vllm_gpu_memory_utilization": "rollout.gpu_memory_utilization",
     "vllm_tensor_parallel_size": "rollout.tensor_parallel_size",
 }
-
-
-class RolloutSpec(Strict):
-    engine: Literal["hf", "vllm"] = "hf"
-    """``hf``: transformers ``generate``. ``vllm``: TRL's vLLM in colocate mode (same GPU as
-    training; the ``vllm`` extra, CUDA only)."""
-    gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
-    """vLLM's share of the GPU (weights + KV cache); the rest is left to training."""
-    tensor_parallel_size: int = Field(1, ge=1)
 
 
 class OnlineRLConfig(StageBase):
@@ -190,7 +181,7 @@ def build_trainer(cfg: OnlineRLConfig, ctx: StageContext):
     reward_funcs = [NamedReward(name, fn) for name, fn, _ in reward.components]
     weights = [weight for _, _, weight in reward.components]
     if cfg.rollout.engine == "vllm":
-        _check_vllm(ctx.where)
+        check_vllm(ctx.where)
 
     # 2. policy: the parent's adapter, trainable (TRL copies it into the frozen "ref" adapter)
     if ctx.parent is not None and ctx.parent.kind == "reward_model":
@@ -326,19 +317,6 @@ def _reward_stages(run_dir: Path) -> list[str]:
     if not run_dir.is_dir():
         return []
     return sorted(p.name for p in run_dir.iterdir() if _is_reward_stage(p))
-
-
-def _check_vllm(where: str) -> None:
-    """Fail before any model loads: TRL's colocated vLLM needs the extra and a CUDA GPU."""
-    import torch
-
-    if importlib.util.find_spec("vllm") is None:
-        raise UserError(
-            f"{where}.rollout.engine: vllm is not installed; install the extra "
-            "(pip install 'alignkit[vllm]', CUDA only) or use engine: hf"
-        )
-    if not torch.cuda.is_available():
-        raise UserError(f"{where}.rollout.engine: vllm needs a CUDA GPU; use engine: hf on CPU")
 
 
 def _dataset(rows: list[dict]):

@@ -14,18 +14,23 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from alignkit.config import AdapterSpec, DataSpec, HeldoutSpec, StageBase, Strict
+from alignkit.config import AdapterSpec, DataSpec, HeldoutSpec, StageBase
 from alignkit.errors import UserError
 from alignkit.pipeline import StageContext, StageResult
+from alignkit.stages.common import RolloutSpec, check_vllm
 
 
-class RolloutSpec(Strict):
-    engine: Literal["hf", "vllm"] = "hf"
-    """``hf``: generate with the live policy (default, any device); ``vllm``: a vLLM engine that
-    receives the policy adapter after every update (needs a GPU and the ``vllm`` extra)."""
+class PPORolloutSpec(RolloutSpec):
+    """``vllm``: the engine receives the policy adapter before every step's rollouts."""
+
     batch_size: int = 64
-    gpu_memory_utilization: float = 0.3
-    tensor_parallel_size: int = 1
+    """HF engine: prompts per generate call."""
+    sleep: bool = False
+    """vLLM: release its GPU memory between rollouts (sleep level 1) and wake it for the next."""
+    max_lora_rank: int | None = None
+    """vLLM: default the policy adapter's rank."""
+    max_model_len: int | None = None
+    """vLLM: prompt + completion tokens; default the model's own limit."""
 
 
 class PPOStageConfig(StageBase):
@@ -71,7 +76,7 @@ class PPOStageConfig(StageBase):
     checkpoint_every: int = Field(20, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
     value_adapter: AdapterSpec = AdapterSpec()
-    rollout: RolloutSpec = RolloutSpec()
+    rollout: PPORolloutSpec = PPORolloutSpec()
     heldout: HeldoutSpec = HeldoutSpec()
 
     def uses_stages(self) -> list[str]:
@@ -109,6 +114,8 @@ def run(cfg: PPOStageConfig, ctx: StageContext) -> StageResult:
         raise UserError(f"{ctx.where}: give reward_model (a reward_model stage) and/or rewards")
     if cfg.prompts_per_step % cfg.minibatches:
         raise UserError(f"{ctx.where}: prompts_per_step must be divisible by minibatches")
+    if cfg.rollout.engine == "vllm":
+        check_vllm(ctx.where)
     rm_dir = None
     if cfg.reward_model is not None:
         rm_dir = ctx.out_dir.parent / cfg.reward_model

@@ -41,6 +41,30 @@ class RunningMoments:
         return math.sqrt(max(self.var, 1e-8))
 
 
+ROLLOUT_ADAPTER = "rollout-adapter"  # the policy as the vLLM engine last received it
+
+
+def make_vllm_engine(cfg, ctx):
+    """A vLLM engine on the run's base and tokenizer; the policy adapter arrives per step."""
+    from alignkit.models import ADAPTER_DIR, resolve_model_path
+    from alignkit.rollouts.source import ModelSource
+    from alignkit.rollouts.vllm import VLLMConfig, VLLMEngine
+
+    rollout, parent = cfg.rollout, ctx.parent.dir
+    source = ModelSource(
+        ctx.model, resolve_model_path(ctx.model), str(parent), parent / ADAPTER_DIR
+    )
+    config = VLLMConfig(
+        gpu_memory_utilization=rollout.gpu_memory_utilization,
+        tensor_parallel_size=rollout.tensor_parallel_size,
+        enable_sleep_mode=rollout.sleep,
+        max_lora_rank=rollout.max_lora_rank,
+        max_model_len=rollout.max_model_len,
+        seed=ctx.seed,
+    )
+    return VLLMEngine(source, config)
+
+
 class PPOTrainer:
     def __init__(self, cfg, ctx, rm_dir: Path | None):
         from accelerate import Accelerator
@@ -77,11 +101,13 @@ class PPOTrainer:
                 {"params": self.model.value_parameters(), "lr": cfg.value_learning_rate},
             ]
         )
-        self.engine = HFEngine(self.model.peft, self.tokenizer, batch_size=cfg.rollout.batch_size)
         if cfg.rollout.engine == "vllm":
-            raise UserError(
-                f"{ctx.where}.rollout.engine: vllm for PPO is not wired yet; use hf (the default)"
+            self.engine = make_vllm_engine(cfg, ctx)
+        else:
+            self.engine = HFEngine(
+                self.model.peft, self.tokenizer, batch_size=cfg.rollout.batch_size
             )
+        self.synced_step: int | None = None  # the policy step the vLLM engine serves
         self.kl = core.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
         self.score_stats = RunningMoments()
         self.step = 0
@@ -118,6 +144,7 @@ class PPOTrainer:
             bar.set_postfix(reward=f"{stats['score_mean']:.3f}", kl=f"{stats['kl']:.2f}")
             if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
                 self._save()
+        shutil.rmtree(self.ctx.out_dir / ROLLOUT_ADAPTER, ignore_errors=True)
         last = history[-min(10, len(history)) :] if history else []
         summary = {
             k: sum(r[k] for r in last) / len(last) for k in (last[0] if last else {}) if k != "step"
@@ -136,7 +163,7 @@ class PPOTrainer:
             n=1, temperature=cfg.temperature, top_k=0, top_p=1.0,
             max_new_tokens=cfg.max_new_tokens, seed=self.ctx.seed * 100003 + step,
         )  # fmt: skip
-        batch = self.engine.generate(prompts, sampling)
+        batch = self._generate(prompts, sampling)
         gen_seconds = time.time() - t0
         ids, attn, pos, cmask, P = self._pack(batch.prompt_ids, batch.completion_ids)
         scores_raw = self._scores(prompts, batch)
@@ -223,6 +250,31 @@ class PPOTrainer:
         return stats
 
     # --- pieces -----------------------------------------------------------------------------
+    def _generate(self, prompts, sampling):
+        """HF generates with the live policy; vLLM first gets the policy adapter as of now."""
+        if self.cfg.rollout.engine != "vllm":
+            return self.engine.generate(prompts, sampling)
+        if self.cfg.rollout.sleep:
+            self.engine.wake_up()
+        if self.synced_step != self.step:
+            self.engine.update_adapter(self._export_policy())
+            self.synced_step = self.step
+        batch = self.engine.generate(prompts, sampling)
+        if self.cfg.rollout.sleep:
+            self.engine.sleep(level=1)
+        return batch
+
+    def _export_policy(self) -> Path:
+        """Save the policy adapter (alone) where vLLM reads it; the previous copy is replaced."""
+        root = self.ctx.out_dir / ROLLOUT_ADAPTER
+        target = root / f"step-{self.step}"
+        shutil.rmtree(target, ignore_errors=True)
+        self.model.peft.save_pretrained(str(target), selected_adapters=["default"])
+        for old in root.glob("step-*"):
+            if old != target:
+                shutil.rmtree(old, ignore_errors=True)
+        return target
+
     def _prompts_for(self, step: int) -> list:
         """Prompts of one step: a seeded permutation per pass over the data (resume-safe)."""
         k, n = self.cfg.prompts_per_step, len(self.prompts)

@@ -30,8 +30,9 @@ from alignkit.data.sources import (
 
 __all__ = ["PromptData", "load_prompts", "normalize_prompt_row", "prompt_id"]
 
-ANSWER_FIELDS = ("completion", "output", "answer")
-EXPECTED_FIELDS = "prompt, messages, instruction, conversations, chosen/rejected"
+ANSWER_FIELDS = ("completion", "output", "answer", "solution")
+QUESTION_FIELDS = ("question", "problem")  # plain-text prompts of QA/maths sets (GSM8K, MATH)
+EXPECTED_FIELDS = "prompt, messages, instruction, question, problem, conversations, chosen/rejected"
 
 
 @dataclass
@@ -68,6 +69,8 @@ def normalize_prompt_row(data: dict) -> tuple[str, dict]:
         fmt, prompt = "prompt", prompt_messages(fields["prompt"])
     elif "instruction" in fields:
         fmt, prompt = "instruction", [{"role": "user", "content": _instruction(fields)}]
+    elif name := next((f for f in QUESTION_FIELDS if f in fields), None):
+        fmt, prompt = name, prompt_messages(fields[name], name)
     else:
         raise RowError(
             f"no prompt fields (expected one of {EXPECTED_FIELDS}); got keys {sorted(data)}"

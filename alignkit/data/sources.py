@@ -29,11 +29,9 @@ logger = logging.getLogger(__name__)
 FILE_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
 # Names ending like these are meant as files even though we cannot read them.
 _OTHER_FILE_EXTENSIONS = (".txt", ".tsv", ".arrow", ".xlsx", ".yaml", ".yml", ".gz", ".zip")
-ACCEPTED = (
-    "a local .jsonl/.json/.parquet/.csv file, a Hub dataset name (e.g. org/name), or builtin:NAME"
-)
-# A Hub id is "name" or "org/name"; anything else that is not an existing file is a path.
-_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+ACCEPTED = "a local .jsonl/.json/.parquet/.csv file, a Hub dataset name (org/name, or org/name:config), or builtin:NAME"
+# A Hub id is "name", "org/name" or "org/name:config"; anything else that is not a file is a path.
+_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?(:[\w.-]+)?$")  # owner/name[:config]
 MAX_LISTED_PROBLEMS = 10
 
 BadRowPolicy = Literal["error", "skip"]
@@ -166,10 +164,12 @@ def _parquet_rows(path: Path) -> list[Row]:
 
 
 def _hub_rows(name: str, split: str) -> list[Row]:
+    """``owner/name`` or ``owner/name:config`` (a dataset with several configs, e.g. gsm8k:main)."""
     import datasets
 
+    name, _, config = name.partition(":")
     try:
-        ds = datasets.load_dataset(name, split=split)
+        ds = datasets.load_dataset(name, config or None, split=split)
     except Exception as e:  # network, auth, missing split, bad name: all surface here
         raise UserError(
             f"could not load Hub dataset {name!r} (split {split!r}): {type(e).__name__}: {e}. "

@@ -209,11 +209,18 @@ def test_prompts_from_several_row_shapes_with_stable_ids(tmp_path):
     assert [row["id"] for row in reversed(again.rows)] == ids
 
 
+def test_question_rows_are_prompts_with_their_answer_as_reference(tmp_path):
+    rows = [{"question": "2 + 3?", "answer": "5"}, {"problem": "x^2 = 4, x > 0?", "solution": "2"}]
+    data = load_prompts(write_jsonl(tmp_path / "qa.jsonl", rows))
+    assert [r["prompt"][0]["content"] for r in data.rows] == ["2 + 3?", "x^2 = 4, x > 0?"]
+    assert [r["reference"] for r in data.rows] == ["5", "2"]
+
+
 def test_prompts_refuse_rows_without_a_prompt(tmp_path):
     rows = [
         {"prompt": "ok"},
         {"messages": [bot("only a reply")]},
-        {"question": "q"},
+        {"query": "q"},
         {"prompt": "x", "id": [1]},
     ]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
@@ -223,7 +230,7 @@ def test_prompts_refuse_rows_without_a_prompt(tmp_path):
         (f"{path}:2", "no prompt: the conversation holds only an assistant turn"),
         (
             f"{path}:3",
-            "no prompt fields (expected one of prompt, messages, instruction, conversations, chosen/rejected); got keys ['question']",
+            "no prompt fields (expected one of prompt, messages, instruction, question, problem, conversations, chosen/rejected); got keys ['query']",
         ),
         (f"{path}:4", "'id' must be a string or an integer, got a list"),
     ]

@@ -114,13 +114,14 @@ def test_directory_is_a_user_error(tmp_path):
 def test_hub_name_loads_with_datasets_and_default_split(monkeypatch):
     calls = []
 
-    def fake_load_dataset(name, split):
-        calls.append((name, split))
+    def fake_load_dataset(name, config, split):
+        calls.append((name, config, split))
         return datasets.Dataset.from_list([{"text": "a"}, {"text": "b"}])
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     rows = load_rows("org/name")
-    assert calls == [("org/name", "train")]
+    load_rows("openai/gsm8k:main", "test")  # owner/name:config
+    assert calls == [("org/name", None, "train"), ("openai/gsm8k", "main", "test")]
     assert [(r.data, r.where) for r in rows] == [
         ({"text": "a"}, "hub:org/name[train] row 0"),
         ({"text": "b"}, "hub:org/name[train] row 1"),
@@ -128,7 +129,7 @@ def test_hub_name_loads_with_datasets_and_default_split(monkeypatch):
 
 
 def test_hub_failure_is_a_user_error_with_cause_and_hint(monkeypatch):
-    def fake_load_dataset(name, split):
+    def fake_load_dataset(name, config, split):
         raise ConnectionError("offline")
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)

@@ -14,6 +14,7 @@ from alignkit.models import load_stage_model
 from alignkit.pipeline import run_pipeline
 from alignkit.rewards.gold import gold_reward
 from alignkit.stages import REGISTRY, grpo, stage_kinds
+from alignkit.stages.common import check_vllm
 from alignkit.stages.grpo import GRPOStageConfig, NamedReward, reward_functions
 
 BATCH = ["Topic: river garden", "Topic: school music the bright calm"]
@@ -163,4 +164,4 @@ def test_vllm_engine_is_refused_up_front_without_vllm(tmp_path, monkeypatch):
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(UserError, match="rollout.engine: vllm is not installed"):
-        grpo._check_vllm("stages.grpo")
+        check_vllm("stages.grpo")

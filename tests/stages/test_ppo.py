@@ -144,3 +144,37 @@ def test_non_finite_loss_stops_with_the_step_named(run_dir, tmp_path, monkeypatc
     with pytest.raises(UserError, match=r"non-finite policy loss at step 2.*checkpoint-1"):
         trainer.train()
     assert (tmp_path / "ppo" / "checkpoints" / "checkpoint-1").exists()
+
+
+def test_vllm_rollouts_get_the_policy_adapter_after_every_update(run_dir, tmp_path, monkeypatch):
+    """The vLLM path without a GPU: a stand-in engine checks that what it was handed last is
+    exactly the policy it is asked to sample from (vLLM itself runs in the `vllm` tests)."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from alignkit.rollouts.hf import HFEngine
+    from alignkit.stages import ppo_loop
+
+    seen = []
+
+    class StandIn:
+        def __init__(self, source, config):
+            assert source.adapter_dir == run_dir.stage_dir("sft") / "adapter"
+            assert config.gpu_memory_utilization == 0.3
+            self.adapter = None
+
+        def update_adapter(self, adapter_dir):
+            self.adapter = load_file(adapter_dir / "adapter_model.safetensors")
+            seen.append(adapter_dir.name)
+
+        def generate(self, prompts, sampling):
+            live = get_peft_model_state_dict(trainer.model.peft, adapter_name="default")
+            assert self.adapter.keys() == live.keys()
+            assert all(torch.equal(self.adapter[k], live[k]) for k in live)
+            return HFEngine(trainer.model.peft, trainer.tokenizer).generate(prompts, sampling)
+
+    monkeypatch.setattr("alignkit.rollouts.vllm.VLLMEngine", StandIn)
+    trainer = make(run_dir, tmp_path / "ppo", steps=3, rollout={"engine": "vllm"})
+    assert trainer.train()["global_step"] == 3
+    assert seen == ["step-1", "step-2", "step-3"]  # a fresh copy for each step's rollouts
+    assert not (tmp_path / "ppo" / ppo_loop.ROLLOUT_ADAPTER).exists()  # not left in the stage
