@@ -175,6 +175,8 @@ def status(
         if record is not None and record.get("config_hash") == entry["config_hash"]:
             entry["status"] = "complete"
             entry["metrics"] = record.get("metrics", {})
+            if "health" in record:
+                entry["health"] = record["health"]
             entry["path"] = str(rd.stage_dir(entry["name"]))
         elif entry["status"] == "complete":
             entry["status"] = "stale"
@@ -186,7 +188,7 @@ def status(
     from alignkit.pipeline import HEADLINE_KEYS
 
     table = Table(title=f"{manifest['run']}  ({run_dir})", show_edge=False)
-    for col in ("stage", "kind", "from", "status", "key metrics", "output"):
+    for col in ("stage", "kind", "from", "status", "key metrics", "health", "output"):
         table.add_column(col)
     colors = {"complete": "green", "running": "yellow", "failed": "red", "stale": "magenta"}
     for e in manifest["stages"]:
@@ -199,9 +201,25 @@ def status(
             e.get("parent") or "-",
             f"[{colors.get(st, 'white')}]{st}[/]",
             key,
+            _health_cell(e.get("health")),
             e.get("path") or e.get("checkpoint") or "-",
         )
     console.print(table)
+    for e in manifest["stages"]:
+        for trip in (e.get("health") or {}).get("trips", []):
+            console.print(
+                f"[yellow]health[/] {escape(e['name'])} step {trip['step']}: "
+                f"{escape(trip['message'])}"
+            )
+
+
+def _health_cell(health: dict | None) -> str:
+    if not health:
+        return "-"
+    trips = health.get("trips", [])
+    if not trips:
+        return f"[green]ok[/] ({health.get('checks', 0)} checks)"
+    return "[yellow]" + ", ".join(f"{t['check']}@{t['step']}" for t in trips) + "[/]"
 
 
 @data_app.command("check")

@@ -199,11 +199,12 @@ def run_pipeline(
         try:
             result = registry[d.stage.kind].run(d.stage, ctx)
         except BaseException:
-            entry.update(status="failed")
+            entry.update(status="failed", **_health(out_dir))
             rd.write_manifest(manifest)
             raise
         record = _stage_record(cfg, d, result, parent, started)
         record["resumed_from"] = resume.name if resume else None
+        record.update(_health(out_dir))
         state.wait_for_everyone()
         rd.finish_stage(d.stage.name, record)
         entry.update(status="complete", finished=_now(), metrics=result.metrics)
@@ -247,6 +248,14 @@ def _parent_output(rd: RunDir, parent: StageBase | None) -> ParentOutput | None:
     if record is None:
         raise RuntimeError(f"parent stage {parent.name!r} is not complete")
     return ParentOutput(parent.name, parent.kind, rd.stage_dir(parent.name), record)
+
+
+def _health(out_dir: Path) -> dict:
+    """The stage's health-check summary (``health.json``, see :mod:`alignkit.health`)."""
+    from alignkit.health import health_summary
+
+    summary = health_summary(out_dir)
+    return {"health": summary} if summary else {}
 
 
 def _stage_record(cfg, d: Decision, result: StageResult, parent, started: float) -> dict:

@@ -6,8 +6,12 @@ then +0.2 for mentioning one of the prompt's topic words and +0.1 for ending wit
 deducts the share of words outside the task vocabulary and 0.05 per word outside an 8-20 word
 band (at most 0.5). Only meaningful on the builtin task (``builtin:sft``/``preference``/
 ``prompts``); the definition lives in :mod:`alignkit.builtin.task`.
+
+
+``gold_content`` is its content term alone, ``(positive - negative words) / words`` in [-1, 1]:
+a format-free measure of what the gold reward values.
 """
 
-from alignkit.builtin.task import gold_reward
+from alignkit.builtin.task import gold_content, gold_reward
 
-__all__ = ["gold_reward"]
+__all__ = ["gold_content", "gold_reward"]

@@ -2,6 +2,7 @@
 
 A spec is one of
 - ``gold``: the builtin task's hidden gold reward (:mod:`alignkit.rewards.gold`);
+  ``gold_content``: its content term alone (sentiment balance, no format terms);
 - a rule from :mod:`alignkit.rewards.rules`, optionally with parameters: ``length``,
   ``"length(max_words=50)"``, ``"format(pattern='^Answer:')"`` (values are Python literals);
 - ``module:function``: any importable reward function, e.g. ``my_pkg.rewards:brevity``;
@@ -29,23 +30,24 @@ from alignkit.errors import UserError
 from alignkit.rewards import rules
 
 RewardFn = Callable[..., list[float]]
+GOLD = {"gold": "gold_reward", "gold_content": "gold_content"}  # the builtin task's measures
 ACCEPTED = (
-    "gold, a rule ({rules}), module:function, or a reward-model directory "
+    "gold, gold_content, a rule ({rules}), module:function, or a reward-model directory "
     "(a reward-model stage, a sequence-classification checkpoint or adapter)"
 )
 
 
 def known_names() -> list[str]:
-    return ["gold", *rules.RULES, *rules.ALIASES]
+    return [*GOLD, *rules.RULES, *rules.ALIASES]
 
 
 def resolve_reward(spec: str) -> tuple[str, RewardFn]:
     """The reward function a spec names, and the name to report its values under."""
     spec = spec.strip()
-    if spec == "gold":
-        from alignkit.rewards.gold import gold_reward
+    if spec in GOLD:
+        from alignkit.rewards import gold
 
-        return "gold", gold_reward
+        return spec, getattr(gold, GOLD[spec])
     name, _, args = spec.partition("(")
     if name.strip() in rules.RULES or name.strip() in rules.ALIASES:
         return spec, _rule(name.strip(), args, spec)

@@ -56,3 +56,66 @@ def heldout_evaluation(cfg, ctx, policy, reference, tokenizer, reward=None) -> d
         has_gold=builtin,
         reward=reward,
     )
+
+
+def health_monitor(cfg, ctx, policy, reference, tokenizer):
+    """The stage's health monitor and probe (see :mod:`alignkit.health`), or ``None`` when
+    ``health.enabled`` is false. ``reference`` may be ``None`` (no KL checks then)."""
+    from alignkit.data.prompts import load_prompts
+    from alignkit.eval.probe import HealthProbe
+    from alignkit.health import HealthMonitor
+
+    spec = cfg.health
+    if not spec.enabled:
+        return None
+    builtin = cfg.data.source.startswith("builtin:")
+    source = spec.prompts or cfg.heldout.prompts or ("builtin:prompts" if builtin else None)
+    if source is not None:
+        split = cfg.heldout.split if spec.prompts is None else None
+        rows = load_prompts(source, split).rows
+    else:  # the stage's own data: its held-out split when it has one
+        data = cfg.data
+        rows = load_prompts(data.source, data.eval_split or data.split, "skip", 1.0).rows
+    monitor = HealthMonitor(spec, ctx.where, ctx.out_dir, ctx.console)
+    probe = HealthProbe(spec, rows, policy, reference, tokenizer, ctx.out_dir, builtin, ctx.is_main)
+    return HealthCheck(monitor, probe)
+
+
+class HealthCheck:
+    """A monitor and its probe: ``check(step, trained)`` samples, measures and judges."""
+
+    def __init__(self, monitor, probe):
+        self.monitor, self.probe = monitor, probe
+
+    def check(self, step: int, trained: dict[str, float]) -> None:
+        self.monitor.observe(step, {**self.probe(step), **trained})
+
+
+# TRL log keys -> health values, per trainer
+DPO_LOGS = {"logps/chosen": "chosen_logp", "rewards/accuracies": "accuracy",
+            "rewards/margins": "reward"}  # fmt: skip
+ONLINE_LOGS = {"reward": "reward"}
+
+
+def health_callback(check: HealthCheck | None, every: int, log_keys: dict[str, str]):
+    """A TRL callback running ``check`` before training and every ``every`` steps, with the
+    trainer's latest logged values (renamed by ``log_keys``). ``[]`` without a check."""
+    from transformers import TrainerCallback
+
+    if check is None:
+        return []
+
+    class HealthCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if not check.monitor.has_baseline:
+                check.check(state.global_step, {})
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step % every:
+                return
+            latest: dict[str, float] = {}
+            for entry in state.log_history:
+                latest.update({v: entry[k] for k, v in log_keys.items() if k in entry})
+            check.check(state.global_step, latest)
+
+    return [HealthCallback()]

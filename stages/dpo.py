@@ -14,6 +14,7 @@ from pydantic import Field, field_validator
 
 from alignkit.config import AdapterSpec, DataSpec, HeldoutSpec, StageBase
 from alignkit.errors import UserError
+from alignkit.health import HealthSpec
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.training import (
     make_trl_trainer,
@@ -64,6 +65,8 @@ class DPOStageConfig(StageBase):
     max_length: int = 1024
     """Prompt + completion tokens; longer pairs are truncated."""
     heldout: HeldoutSpec = HeldoutSpec()
+    health: HealthSpec = HealthSpec()
+    """Training health checks (DPO collapse, KL, length, repetition, reward vs gold)."""
     """Sample the trained policy and its reference on held-out prompts (gold reward, KL)."""
 
     @field_validator("loss_type", mode="before")
@@ -79,7 +82,12 @@ class DPOStageConfig(StageBase):
 
 
 def run(cfg: DPOStageConfig, ctx: StageContext) -> StageResult:
+    from alignkit.stages.common import DPO_LOGS, health_callback, health_monitor
+
     trainer, tokenizer, adapter, n_train, n_eval = build_trainer(cfg, ctx)
+    health = health_monitor(cfg, ctx, *_views(trainer), tokenizer)
+    for callback in health_callback(health, cfg.health.every, DPO_LOGS):
+        trainer.add_callback(callback)
 
     metrics = train_and_evaluate(trainer, ctx, evaluate=n_eval > 0)
     metrics["train_rows"], metrics["eval_rows"] = float(n_train), float(n_eval)
@@ -94,8 +102,14 @@ def run(cfg: DPOStageConfig, ctx: StageContext) -> StageResult:
 
 
 def _heldout(cfg, ctx, trainer, tokenizer) -> dict[str, float]:
-    from alignkit.eval.views import AdapterView
     from alignkit.stages.common import heldout_evaluation
+
+    return heldout_evaluation(cfg, ctx, *_views(trainer), tokenizer)
+
+
+def _views(trainer):
+    """The policy and its reference as TRL's DPOTrainer holds them."""
+    from alignkit.eval.views import AdapterView
 
     model = trainer.model
     if trainer.ref_model is not None:  # full fine-tuning: a separate frozen reference
@@ -105,7 +119,7 @@ def _heldout(cfg, ctx, trainer, tokenizer) -> dict[str, float]:
     else:
         reference = AdapterView.base_of(model)
     policy = AdapterView(model, "default") if hasattr(model, "peft_config") else AdapterView(model)
-    return heldout_evaluation(cfg, ctx, policy, reference, tokenizer)
+    return policy, reference
 
 
 def build_trainer(cfg: DPOStageConfig, ctx: StageContext):

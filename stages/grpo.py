@@ -20,6 +20,7 @@ from pydantic import Field, model_validator
 
 from alignkit.config import AdapterSpec, DataSpec, HeldoutSpec, StageBase
 from alignkit.errors import UserError
+from alignkit.health import HealthSpec
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.stages.common import RolloutSpec, check_vllm
 from alignkit.training import (
@@ -74,6 +75,8 @@ class OnlineRLConfig(StageBase):
     """Sampling temperature; top-k and top-p are off (on-policy samples, unbiased KL)."""
     rollout: RolloutSpec = RolloutSpec()
     heldout: HeldoutSpec = HeldoutSpec()
+    health: HealthSpec = HealthSpec()
+    """Training health checks (DPO collapse, KL, length, repetition, reward vs gold)."""
     """Sample the trained policy and its reference on held-out prompts (gold reward, the
     configured reward unless ``heldout.rewards`` names others, KL)."""
 
@@ -104,7 +107,22 @@ class GRPOStageConfig(OnlineRLConfig):
 
 
 def run(cfg: OnlineRLConfig, ctx: StageContext) -> StageResult:
+    from peft import PeftModel
+
+    from alignkit.eval.views import AdapterView
+    from alignkit.stages.common import ONLINE_LOGS, health_callback, health_monitor
+
     trainer, tokenizer, adapter, reward, n_prompts = build_trainer(cfg, ctx)
+    model = trainer.model
+    if isinstance(model, PeftModel):
+        policy = AdapterView(model, "default")
+        reference = AdapterView(model, "ref") if "ref" in model.peft_config else None
+    else:
+        policy = AdapterView(model)
+        reference = AdapterView(trainer.ref_model) if trainer.ref_model is not None else None
+    health = health_monitor(cfg, ctx, policy, reference, tokenizer)
+    for callback in health_callback(health, cfg.health.every, ONLINE_LOGS):
+        trainer.add_callback(callback)
 
     trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
     metrics = final_train_metrics(trainer)

@@ -16,6 +16,7 @@ from pydantic import Field
 
 from alignkit.config import AdapterSpec, DataSpec, HeldoutSpec, StageBase
 from alignkit.errors import UserError
+from alignkit.health import HealthSpec
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.stages.common import RolloutSpec, check_vllm
 
@@ -78,6 +79,8 @@ class PPOStageConfig(StageBase):
     value_adapter: AdapterSpec = AdapterSpec()
     rollout: PPORolloutSpec = PPORolloutSpec()
     heldout: HeldoutSpec = HeldoutSpec()
+    health: HealthSpec = HealthSpec()
+    """Training health checks (DPO collapse, KL, length, repetition, reward vs gold)."""
 
     def uses_stages(self) -> list[str]:
         return [self.reward_model] if self.reward_model else []

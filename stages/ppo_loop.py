@@ -108,6 +108,13 @@ class PPOTrainer:
                 self.model.peft, self.tokenizer, batch_size=cfg.rollout.batch_size
             )
         self.synced_step: int | None = None  # the policy step the vLLM engine serves
+        from alignkit.eval.views import AdapterView
+        from alignkit.stages.common import health_monitor
+
+        peft = self.model.peft
+        self.health = health_monitor(
+            cfg, ctx, AdapterView(peft, "default"), AdapterView(peft, REFERENCE), self.tokenizer
+        )
         self.kl = core.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
         self.score_stats = RunningMoments()
         self.step = 0
@@ -118,6 +125,8 @@ class PPOTrainer:
     # --- the loop ---------------------------------------------------------------------------
     def train(self) -> dict[str, float]:
         history: list[dict] = []
+        if self.health is not None and not self.health.monitor.has_baseline:
+            self.health.check(self.step, {})
         bar = tqdm(
             range(self.step, self.cfg.steps), initial=self.step, total=self.cfg.steps, desc="ppo"
         )
@@ -142,6 +151,8 @@ class PPOTrainer:
                 with self.ctx.metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
             bar.set_postfix(reward=f"{stats['score_mean']:.3f}", kl=f"{stats['kl']:.2f}")
+            if self.health is not None and self.step % self.cfg.health.every == 0:
+                self.health.check(self.step, {"reward": stats["score_mean"]})  # before saving
             if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
                 self._save()
         shutil.rmtree(self.ctx.out_dir / ROLLOUT_ADAPTER, ignore_errors=True)

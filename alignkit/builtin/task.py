@@ -73,12 +73,35 @@ def _text(value: str | list[dict]) -> str:
     return value if isinstance(value, str) else str(value[-1]["content"])
 
 
+def _words(completion: str) -> list[str]:
+    text = completion.strip()
+    return (text[:-1] if text.endswith(".") else text).split()
+
+
+def content_score(completion: str) -> float:
+    """The content part of the gold reward alone: (positive - negative words) / words."""
+    words = _words(completion)
+    positive = sum(w in _POSITIVE for w in words)
+    return (2 * positive - sum(w in _POSITIVE or w in _NEGATIVE for w in words)) / max(
+        len(words), 1
+    )
+
+
+def gold_content(prompts, completions, **meta) -> list[float]:
+    """The builtin task's content measure, in [-1, 1]: ``(positive - negative words) / words``.
+
+    No format terms (topic, ".", length, unknown words): a model can only raise it by saying
+    more positive things, so it shows whether a gain in gold is content or only format."""
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    return [content_score(_text(c)) for c in completions]
+
+
 def gold_score(prompt: str, completion: str) -> float:
     """The gold reward of one completion; see :func:`gold_reward`."""
     topics = _TOPICS.intersection(re.findall(r"[a-z]+", prompt.lower()))
-    text = completion.strip()
-    ends_with_period = text.endswith(".")
-    words = (text[:-1] if ends_with_period else text).split()
+    ends_with_period = completion.strip().endswith(".")
+    words = _words(completion)
     n = max(len(words), 1)
     positive = sum(w in _POSITIVE for w in words)
     negative = sum(w in _NEGATIVE for w in words)

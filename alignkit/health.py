@@ -1,0 +1,201 @@
+"""Training health checks: catch a run that degenerates while its loss looks fine.
+
+A policy stage (DPO, PPO, GRPO, RLOO) checks itself every ``health.every`` steps, and once before
+training (the baseline): a probe samples a few held-out prompts (written to ``samples.jsonl``)
+and measures KL to the reference, response length, repetition, invalid-token rate and, on the
+builtin task, the gold reward; the trainer adds what it logs (DPO's chosen log-probs, reward
+accuracy and margins; PPO/GRPO's reward). :class:`HealthMonitor` compares those values with the
+thresholds below. A tripped check prints one warning line (metric, step, threshold), is kept in
+the stage's ``health.json`` (copied into ``stage.json`` under ``health``, shown by ``alignkit
+status``), and with ``on_trip: stop`` stops the stage at once: no checkpoint is written after
+the trip, so the last one kept is the last good one.
+
+The checks:
+- ``dpo_collapse``: the chosen responses' log-prob fell more than ``collapse_logp_drop`` nats
+  below its value at the first check while the reward accuracy still reads above 0.5 (the policy
+  pushes both responses down, the rejected one faster).
+- ``kl_limit``: KL to the reference (nats per sequence) above ``max_kl``.
+- ``kl_growth``: KL up by more than ``kl_growth_rate`` at each of the last ``kl_growth_checks``
+  checks and above ``kl_growth_min``: growing without bound.
+- ``length``: mean response length outside [baseline / ``length_ratio``, baseline ×
+  ``length_ratio``].
+- ``repetition``: share of repeated token 3-grams above ``max_repetition`` (and above baseline).
+- ``invalid_tokens``: share of invalid tokens (undecodable bytes, unknown tokens; on the builtin
+  task, words outside its vocabulary) above ``max_invalid`` (and above baseline).
+- ``reward_vs_gold``: the training reward is above its value at the best gold check while the
+  held-out gold reward fell more than ``gold_drop`` below that best (reward hacking).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from rich.console import Console
+from rich.markup import escape
+
+from alignkit.config import Strict
+from alignkit.errors import UserError
+
+HEALTH_FILE = "health.json"
+SAMPLES_FILE = "samples.jsonl"
+
+
+class HealthSpec(Strict):
+    enabled: bool = True
+    on_trip: Literal["warn", "stop"] = "warn"
+    """``warn``: print, record and go on. ``stop``: also stop the stage (exit 2), keeping the
+    checkpoints written before the trip."""
+    every: int = Field(20, gt=0)
+    """Steps between checks (each samples ``sample_prompts`` prompts)."""
+    sample_prompts: int = Field(8, gt=0)
+    samples_per_prompt: int = Field(2, gt=0)
+    max_new_tokens: int = Field(40, gt=0)
+    prompts: str | None = None
+    """Prompt source; default: the held-out prompts of the stage (``heldout.prompts``, the
+    builtin test prompts on builtin data), else the stage's own data."""
+    collapse_logp_drop: float = Field(10.0, gt=0)
+    max_kl: float = Field(30.0, gt=0)
+    kl_growth_checks: int = Field(5, gt=0)
+    kl_growth_rate: float = Field(0.2, gt=0)
+    kl_growth_min: float = Field(5.0, ge=0)
+    length_ratio: float = Field(2.0, gt=1)
+    max_repetition: float = Field(0.5, gt=0, le=1)
+    max_invalid: float = Field(0.2, gt=0, le=1)
+    gold_drop: float = Field(0.1, gt=0)
+
+
+def health_summary(out_dir: Path) -> dict | None:
+    """What ``stage.json`` records of a stage's checks: their count, the trips, the last values."""
+    path = out_dir / HEALTH_FILE
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    history = saved.get("history", [])
+    return {
+        "checks": len(history),
+        "trips": saved.get("trips", []),
+        "last": history[-1] if history else {},
+    }
+
+
+class HealthStop(UserError):
+    """A health check tripped with ``on_trip: stop``."""
+
+
+@dataclass
+class Trip:
+    check: str
+    step: int
+    metric: str
+    value: float
+    threshold: float
+    message: str
+
+
+class HealthMonitor:
+    """Keeps the checks' history in ``out_dir/health.json`` (so a resumed stage keeps its
+    baseline and its trips) and applies the thresholds of a :class:`HealthSpec`."""
+
+    def __init__(self, spec: HealthSpec, where: str, out_dir: Path, console: Console | None = None):
+        self.spec, self.where, self.path = spec, where, out_dir / HEALTH_FILE
+        self.console = console or Console(stderr=True)
+        self.history: list[dict] = []
+        self.trips: list[Trip] = []
+        if self.path.exists():
+            saved = json.loads(self.path.read_text())
+            self.history = saved.get("history", [])
+            self.trips = [Trip(**t) for t in saved.get("trips", [])]
+
+    @property
+    def has_baseline(self) -> bool:
+        return bool(self.history)
+
+    def observe(self, step: int, values: dict[str, float]) -> list[Trip]:
+        """Record one check's values; print, save and return the checks that trip now (each
+        check trips once); raise :class:`HealthStop` when one does and ``on_trip`` is stop."""
+        values = {k: float(v) for k, v in values.items() if v is not None}
+        self.history.append({"step": step, **values})
+        tripped = {t.check for t in self.trips}
+        new = [t for t in self._checks(step) if t.check not in tripped]
+        self.trips.extend(new)
+        self._save()
+        for trip in new:
+            self.console.print(
+                f"[bold yellow]health warning[/] {escape(self.where)} step {trip.step}: "
+                f"{escape(trip.message)}"
+            )
+        if new and self.spec.on_trip == "stop":
+            raise HealthStop(
+                f"{self.where}: stopped at step {step} by the health check {new[0].check}: "
+                f"{new[0].message}. Checkpoints written before this step are kept; lower the "
+                f"learning rate (or raise the KL coefficient / beta), or set "
+                f"{self.where}.health.on_trip: warn"
+            )
+        return new
+
+    def _save(self) -> None:
+        data = {"history": self.history, "trips": [asdict(t) for t in self.trips]}
+        self.path.write_text(json.dumps(data, indent=1))
+
+    # --- the checks -----------------------------------------------------------------------
+    def _series(self, key: str) -> list[float]:
+        return [h[key] for h in self.history if key in h]
+
+    def _checks(self, step: int) -> list[Trip]:
+        s, now, first = self.spec, self.history[-1], self.history[0]
+        trips: list[Trip] = []
+
+        def trip(check, metric, value, threshold, message):
+            trips.append(Trip(check, step, metric, value, threshold, message))
+
+        chosen = self._series("chosen_logp")
+        if chosen and "chosen_logp" in now and now.get("accuracy", 0.0) > 0.5:
+            drop = chosen[0] - now["chosen_logp"]
+            if drop > s.collapse_logp_drop:
+                trip("dpo_collapse", "chosen_logp", now["chosen_logp"], s.collapse_logp_drop,
+                     f"chosen log-prob {now['chosen_logp']:.1f} fell {drop:.1f} nats below its "
+                     f"start {chosen[0]:.1f} (limit {s.collapse_logp_drop:g}) while reward "
+                     f"accuracy reads {now['accuracy']:.2f}: DPO collapse")  # fmt: skip
+        kl = self._series("kl")
+        if "kl" in now and now["kl"] > s.max_kl:
+            trip("kl_limit", "kl", now["kl"], s.max_kl,
+                 f"KL to the reference {now['kl']:.2f} nats/seq above max_kl {s.max_kl:g}")  # fmt: skip
+        n = s.kl_growth_checks
+        if "kl" in now and len(kl) > n and now["kl"] > s.kl_growth_min:
+            recent = kl[-n - 1 :]
+            steps = zip(recent, recent[1:], strict=False)
+            if all(b > max(a, a * (1 + s.kl_growth_rate)) for a, b in steps):
+                trip("kl_growth", "kl", now["kl"], s.kl_growth_min,
+                     f"KL to the reference rose at each of the last {n} checks to "
+                     f"{now['kl']:.2f} nats/seq (each by > {s.kl_growth_rate:.0%}): growing "
+                     "without bound")  # fmt: skip
+        if "length" in now and "length" in first and first["length"] > 0:
+            low, high = first["length"] / s.length_ratio, first["length"] * s.length_ratio
+            if not low <= now["length"] <= high:
+                word = "collapsed" if now["length"] < low else "exploded"
+                trip("length", "length", now["length"], low if now["length"] < low else high,
+                     f"response length {word}: {now['length']:.1f} tokens vs {first['length']:.1f} "
+                     f"at the start (allowed {low:.1f}-{high:.1f})")  # fmt: skip
+        for key, limit, check in (
+            ("repetition", s.max_repetition, "repetition"),
+            ("invalid", s.max_invalid, "invalid_tokens"),
+        ):
+            if key in now and now[key] > max(limit, first.get(key, 0.0)):
+                trip(check, key, now[key], limit,
+                     f"{key} rate {now[key]:.2f} above {limit:g} (start {first.get(key, 0):.2f})")  # fmt: skip
+        gold = self._series("gold")
+        if "gold" in now and "reward" in now and len(gold) > 1:
+            best = max(
+                (h for h in self.history if "gold" in h and "reward" in h),
+                key=lambda h: h["gold"],
+            )
+            if now["gold"] < best["gold"] - s.gold_drop and now["reward"] > best["reward"]:
+                trip("reward_vs_gold", "gold", now["gold"], best["gold"] - s.gold_drop,
+                     f"training reward rose ({best['reward']:.3f} -> {now['reward']:.3f}) while "
+                     f"held-out gold fell {best['gold']:.3f} -> {now['gold']:.3f} (more than "
+                     f"{s.gold_drop:g} below its best, step {best['step']}): reward hacking")  # fmt: skip
+        return trips
