@@ -55,6 +55,10 @@ def _run(cfg, run_dir: Path | None) -> None:
     target = run_dir or Path(cfg.run.dir or f"runs/{cfg.run.name}")
     run_pipeline(cfg, _registry(), target, console)
     console.print(f"run directory: [bold]{target}[/]  (alignkit status {target})")
+    for stage in cfg.stages:
+        report = target / stage.name / "report.md"
+        if stage.kind == "eval" and report.exists():
+            console.print(f"report: [bold]{report}[/]  (plots and results.json beside it)")
 
 
 @app.command()

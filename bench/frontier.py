@@ -6,7 +6,7 @@ prompts x 2 samples, fixed seed), which records the held-out gold reward of the 
 reference (the SFT policy) and ``kl_ref``, the policy's KL to that reference in nats per
 sequence. Each point is one stage: x = KL to SFT, y = gold reward gain over SFT.
 
-    python bench/frontier.py                 # ~15 min on 2 CPU cores (4 values per method)
+    python bench/frontier.py                 # ~13 min on 2 CPU cores (3-4 values per method)
     python bench/frontier.py --quick         # ~3 min: 2 values per method, short runs
     python bench/frontier.py --methods dpo   # one method
 
@@ -28,9 +28,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = {  # method -> (swept field, values, stage fields)
-    "dpo": ("beta", [0.03, 0.1, 0.3, 1.0], {}),
-    "ppo": ("kl_coef", [0.01, 0.03, 0.1, 0.3], {"adaptive_kl": False}),
-    "grpo": ("beta", [0.005, 0.02, 0.08, 0.3], {}),
+    "dpo": ("beta", [0.01, 0.03, 0.1, 0.5], {}),
+    "ppo": ("kl_coef", [0.01, 0.05, 0.3], {"adaptive_kl": False}),
+    "grpo": ("beta", [0.005, 0.04, 0.3], {}),
 }
 QUICK = {"dpo": [0.1, 1.0], "ppo": [0.03, 0.3], "grpo": [0.02, 0.3]}
 
