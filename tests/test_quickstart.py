@@ -55,6 +55,9 @@ def test_quickstart_meets_its_promises(tmp_path):
 @pytest.mark.slow
 def test_quickstart_grpo_beats_its_reference(tmp_path):
     run_config("quickstart-grpo.yaml", tmp_path)
-    grpo = json.loads((tmp_path / "grpo" / "stage.json").read_text())["metrics"]
+    record = json.loads((tmp_path / "grpo" / "stage.json").read_text())
+    grpo = record["metrics"]
+    assert record["health"]["checks"] >= 4 and record["health"]["trips"] == []
+    assert "reward" in record["health"]["last"]  # TRL's logged reward reached the monitor
     assert grpo["gold_reward_gain_ci_low"] > 0
     assert 0 < grpo["kl_ref"] < 10
