@@ -2,6 +2,9 @@
 probe writes samples; `stop` ends the stage with exit-code-2 semantics (a UserError)."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from rich.console import Console
@@ -37,6 +40,12 @@ def test_dpo_at_a_degenerating_learning_rate_trips_within_its_first_third(
     samples = [json.loads(x) for x in (tmp_path / "dpo" / "samples.jsonl").read_text().splitlines()]
     assert {s["step"] for s in samples} == {0, 5, 10, 15, 20, 25, 30}
     assert {"prompt", "completion", "kl", "gold"} <= set(samples[0])
+    # `alignkit status` shows the trips: in the table and one line each
+    status = subprocess.run([sys.executable, "-m", "alignkit", "status", tmp_path],
+                            capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})  # fmt: skip
+    first = health["trips"][0]
+    assert f"{first['check']}@{first['step']}" in status.stdout
+    assert f"health dpo step {first['step']}:" in status.stdout
 
 
 def test_on_trip_stop_ends_the_stage_and_keeps_earlier_checkpoints(tmp_path, tiny_pipeline_cfg):
