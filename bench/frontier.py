@@ -31,8 +31,12 @@ SWEEPS = {  # method -> (swept field, values, stage fields)
     "dpo": ("beta", [0.01, 0.03, 0.1, 0.5], {}),
     "ppo": ("kl_coef", [0.01, 0.05, 0.3], {"adaptive_kl": False}),
     "grpo": ("beta", [0.005, 0.04, 0.3], {}),
+    # plain sigmoid DPO (no NLL term) at the lr where the quickstart saw it degenerate
+    "dpo_sigmoid": ("beta", [0.1, 0.3, 1.0], {"loss_type": ["sigmoid"]}),
 }
-QUICK = {"dpo": [0.1, 1.0], "ppo": [0.03, 0.3], "grpo": [0.02, 0.3]}
+QUICK = {"dpo": [0.1, 1.0], "ppo": [0.03, 0.3], "grpo": [0.02, 0.3], "dpo_sigmoid": [0.3]}
+LABELS = {"dpo": "DPO + NLL (quickstart)", "ppo": "PPO", "grpo": "GRPO",
+          "dpo_sigmoid": "DPO, sigmoid only (lr 2e-4)"}  # fmt: skip
 
 
 def pipeline(methods: list[str], quick: bool, seed: int) -> dict:
@@ -40,8 +44,12 @@ def pipeline(methods: list[str], quick: bool, seed: int) -> dict:
     base = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
     by_name = {s["name"]: s for s in base["stages"]}
     grpo = yaml.safe_load((ROOT / "configs" / "quickstart-grpo.yaml").read_text())
+    sigmoid = json.loads(json.dumps(by_name["dpo"]))
+    sigmoid["train"].pop("loss_weights", None)
+    sigmoid["train"]["learning_rate"] = 2e-4
     templates = {
         "dpo": by_name["dpo"],
+        "dpo_sigmoid": sigmoid,
         "ppo": by_name["ppo"],
         "grpo": next(s for s in grpo["stages"] if s["kind"] == "grpo"),
     }
@@ -50,7 +58,8 @@ def pipeline(methods: list[str], quick: bool, seed: int) -> dict:
         field, values, fixed = SWEEPS[method]
         for value in QUICK[method] if quick else values:
             stage = json.loads(json.dumps(templates[method]))  # a deep copy
-            stage.update(fixed, name=f"{method}_{field}_{value:g}", **{"from": "sft", field: value})
+            name = f"{method}_{field}_{value:g}"
+            stage.update(fixed, name=name, **{"from": "sft", field: value})
             stage["health"] = {"enabled": False}  # the sweep measures, it does not judge
             if quick:
                 _shorten(stage)
@@ -103,9 +112,10 @@ def collect(rd, stages: list[dict]) -> list[dict]:
     for stage in stages:
         record = rd.stage_json(stage["name"])
         m = record["metrics"]
-        field = SWEEPS[stage["kind"]][0]
+        method = next(m for m in SWEEPS if stage["name"].startswith(m + "_" + SWEEPS[m][0]))
+        field = SWEEPS[method][0]
         rows.append({
-            "method": stage["kind"],
+            "method": method,
             "param": field,
             "value": float(stage[field]),
             "gold_reward": m["gold_reward"],
@@ -142,7 +152,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for method, marker in (("dpo", "o"), ("ppo", "s"), ("grpo", "^")):
+    for method, marker in (("dpo", "o"), ("dpo_sigmoid", "D"), ("ppo", "s"), ("grpo", "^")):
         points = sorted((r for r in rows if r["method"] == method), key=lambda r: r["kl_to_sft"])
         if not points:
             continue
@@ -150,11 +160,13 @@ def plot(rows: list[dict], path: Path) -> None:
         y = [r["gain"] for r in points]
         err = [[r["gain"] - r["gain_ci_low"] for r in points],
                [r["gain_ci_high"] - r["gain"] for r in points]]  # fmt: skip
-        ax.errorbar(x, y, yerr=err, marker=marker, capsize=3, label=method.upper())
+        ax.errorbar(x, y, yerr=err, marker=marker, capsize=3, label=LABELS[method])
         for r in points:
             ax.annotate(f"{r['param']}={r['value']:g}", (r["kl_to_sft"], r["gain"]),
                         textcoords="offset points", xytext=(4, -10), fontsize=7)  # fmt: skip
     ax.axhline(0, color="gray", lw=0.8)
+    if max(r["kl_to_sft"] for r in rows) > 10:  # a degenerate run: keep the rest readable
+        ax.set_xscale("symlog", linthresh=1.0)
     ax.set_xlabel("KL to the SFT policy (nats per sequence, held-out samples)")
     ax.set_ylabel("held-out gold reward gain over SFT")
     ax.set_title("Reward vs KL on the builtin task")

@@ -18,6 +18,7 @@ def test_frontier_sweep_is_a_valid_pipeline_with_one_stage_per_value():
         cfg = validate_pipeline(raw, stage_kinds())
         swept = cfg.stages[1:]
         assert cfg.stages[0].kind == "sft" and all(s.from_ == "sft" for s in swept)
-        for kind, (field, values, _) in frontier.SWEEPS.items():
-            got = [getattr(s, field) for s in swept if s.kind == kind]
-            assert got == (frontier.QUICK[kind] if quick else values)
+        for method, (field, values, _) in frontier.SWEEPS.items():
+            got = [getattr(s, field) for s in swept if s.name.startswith(f"{method}_{field}_")]
+            assert got == (frontier.QUICK[method] if quick else values)
+        assert all(s.loss_type == ["sigmoid"] for s in swept if s.name.startswith("dpo_sigmoid"))
