@@ -44,59 +44,18 @@ What ``packing=True`` does in TRL 1.16 (sft_trainer.py, data_utils.pack_dataset)
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import random
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-SHAPES = {  # random-init Qwen2 shapes, beside the pretrained builtin:tiny (hidden 128, 2 layers)
-    "small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
-                  num_key_value_heads=2, intermediate_size=1536, vocab_size=32000),
-    "qwen2.5-0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
-                         num_key_value_heads=2, intermediate_size=4864, vocab_size=151936),
-}  # fmt: skip
+from _common import add_common_args, model_spec, passthrough, report, run_modes
+
 COLUMNS = ["mode", "shape", "device", "rows", "batch", "max_length", "steps", "real_tok",
            "loss_tok", "pad_%", "train_s", "real_tok_s", "vs_unpacked", "peak_mib", "leak"]  # fmt: skip
-
-
-def model_spec(shape: str, attn: str | None):
-    """builtin:tiny, or a random-init Qwen2 of ``shape`` with builtin:tiny's tokenizer, saved
-    once under ``$ALIGNKIT_CACHE/bench`` so the stage's loaders read it like any local model."""
-    from alignkit.builtin.tiny import cache_root, ensure_cached, ensure_tiny_model
-    from alignkit.config import ModelSpec
-
-    if shape == "builtin":
-        return ModelSpec(name="builtin:tiny", attn_implementation=attn)
-
-    def build(out: Path) -> None:
-        import torch
-        from transformers import Qwen2Config, Qwen2ForCausalLM
-
-        from alignkit.models import load_tokenizer
-
-        tok = load_tokenizer(ensure_tiny_model())
-        dims = {**SHAPES[shape], "vocab_size": max(SHAPES[shape]["vocab_size"], len(tok))}
-        config = Qwen2Config(
-            **dims,
-            max_position_embeddings=4096,
-            tie_word_embeddings=True,
-            bos_token_id=None,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
-        tok.save_pretrained(out, save_jinja_files=False)
-
-    path = ensure_cached(cache_root() / "bench" / f"{shape}-tinytok", build)
-    return ModelSpec(name=str(path), attn_implementation=attn)
 
 
 def write_rows(args, path: Path) -> None:
@@ -247,27 +206,11 @@ def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument(
-        "--shape",
-        default="builtin",
-        choices=["builtin", *SHAPES],
-        help="builtin: the pretrained builtin:tiny; others: random-init Qwen2",
-    )
+    add_common_args(p, "256 rows: a ~20 s smoke test")
     p.add_argument("--data", default="mixed", choices=["mixed", "builtin"])
     p.add_argument("--rows", type=int, default=2048, help="training rows (one epoch)")
     p.add_argument("--min-words", type=int, default=4)
     p.add_argument("--max-words", type=int, default=200)
-    p.add_argument("--batch", type=int, default=8, help="per_device_train_batch_size")
-    p.add_argument("--max-length", type=int, default=256, help="builtin:tiny has 256 positions")
-    p.add_argument("--attn", default=None, help="attn_implementation (default: the model's)")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=0,
-        help="torch CPU threads (0: torch's default); 1 on a busy machine",
-    )
-    p.add_argument("--quick", action="store_true", help="256 rows: a ~20 s smoke test")
-    p.add_argument("--csv", type=Path, default=Path(__file__).with_suffix(".csv"))
     p.add_argument("--one", choices=["unpacked", "packed"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.quick:
@@ -276,50 +219,27 @@ def main() -> None:
         print("RESULT " + json.dumps(measure(args, args.one)), flush=True)
         return
 
-    rows = []
-    for mode in ("unpacked", "packed"):
-        cmd = [sys.executable, __file__, "--one", mode, *_passthrough(args)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
-        if done.returncode != 0 or not lines:
-            sys.exit(f"{mode} failed:\n{done.stderr[-3000:]}")
-        rows.append(json.loads(lines[-1].removeprefix("RESULT ")))
+    rows = run_modes(
+        __file__,
+        ("unpacked", "packed"),
+        passthrough(args, ("data", "rows", "min_words", "max_words")),
+    )
     unpacked, packed = rows
     for r in rows:
         r["vs_unpacked"] = round(r["real_tok_s"] / unpacked["real_tok_s"], 2)
     if unpacked["real_tok"] != packed["real_tok"]:
         print(f"warning: real tokens differ ({unpacked['real_tok']} vs {packed['real_tok']})")
-    _report(rows, args)
+    report(
+        f"SFT packing: {args.shape}, {args.data} data, one epoch",
+        COLUMNS,
+        rows,
+        args.csv or Path(__file__).with_suffix(".csv"),
+    )
     print(
         f"packed / unpacked: {packed['vs_unpacked']:.2f}x real tokens/s, "
         f"{packed['steps'] / unpacked['steps']:.2f}x steps, "
         f"{packed['peak_mib'] / unpacked['peak_mib']:.2f}x peak memory"
     )
-
-
-def _passthrough(args) -> list[str]:
-    keys = ("shape", "data", "rows", "min_words", "max_words", "batch", "max_length")
-    out = [a for k in keys for a in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
-    out += ["--threads", str(args.threads)]
-    return out + (["--attn", args.attn] if args.attn else [])
-
-
-def _report(rows: list[dict], args) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"SFT packing: {args.shape}, {args.data} data, one epoch")
-    for c in COLUMNS:
-        table.add_column(c, justify="left" if c in ("mode", "shape", "device") else "right")
-    for r in rows:
-        table.add_row(*(str(r[c]) for c in COLUMNS))
-    Console(width=200).print(table)
-    args.csv.parent.mkdir(parents=True, exist_ok=True)
-    with args.csv.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {args.csv}")
 
 
 if __name__ == "__main__":
