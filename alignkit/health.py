@@ -24,6 +24,8 @@ The checks:
   task, words outside its vocabulary) above ``max_invalid`` (and above baseline).
 - ``reward_vs_gold``: the training reward is above its value at the best gold check while the
   held-out gold reward fell more than ``gold_drop`` below that best (reward hacking).
+- ``reward_vs_heldout_rm``: the same with a second, held-out reward model in place of gold
+  (PPO's ``heldout_reward_model``): reward hacking seen without a gold reward.
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ class HealthSpec(Strict):
     max_repetition: float = Field(0.5, gt=0, le=1)
     max_invalid: float = Field(0.2, gt=0, le=1)
     gold_drop: float = Field(0.1, gt=0)
+    heldout_reward_drop: float = Field(0.3, gt=0)
+    """``reward_vs_heldout_rm`` (PPO with ``heldout_reward_model``): how far the held-out RM's
+    score may fall below its best, in units of its std on the starting policy's samples."""
 
 
 def health_summary(out_dir: Path) -> dict | None:
@@ -145,6 +150,17 @@ class HealthMonitor:
     def _series(self, key: str) -> list[float]:
         return [h[key] for h in self.history if key in h]
 
+    def _proxy_vs_truth(self, key: str, drop: float) -> tuple[dict, float] | None:
+        """(the check with the best ``key``, the value now) when the training reward is above its
+        value at that check while ``key`` fell more than ``drop`` below its best; else None."""
+        now = self.history[-1]
+        if key not in now or "reward" not in now or len(self._series(key)) < 2:
+            return None
+        best = max((h for h in self.history if key in h and "reward" in h), key=lambda h: h[key])
+        if now[key] < best[key] - drop and now["reward"] > best["reward"]:
+            return best, now[key]
+        return None
+
     def _checks(self, step: int) -> list[Trip]:
         s, now, first = self.spec, self.history[-1], self.history[0]
         trips: list[Trip] = []
@@ -187,15 +203,15 @@ class HealthMonitor:
             if key in now and now[key] > max(limit, first.get(key, 0.0)):
                 trip(check, key, now[key], limit,
                      f"{key} rate {now[key]:.2f} above {limit:g} (start {first.get(key, 0):.2f})")  # fmt: skip
-        gold = self._series("gold")
-        if "gold" in now and "reward" in now and len(gold) > 1:
-            best = max(
-                (h for h in self.history if "gold" in h and "reward" in h),
-                key=lambda h: h["gold"],
-            )
-            if now["gold"] < best["gold"] - s.gold_drop and now["reward"] > best["reward"]:
-                trip("reward_vs_gold", "gold", now["gold"], best["gold"] - s.gold_drop,
+        for key, drop, check, what in (
+            ("gold", s.gold_drop, "reward_vs_gold", "held-out gold"),
+            ("heldout_reward", s.heldout_reward_drop, "reward_vs_heldout_rm", "held-out RM score"),
+        ):
+            found = self._proxy_vs_truth(key, drop)
+            if found is not None:
+                best, value = found
+                trip(check, key, value, best[key] - drop,
                      f"training reward rose ({best['reward']:.3f} -> {now['reward']:.3f}) while "
-                     f"held-out gold fell {best['gold']:.3f} -> {now['gold']:.3f} (more than "
-                     f"{s.gold_drop:g} below its best, step {best['step']}): reward hacking")  # fmt: skip
+                     f"{what} fell {best[key]:.3f} -> {value:.3f} (more than {drop:g} below its "
+                     f"best, step {best['step']}): reward hacking")  # fmt: skip
         return trips

@@ -27,7 +27,8 @@ from alignkit.config import (
     config_hash,
     parent_of,
 )
-from alignkit.rundir import RunDir
+from alignkit.errors import UserError
+from alignkit.rundir import STAGE_FILE, RunDir, read_json
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,31 @@ class StageContext:
     def where(self) -> str:
         """How config errors name this stage."""
         return f"stages.{self.name}"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.out_dir.parent
+
+    def finished_stage(self, name: str, key: str, kinds: tuple[str, ...]) -> ParentOutput:
+        """Another finished stage of this run, read by name (config key ``key`` names it), that
+        must be one of ``kinds``. Only plain stage names resolve: never a path out of the run."""
+        where = f"{self.where}.{key}"
+        if not name or "/" in name or "\\" in name or name.startswith("."):
+            raise UserError(f"{where}: {name!r} is not a stage name of this run")
+        stage_dir = self.run_dir / name
+        record_file = stage_dir / STAGE_FILE
+        if not record_file.is_file():
+            raise UserError(
+                f"{where}: no finished stage {name!r} in {self.run_dir}; put that stage "
+                "earlier in the pipeline"
+            )
+        record = read_json(record_file)
+        if record.get("kind") not in kinds:
+            raise UserError(
+                f"{where}: {name!r} is a {record.get('kind')} stage; it must be "
+                + " or ".join(kinds)
+            )
+        return ParentOutput(name, record["kind"], stage_dir, record)
 
 
 @dataclass

@@ -70,7 +70,12 @@ class RewardModelScorer:
             f"{path}: not a reward_model stage, PEFT adapter or transformers checkpoint"
         )
 
-    def encode(self, prompt: str | Messages, completion: str | Messages) -> list[int]:
+    def encode(
+        self, prompt: str | Messages, completion: str | Messages, truncated: bool = False
+    ) -> list[int]:
+        """Token ids as the RM was trained on them: the chat template over prompt + answer.
+        ``truncated``: the answer was cut off (no EOS): the template's generation prompt plus
+        the answer's tokens, with no end-of-turn, so the RM sees an unfinished answer."""
         prompt_msgs = (
             [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         )
@@ -78,9 +83,16 @@ class RewardModelScorer:
             completion_msgs = [{"role": "assistant", "content": completion}]
         else:
             completion_msgs = list(completion)
-        ids = self.tokenizer.apply_chat_template(
-            prompt_msgs + completion_msgs, tokenize=True, return_dict=True
-        )["input_ids"]
+        if truncated:
+            ids = self.tokenizer.apply_chat_template(
+                prompt_msgs, tokenize=True, return_dict=True, add_generation_prompt=True
+            )["input_ids"]
+            text = "".join(str(m["content"]) for m in completion_msgs)
+            ids = list(ids) + self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = self.tokenizer.apply_chat_template(
+                prompt_msgs + completion_msgs, tokenize=True, return_dict=True
+            )["input_ids"]
         if self.max_length is not None and len(ids) > self.max_length:
             ids = ids[-self.max_length :]
         return ids
@@ -107,8 +119,14 @@ class RewardModelScorer:
     def __call__(
         self, prompts: Sequence[str | Messages], completions: Sequence[str | Messages], **meta
     ) -> list[float]:
+        """``finish_reason`` in meta (as rollouts pass it): a ``"length"`` answer is scored as
+        the truncated text it is, not re-rendered with an end token it never produced."""
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        reasons = meta.get("finish_reason") or ["stop"] * len(completions)
         return self.score_ids(
-            [self.encode(p, c) for p, c in zip(prompts, completions, strict=True)]
+            [
+                self.encode(p, c, truncated=r == "length")
+                for p, c, r in zip(prompts, completions, reasons, strict=True)
+            ]
         )

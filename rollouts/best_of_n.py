@@ -16,6 +16,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 PREFERENCES_FILE = "preferences.jsonl"
 
@@ -28,8 +29,18 @@ class BestOfNResult:
     path: Path
 
 
-def preference_pairs(rows: Iterable[dict]) -> tuple[list[dict], int]:
-    """Pairs (best vs worst by ``reward``) per prompt id, in first-seen order, and the ties."""
+PairMode = Literal["best_worst", "all"]
+
+
+def preference_pairs(
+    rows: Iterable[dict], mode: PairMode = "best_worst", min_margin: float = 0.0
+) -> tuple[list[dict], int]:
+    """Pairs per prompt id, in first-seen order, and the prompts that gave none (ties).
+
+    ``best_worst``: the best against the worst sample by ``reward``. ``all``: every two samples
+    whose rewards differ by more than ``min_margin`` (n samples give up to n(n-1)/2 pairs; the
+    RM sees more of what the policy writes). Either way a pair needs a margin above
+    ``min_margin`` and two different texts."""
     groups: dict[str, list[dict]] = {}
     for row in rows:
         groups.setdefault(row["prompt_id"], []).append(row)
@@ -39,28 +50,40 @@ def preference_pairs(rows: Iterable[dict]) -> tuple[list[dict], int]:
         samples = sorted((r for r in samples if r["completion"].strip()), key=lambda r: r["sample"])
         if len(samples) < 2:
             continue
-        best = max(samples, key=lambda r: r["reward"])
-        worst = min(samples, key=lambda r: r["reward"])
-        if best["reward"] <= worst["reward"] or best["completion"] == worst["completion"]:
-            ties += 1
-            continue
-        pairs.append(
-            {
-                "prompt": best["prompt"],
-                "chosen": [{"role": "assistant", "content": best["completion"]}],
-                "rejected": [{"role": "assistant", "content": worst["completion"]}],
-                "margin": best["reward"] - worst["reward"],
-                "prompt_id": prompt_id,
-                "chosen_reward": best["reward"],
-                "rejected_reward": worst["reward"],
-            }
-        )
+        if mode == "best_worst":
+            best = max(samples, key=lambda r: r["reward"])
+            worst = min(samples, key=lambda r: r["reward"])
+            candidates = [(best, worst)]
+        else:
+            ranked = sorted(samples, key=lambda r: -r["reward"])
+            candidates = [(a, b) for i, a in enumerate(ranked) for b in ranked[i + 1 :]]
+        found = [
+            _pair(prompt_id, a, b)
+            for a, b in candidates
+            if a["reward"] - b["reward"] > min_margin and a["completion"] != b["completion"]
+        ]
+        ties += not found
+        pairs.extend(found)
     return pairs, ties
 
 
-def write_preferences(out_dir: Path, rows: Iterable[dict]) -> BestOfNResult:
+def _pair(prompt_id: str, chosen: dict, rejected: dict) -> dict:
+    return {
+        "prompt": chosen["prompt"],
+        "chosen": [{"role": "assistant", "content": chosen["completion"]}],
+        "rejected": [{"role": "assistant", "content": rejected["completion"]}],
+        "margin": chosen["reward"] - rejected["reward"],
+        "prompt_id": prompt_id,
+        "chosen_reward": chosen["reward"],
+        "rejected_reward": rejected["reward"],
+    }
+
+
+def write_preferences(
+    out_dir: Path, rows: Iterable[dict], mode: PairMode = "best_worst", min_margin: float = 0.0
+) -> BestOfNResult:
     """Write ``out_dir/preferences.jsonl`` atomically (a reader never sees half a file)."""
-    pairs, ties = preference_pairs(rows)
+    pairs, ties = preference_pairs(rows, mode, min_margin)
     path = Path(out_dir) / PREFERENCES_FILE
     tmp = path.with_suffix(".jsonl.tmp")
     with tmp.open("w", encoding="utf-8") as f:

@@ -34,7 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from alignkit.config import Strict
 from alignkit.errors import UserError
-from alignkit.rollouts import load_engine, model_source
+from alignkit.rollouts import ModelSource, load_engine, model_source
 from alignkit.rollouts.best_of_n import write_preferences
 from alignkit.rollouts.shards import ShardWriter, read_rollouts, repair_torn_tail, shard_paths
 from alignkit.rollouts.types import SamplingConfig
@@ -104,8 +104,13 @@ def job_config(**options) -> RolloutJobConfig:
         raise UserError("alignkit rollout: " + "; ".join(problems)) from None
 
 
-def run_rollout_job(cfg: RolloutJobConfig, console: Console | None = None) -> dict:
-    """Run (or resume) the job; returns the summary also stored in ``out/job.json``."""
+def run_rollout_job(
+    cfg: RolloutJobConfig, console: Console | None = None, source: ModelSource | None = None
+) -> dict:
+    """Run (or resume) the job; returns the summary also stored in ``out/job.json``.
+
+    ``source``: the policy to sample, when the caller (the pipeline's rollout stage) has
+    resolved it already; otherwise it comes from ``cfg.model``/``adapter``/``stage``."""
     from alignkit.data.prompts import load_prompts
     from alignkit.rewards.registry import resolve_rewards
 
@@ -126,7 +131,8 @@ def run_rollout_job(cfg: RolloutJobConfig, console: Console | None = None) -> di
     )
     stats = Counter()
     if todo:
-        source = model_source(cfg.model, cfg.adapter, cfg.stage, cfg.dtype, cfg.quantization)
+        if source is None:
+            source = model_source(cfg.model, cfg.adapter, cfg.stage, cfg.dtype, cfg.quantization)
         engine = load_engine(cfg.engine, source, batch_size=cfg.batch_size, vllm=cfg.vllm)
         with ShardWriter(out, cfg.rows_per_shard) as writer, _progress(console) as progress:
             task = progress.add_task(

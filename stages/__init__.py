@@ -7,7 +7,7 @@ A stage module defines its config schema (a :class:`~alignkit.config.StageBase` 
 from __future__ import annotations
 
 from alignkit.pipeline import StageKind
-from alignkit.stages import dpo, grpo, ppo, reward_model, rloo, sft, simpo
+from alignkit.stages import dpo, grpo, ppo, reward_model, rloo, rollout, sft, simpo
 from alignkit.stages import eval as eval_stage
 
 REGISTRY: dict[str, StageKind] = {
@@ -17,6 +17,7 @@ REGISTRY: dict[str, StageKind] = {
     "grpo": StageKind(grpo.GRPOStageConfig, grpo.run),
     "rloo": StageKind(rloo.RLOOStageConfig, rloo.run),
     "ppo": StageKind(ppo.PPOStageConfig, ppo.run),
+    "rollout": StageKind(rollout.RolloutStageConfig, rollout.run),
     "simpo": StageKind(simpo.SimPOStageConfig, simpo.run),
     "orpo": StageKind(simpo.ORPOStageConfig, simpo.run),
     "eval": StageKind(eval_stage.EvalStageConfig, eval_stage.run),

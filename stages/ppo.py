@@ -10,15 +10,21 @@ algorithm's tensor maths lives in :mod:`alignkit.stages.ppo_core`, the model in
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from alignkit.config import AdapterSpec, DataSpec, HeldoutSpec, StageBase
 from alignkit.errors import UserError
 from alignkit.health import HealthSpec
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.stages.common import RolloutSpec, check_vllm
+from alignkit.stages.ppo_model import HELDOUT_REWARD, REWARD
+
+#: Health defaults when a reward model scores (a user's explicit setting wins): a hacked RM is
+#: first seen as answers shrinking or filling with broken words.
+RM_HEALTH = {"every": 10, "length_ratio": 1.5, "max_invalid": 0.1}
 
 
 class PPORolloutSpec(RolloutSpec):
@@ -43,12 +49,28 @@ class PPOStageConfig(StageBase):
     """Prompts (any prompt source: prompt/messages/instruction rows, or preference/SFT rows)."""
     reward_model: str | None = None
     """Name of a reward_model stage of this run; on the same base it runs as a fourth adapter."""
+    heldout_reward_model: str | None = None
+    """A second reward_model stage PPO never trains on (another seed, or other data): every
+    rollout is scored by it too (``heldout_rm_score``, normalised like the training score), and
+    the health check ``reward_vs_heldout_rm`` trips when the training RM's score rises while this
+    one falls: reward hacking seen without any gold reward."""
     rewards: list[str] = []
     """Reward specs added to the RM score: ``gold``, a rule, ``module:function``, ``spec*weight``."""
-    normalize_scores: bool = True
-    """Scale scores by a running mean/std (do this for RM scores before choosing kl_coef)."""
-    missing_eos_penalty: float = Field(0.0, ge=0)
-    """Subtracted from the score of a completion that hit max_new_tokens without EOS."""
+    normalize_scores: Literal["fixed", "running", "none"] = "fixed"
+    """``fixed`` (default): scores minus the mean, over the std, of the first step's scores
+    (the starting policy's samples), frozen from then on: the reward stays one fixed function,
+    so the value head has a stationary target and a better answer scores the same at step 80
+    as at step 1. ``running``: mean/std of every score so far (a moving target: the same answer
+    scores lower as the policy improves). ``none``: raw scores. Normalise RM scores (their scale
+    is arbitrary) before choosing kl_coef, score_clip and missing_eos_penalty. ``true``/``false``
+    read as fixed/none."""
+    score_clip: float | None = Field(5.0, gt=0)
+    """Clip (normalised) scores to [-score_clip, score_clip]: one outlier score cannot dominate
+    a batch's advantages. null: no clipping."""
+    missing_eos_penalty: float | None = Field(None, ge=0)
+    """Subtracted (after normalisation and clipping) from a completion that hit max_new_tokens
+    without EOS. Default: 1.0 (one starting std) when a reward model scores, else 0: an RM reads
+    a cut-off answer as if it were finished unless this says otherwise."""
     steps: int = Field(100, gt=0)
     prompts_per_step: int = Field(64, gt=0)
     minibatches: int = Field(4, gt=0)
@@ -82,8 +104,19 @@ class PPOStageConfig(StageBase):
     health: HealthSpec = HealthSpec()
     """Training health checks (DPO collapse, KL, length, repetition, reward vs gold)."""
 
+    @field_validator("normalize_scores", mode="before")
+    @classmethod
+    def _bool_normalization(cls, v):
+        return {True: "fixed", False: "none"}.get(v, v) if isinstance(v, bool) else v
+
     def uses_stages(self) -> list[str]:
-        return [self.reward_model] if self.reward_model else []
+        return [s for s in (self.reward_model, self.heldout_reward_model) if s]
+
+    @property
+    def eos_penalty(self) -> float:
+        if self.missing_eos_penalty is not None:
+            return self.missing_eos_penalty
+        return 1.0 if self.reward_model or any(Path(r).is_dir() for r in self.rewards) else 0.0
 
 
 def _heldout(cfg, ctx, trainer) -> dict[str, float]:
@@ -119,31 +152,26 @@ def run(cfg: PPOStageConfig, ctx: StageContext) -> StageResult:
         raise UserError(f"{ctx.where}: prompts_per_step must be divisible by minibatches")
     if cfg.rollout.engine == "vllm":
         check_vllm(ctx.where)
-    rm_dir = None
-    if cfg.reward_model is not None:
-        rm_dir = ctx.out_dir.parent / cfg.reward_model
-        record = ctx.parent.record
-        if not (rm_dir / "stage.json").exists():
+    reward_dirs: dict[str, Path] = {}
+    for name, key in ((cfg.reward_model, REWARD), (cfg.heldout_reward_model, HELDOUT_REWARD)):
+        if name is None:
+            continue
+        field = "reward_model" if key == REWARD else "heldout_reward_model"
+        rm = ctx.finished_stage(name, field, ("reward_model",))
+        if rm.record["base_model"]["name"] == ctx.model.name and rm.record["adapter_type"] == "lora":
+            reward_dirs[key] = rm.dir  # an adapter on PPO's own base
+        elif key == REWARD:  # another base (or fully fine-tuned): loaded on its own
+            cfg = cfg.model_copy(update={"rewards": [*cfg.rewards, str(rm.dir)]})
+        else:
             raise UserError(
-                f"{ctx.where}.reward_model: no finished stage {cfg.reward_model!r} in the run"
+                f"{ctx.where}.heldout_reward_model: {name!r} must be a LoRA reward model on "
+                "the run's base model"
             )
-        import json
-
-        rm_record = json.loads((rm_dir / "stage.json").read_text())
-        if rm_record["kind"] != "reward_model":
-            raise UserError(
-                f"{ctx.where}.reward_model: {cfg.reward_model!r} is a {rm_record['kind']} stage"
-            )
-        if (
-            rm_record["base_model"]["name"] != record["base_model"]["name"]
-            or rm_record["adapter_type"] != "lora"
-        ):
-            # a reward model on another base (or fully fine-tuned) is loaded on its own
-            cfg = cfg.model_copy(
-                update={"rewards": [*cfg.rewards, str(rm_dir)], "reward_model": None}
-            )
-            rm_dir = None
-    trainer = PPOTrainer(cfg, ctx, rm_dir)
+    if cfg.reward_model or any(Path(r).is_dir() for r in cfg.rewards):
+        # a learned reward has blind spots: watch length and invalid words closer, and more often
+        tighter = {k: v for k, v in RM_HEALTH.items() if k not in cfg.health.model_fields_set}
+        cfg = cfg.model_copy(update={"health": cfg.health.model_copy(update=tighter)})
+    trainer = PPOTrainer(cfg, ctx, reward_dirs)
     metrics = trainer.train()
     metrics.update(_heldout(cfg, ctx, trainer))
     if ctx.is_main:

@@ -14,8 +14,16 @@ import torch
 from tqdm.auto import tqdm
 
 from alignkit.errors import UserError
+from alignkit.rundir import STAGE_FILE
 from alignkit.stages import ppo_core as core
-from alignkit.stages.ppo_model import REFERENCE, VALUE, SharedBaseRewardModel, build_ppo_model
+from alignkit.stages.ppo_model import (
+    HELDOUT_REWARD,
+    REFERENCE,
+    REWARD,
+    VALUE,
+    SharedBaseRewardModel,
+    build_ppo_model,
+)
 
 
 class RunningMoments:
@@ -66,7 +74,7 @@ def make_vllm_engine(cfg, ctx):
 
 
 class PPOTrainer:
-    def __init__(self, cfg, ctx, rm_dir: Path | None):
+    def __init__(self, cfg, ctx, reward_dirs: dict[str, Path]):
         from accelerate import Accelerator
 
         from alignkit.data.prompts import load_prompts
@@ -84,16 +92,22 @@ class PPOTrainer:
         if data.max_rows is not None:
             self.prompts = self.prompts[: data.max_rows]
         self.model, self.tokenizer = build_ppo_model(
-            ctx.model, ctx.parent.dir, cfg.value_adapter, rm_dir
+            ctx.model, ctx.parent.dir, cfg.value_adapter, reward_dirs
         )
         self.model.to(self.accelerator.device)
-        self.scorer = None
-        if rm_dir is not None:
-            max_len = json.loads((rm_dir / "stage.json").read_text())["outputs"].get(
-                "max_length", 1024
+        scorers = {
+            name: RewardModelScorer(
+                SharedBaseRewardModel(self.model, self.tokenizer.pad_token_id, name),
+                self.tokenizer,
+                max_length=json.loads((rm_dir / STAGE_FILE).read_text())["outputs"].get(
+                    "max_length", 1024
+                ),
             )
-            shared = SharedBaseRewardModel(self.model, self.tokenizer.pad_token_id)
-            self.scorer = RewardModelScorer(shared, self.tokenizer, max_length=max_len)
+            for name, rm_dir in reward_dirs.items()
+        }
+        self.scorer = scorers.get(REWARD)
+        self.heldout_scorer = scorers.get(HELDOUT_REWARD)
+        self.heldout_stats = RunningMoments()
         self.reward_fn = resolve_rewards(cfg.rewards) if cfg.rewards else None
         self.optimizer = torch.optim.AdamW(
             [
@@ -152,7 +166,10 @@ class PPOTrainer:
                     f.write(json.dumps(record) + "\n")
             bar.set_postfix(reward=f"{stats['score_mean']:.3f}", kl=f"{stats['kl']:.2f}")
             if self.health is not None and self.step % self.cfg.health.every == 0:
-                self.health.check(self.step, {"reward": stats["score_mean"]})  # before saving
+                trained = {"reward": stats["score_mean"]}
+                if "heldout_rm_score" in stats:
+                    trained["heldout_reward"] = stats["heldout_rm_score"]
+                self.health.check(self.step, trained)  # before saving
             if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
                 self._save()
         shutil.rmtree(self.ctx.out_dir / ROLLOUT_ADAPTER, ignore_errors=True)
@@ -178,10 +195,7 @@ class PPOTrainer:
         gen_seconds = time.time() - t0
         ids, attn, pos, cmask, P = self._pack(batch.prompt_ids, batch.completion_ids)
         scores_raw = self._scores(prompts, batch)
-        scores = scores_raw.clone()
-        if cfg.normalize_scores:
-            self.score_stats.update(scores_raw)
-            scores = (scores - self.score_stats.mean) / self.score_stats.std
+        scores = self._shape_scores(scores_raw, batch.finish_reason)
         model.eval()
         old_logp = self._logprobs(model.logits(ids, attn, pos), ids, P)
         with model.role(REFERENCE):
@@ -195,6 +209,7 @@ class PPOTrainer:
         advantages = core.masked_whiten(advantages, cmask)
         lengths = cmask.sum(1)
         stats = {
+            **self._heldout_scores(prompts, batch),
             "score_mean": scores_raw.mean().item(),
             "score_std": scores_raw.std().item() if len(scores_raw) > 1 else 0.0,
             "kl": (core.kl_estimate(old_logp, ref_logp, "k1") * cmask).sum(1).mean().item(),
@@ -333,14 +348,40 @@ class PPOTrainer:
         return self.model.value_head(hidden[:, P - 1 : P - 1 + T].float()).squeeze(-1)
 
     def _scores(self, prompts, batch) -> torch.Tensor:
-        texts = batch.completion_text
+        """Raw scores of the rollouts as generated: a truncated answer is scored truncated."""
+        texts, meta = batch.completion_text, {"finish_reason": batch.finish_reason}
         total = torch.zeros(len(texts))
         if self.scorer is not None:
-            total += torch.tensor(self.scorer(prompts, texts), dtype=torch.float)
+            total += torch.tensor(self.scorer(prompts, texts, **meta), dtype=torch.float)
         if self.reward_fn is not None:
-            total += torch.tensor(self.reward_fn(prompts, texts), dtype=torch.float)
-        penalty = torch.tensor([r == "length" for r in batch.finish_reason], dtype=torch.float)
-        return (total - self.cfg.missing_eos_penalty * penalty).to(self.accelerator.device)
+            total += torch.tensor(self.reward_fn(prompts, texts, **meta), dtype=torch.float)
+        return total.to(self.accelerator.device)
+
+    def _heldout_scores(self, prompts, batch) -> dict[str, float]:
+        """The held-out RM's mean score of these rollouts, normalised by its first step's
+        statistics (so it reads in the same units as the training score's ``score_z``)."""
+        if self.heldout_scorer is None:
+            return {}
+        raw = torch.tensor(
+            self.heldout_scorer(prompts, batch.completion_text, finish_reason=batch.finish_reason)
+        )
+        if self.heldout_stats.count == 0:
+            self.heldout_stats.update(raw)
+        z = (raw - self.heldout_stats.mean) / self.heldout_stats.std
+        return {"heldout_rm_score": z.mean().item()}
+
+    def _shape_scores(self, raw: torch.Tensor, finish_reason: list[str]) -> torch.Tensor:
+        """Normalise (fixed or running statistics), clip, then subtract the missing-EOS penalty."""
+        cfg, stats = self.cfg, self.score_stats
+        if cfg.normalize_scores == "running" or (
+            cfg.normalize_scores == "fixed" and stats.count == 0
+        ):
+            stats.update(raw.cpu())
+        scores = raw if cfg.normalize_scores == "none" else (raw - stats.mean) / stats.std
+        if cfg.score_clip is not None:
+            scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
+        cut = torch.tensor([r == "length" for r in finish_reason], dtype=scores.dtype)
+        return scores - cfg.eos_penalty * cut.to(scores.device)
 
     def _check_finite(self, what: str, value: torch.Tensor) -> None:
         if not torch.isfinite(value).all():
@@ -370,6 +411,7 @@ class PPOTrainer:
             "optimizer": self.optimizer.state_dict(),
             "kl_coef": self.kl.value,
             "score_stats": vars(self.score_stats),
+            "heldout_stats": vars(self.heldout_stats),
             "torch_rng": torch.get_rng_state(),
             "step": self.step,
         }
@@ -391,6 +433,7 @@ class PPOTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.kl.value = state["kl_coef"]
         vars(self.score_stats).update(state["score_stats"])
+        vars(self.heldout_stats).update(state.get("heldout_stats", {}))
         torch.set_rng_state(state["torch_rng"])
         self.step = state["step"]
         self.last_checkpoint = path.name

@@ -19,14 +19,16 @@ from alignkit.config import AdapterSpec, ModelSpec
 from alignkit.errors import UserError
 
 POLICY, REFERENCE, VALUE, REWARD = "default", "ref", "value", "reward"
+HELDOUT_REWARD = "heldout_reward"  # a second RM that only watches (never trained on)
 
 
 class PPOModel(nn.Module):
-    def __init__(self, peft_model, value_head: nn.Linear, reward_head: nn.Linear | None):
+    def __init__(self, peft_model, value_head: nn.Linear, reward_heads: dict[str, nn.Linear]):
         super().__init__()
         self.peft = peft_model
         self.value_head = value_head
-        self.reward_head = reward_head
+        self.reward_heads = nn.ModuleDict(reward_heads)
+        """Score heads of the reward adapters on this base, by adapter name."""
         self._trainable = {n: p.requires_grad for n, p in self.named_parameters()}
 
     @property
@@ -77,26 +79,29 @@ class SharedBaseRewardModel(nn.Module):
     """The reward model as an adapter + score head on PPO's base, with a sequence classifier's
     interface (``.logits`` read at the last non-pad token), so :class:`RewardModelScorer` drives it."""
 
-    def __init__(self, ppo: PPOModel, pad_token_id: int):
+    def __init__(self, ppo: PPOModel, pad_token_id: int, adapter: str = REWARD):
         super().__init__()
-        self.ppo, self.pad = ppo, pad_token_id
+        self.ppo, self.pad, self.adapter = ppo, pad_token_id, adapter
 
     def forward(self, input_ids, attention_mask):
         pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        with self.ppo.role(REWARD):
+        with self.ppo.role(self.adapter):
             hidden = self.ppo.hidden(input_ids, attention_mask, pos)
         last = attention_mask.sum(1) - 1  # right-padded by the scorer
-        scores = self.ppo.reward_head(hidden[torch.arange(len(last)), last])
+        scores = self.ppo.reward_heads[self.adapter](hidden[torch.arange(len(last)), last])
         return type("Out", (), {"logits": scores})()
 
 
 def build_ppo_model(
-    spec: ModelSpec, sft_dir: Path, value_adapter: AdapterSpec, rm_dir: Path | None
+    spec: ModelSpec,
+    sft_dir: Path,
+    value_adapter: AdapterSpec,
+    reward_dirs: dict[str, Path] | None = None,
 ) -> tuple[PPOModel, object]:
     """Base + policy (SFT adapter, trainable) + ref (SFT adapter, frozen) + value (new LoRA, head
-    from the RM's score head when there is one, else zeros) + reward (RM adapter, frozen)."""
-    from peft import PeftModel, set_peft_model_state_dict
-    from safetensors.torch import load_file
+    from the RM's score head when there is one, else zeros) + one frozen adapter with its score
+    head per reward model in ``reward_dirs`` (adapter name -> reward_model stage dir)."""
+    from peft import PeftModel
 
     from alignkit.models import load_base, load_tokenizer, peft_config
 
@@ -113,37 +118,51 @@ def build_ppo_model(
     hidden = base.config.get_text_config().hidden_size
     value_head = nn.Linear(hidden, 1, bias=False)
     nn.init.zeros_(value_head.weight)
-    reward_head = None
-    if rm_dir is not None:
-        rm_state = load_file(str(rm_dir / "adapter" / "adapter_model.safetensors"))
-        head_key = next((k for k in rm_state if k.endswith("score.weight")), None)
-        if head_key is None:
-            raise UserError(f"{rm_dir}: the reward adapter has no saved score head")
-        rm_config = json.loads((rm_dir / "adapter" / "adapter_config.json").read_text())
-        lora = value_adapter.model_copy(
-            update={
-                "type": "lora",
-                "r": rm_config["r"],
-                "alpha": rm_config["lora_alpha"],
-                "target_modules": rm_config["target_modules"],
-                "modules_to_save": [],
-                "use_rslora": rm_config.get("use_rslora", False),
-                "use_dora": rm_config.get("use_dora", False),
-            }
-        )
-        model.add_adapter(REWARD, peft_config(lora))
-        lora_state = {k: v for k, v in rm_state.items() if "lora_" in k}
-        result = set_peft_model_state_dict(model, lora_state, adapter_name=REWARD)
-        if result.unexpected_keys:
-            raise UserError(
-                f"{rm_dir}: reward adapter does not fit the base: {result.unexpected_keys[:3]}"
-            )
-        reward_head = nn.Linear(hidden, 1, bias=False)
-        with torch.no_grad():
-            reward_head.weight.copy_(rm_state[head_key])
-            value_head.weight.copy_(rm_state[head_key])  # value starts from the RM's head
-        reward_head.requires_grad_(False)
+    heads = {
+        name: _add_reward_adapter(model, name, rm_dir, value_adapter, hidden)
+        for name, rm_dir in (reward_dirs or {}).items()
+    }
+    if REWARD in heads:
+        with torch.no_grad():  # the value head starts from the RM's score head
+            value_head.weight.copy_(heads[REWARD].weight)
     model.set_adapter(POLICY)
-    ppo = PPOModel(model, value_head, reward_head)
+    ppo = PPOModel(model, value_head, heads)
     ppo.set_trainable()
     return ppo, tokenizer
+
+
+def _add_reward_adapter(model, name: str, rm_dir: Path, like: AdapterSpec, hidden: int):
+    """Load a reward_model stage's LoRA as adapter ``name`` (frozen); return its score head."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from alignkit.models import peft_config
+
+    rm_state = load_file(str(rm_dir / "adapter" / "adapter_model.safetensors"))
+    head_key = next((k for k in rm_state if k.endswith("score.weight")), None)
+    if head_key is None:
+        raise UserError(f"{rm_dir}: the reward adapter has no saved score head")
+    rm_config = json.loads((rm_dir / "adapter" / "adapter_config.json").read_text())
+    lora = like.model_copy(
+        update={
+            "type": "lora",
+            "r": rm_config["r"],
+            "alpha": rm_config["lora_alpha"],
+            "target_modules": rm_config["target_modules"],
+            "modules_to_save": [],
+            "use_rslora": rm_config.get("use_rslora", False),
+            "use_dora": rm_config.get("use_dora", False),
+        }
+    )
+    model.add_adapter(name, peft_config(lora))
+    lora_state = {k: v for k, v in rm_state.items() if "lora_" in k}
+    result = set_peft_model_state_dict(model, lora_state, adapter_name=name)
+    if result.unexpected_keys:
+        raise UserError(
+            f"{rm_dir}: reward adapter does not fit the base: {result.unexpected_keys[:3]}"
+        )
+    head = nn.Linear(hidden, 1, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(rm_state[head_key])
+    head.requires_grad_(False)
+    return head

@@ -8,14 +8,17 @@ stage reloads to the same scores (see :mod:`alignkit.rewards.reward_model`). Wit
 
 from __future__ import annotations
 
+import random
+from dataclasses import asdict
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from alignkit.config import AdapterSpec, DataSpec, StageBase
+from alignkit.config import AdapterSpec, DataSpec, StageBase, Strict
 from alignkit.errors import UserError
 from alignkit.pipeline import StageContext, StageResult
+from alignkit.rundir import write_json_atomic
 from alignkit.training import (
     make_trl_trainer,
     snapshot_adapter,
@@ -25,6 +28,31 @@ from alignkit.training import (
 
 #: Names classification heads go by in transformers models.
 HEAD_NAMES = ("score", "classifier")
+PROBE_FILE = "rm_probe.json"
+
+
+class MixSpec(Strict):
+    """More preference pairs mixed into a reward model's training data."""
+
+    stage: str | None = None
+    """A finished ``rollout`` stage of this run (its on-policy pairs)."""
+    source: str | None = None
+    """Or any preference source (file, Hub dataset, builtin)."""
+    split: str | None = "train"
+    weight: float = Field(1.0, gt=0)
+    """Copies of these rows in the training data: 2 doubles them, 0.5 keeps a seeded half."""
+    eval_size: int = Field(128, ge=0)
+    """Rows held out to report accuracy on this data alone (``eval_<name>_accuracy``)."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> MixSpec:
+        if (self.stage is None) == (self.source is None):
+            raise ValueError("give a mix entry either stage (a rollout stage) or source")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.stage or Path(self.source).stem.replace("-", "_")
 
 
 class RewardModelStageConfig(StageBase):
@@ -43,6 +71,18 @@ class RewardModelStageConfig(StageBase):
     """Coefficient of the reward-centering term (mean squared reward), e.g. 0.01; off when null."""
     max_length: int = 1024
     """Pairs longer than this (tokens, either side) are dropped from training."""
+    mix: list[MixSpec] = []
+    """Pairs trained beside ``data``: e.g. ``[{stage: onpolicy}]``, comparisons of the policy's
+    own samples, so the RM scores what the policy writes (InstructGPT's recipe)."""
+    seed_offset: int = 0
+    """Added to the run's seed for this stage (adapter init, data order): a second RM with
+    another offset is an ensemble member, e.g. PPO's ``heldout_reward_model``."""
+    probe: bool = True
+    """After training, score degenerate answers (empty, ".", 1-3 words, fragments, repeats)
+    against the held-out chosen answers; recorded as ``rm_probe/*`` (see rewards/sanity.py)."""
+
+    def uses_stages(self) -> list[str]:
+        return [m.stage for m in self.mix if m.stage is not None]
 
 
 def run(cfg: RewardModelStageConfig, ctx: StageContext) -> StageResult:
@@ -53,9 +93,13 @@ def run(cfg: RewardModelStageConfig, ctx: StageContext) -> StageResult:
     from alignkit.data.split import train_eval_rows
     from alignkit.models import count_parameters, save_stage_model, torch_dtype
 
-    torch.manual_seed(ctx.seed)
+    seed = ctx.seed + cfg.seed_offset
+    torch.manual_seed(seed)
     # 1. data: every row validated before any model is loaded
     train_rows, eval_rows = train_eval_rows(cfg.data, load_preference, ctx.seed)
+    mixed = [_mix_rows(m, ctx) for m in cfg.mix]
+    for extra, _ in mixed:
+        train_rows = train_rows + extra
     if cfg.from_sft and ctx.parent is None:
         raise UserError(f"{ctx.where}.from_sft: true needs `from: <sft stage>`")
 
@@ -76,7 +120,7 @@ def run(cfg: RewardModelStageConfig, ctx: StageContext) -> StageResult:
         RewardConfig,
         cfg.train,
         output_dir=ctx.checkpoint_dir,
-        seed=ctx.seed,
+        seed=seed,
         where=ctx.where,
         max_length=cfg.max_length,
         center_rewards_coefficient=cfg.center_rewards,
@@ -98,6 +142,14 @@ def run(cfg: RewardModelStageConfig, ctx: StageContext) -> StageResult:
     if eval_ds is not None:
         metrics["heldout_pairwise_accuracy"] = metrics["eval_accuracy"]
     metrics["train_rows"], metrics["eval_rows"] = float(len(train_rows)), float(len(eval_rows))
+    for spec, (_, held) in zip(cfg.mix, mixed, strict=True):
+        if held:
+            prefix = f"eval_{spec.label}"
+            found = trainer.evaluate(_dataset(held, cfg.use_margin), metric_key_prefix=prefix)
+            # TRL's RewardTrainer logs its accuracy as eval_accuracy whatever the prefix
+            metrics[f"{prefix}_accuracy"] = found.get(f"{prefix}_accuracy", found["eval_accuracy"])
+    if cfg.probe and eval_rows and ctx.is_main:
+        metrics.update(_probe(trainer.model, tokenizer, cfg, eval_rows, ctx))
 
     # 5. save adapter + score head (or the full model) with the tokenizer and scoring settings
     sub = "adapter" if adapter.type != "full" else "model"
@@ -156,6 +208,55 @@ def load_reward_model_for_training(spec, adapter: AdapterSpec, sft_dir: Path | N
             f"{sft_dir}/adapter does not fit the reward model: {result.unexpected_keys[:3]}"
         )
     return model, tokenizer
+
+
+def _mix_rows(spec: MixSpec, ctx: StageContext) -> tuple[list[dict], list[dict]]:
+    """(training rows with ``weight`` applied, held-out rows) of one mix entry."""
+    from alignkit.data.preference import load_preference
+    from alignkit.rollouts.best_of_n import PREFERENCES_FILE
+
+    if spec.stage is not None:
+        stage = ctx.finished_stage(spec.stage, "mix.stage", ("rollout",))
+        path = stage.dir / PREFERENCES_FILE
+        if not path.is_file():
+            raise UserError(
+                f"{ctx.where}.mix: rollout stage {spec.stage!r} wrote no pairs (it has no "
+                "labeller or labels)"
+            )
+        rows = load_preference(str(path)).rows
+    else:
+        rows = load_preference(spec.source, spec.split).rows
+    if not rows:
+        raise UserError(f"{ctx.where}.mix: {spec.label!r} has no preference pairs")
+    rng = random.Random(f"{ctx.seed}:{spec.label}")
+    rows = rng.sample(rows, len(rows))
+    held = rows[: min(spec.eval_size, len(rows) // 5)]
+    train = rows[len(held) :]
+    whole, frac = divmod(spec.weight, 1.0)
+    weighted = train * int(whole) + train[: round(frac * len(train))]
+    ctx.console.print(f"mix {spec.label}: {len(weighted)} training pairs, {len(held)} held out")
+    return weighted, held
+
+
+def _probe(model, tokenizer, cfg, eval_rows: list[dict], ctx: StageContext) -> dict[str, float]:
+    """The RM sanity probe on the trained model; warns about flagged categories."""
+    from alignkit.rewards.reward_model import RewardModelScorer
+    from alignkit.rewards.sanity import probe_reward_model
+
+    scorer = RewardModelScorer(model, tokenizer, max_length=cfg.max_length)
+    result = probe_reward_model(scorer, eval_rows[:128], seed=ctx.seed)
+    model.train()
+    write_json_atomic(ctx.out_dir / PROBE_FILE, {**asdict(result), "flagged": result.flagged})
+    for category in result.flagged:
+        best = result.examples[category][0]
+        ctx.console.print(
+            f"[bold yellow]RM probe warning[/] {ctx.where}: {category} answers score "
+            f"{result.means[category]:.3g} on average, above the held-out chosen answers' "
+            f"{result.chosen_mean:.3g} (e.g. {best[0]!r}: {best[1]:.3g}); a policy trained on "
+            "this RM will drift there. Mix comparisons of the policy's own samples into its "
+            "data (a rollout stage in mix)."
+        )
+    return result.metrics()
 
 
 def _dataset(rows: list[dict], use_margin: bool):

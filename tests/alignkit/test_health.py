@@ -72,6 +72,20 @@ def test_reward_rising_while_gold_falls_is_reward_hacking(tmp_path):
     )
 
 
+def test_training_reward_rising_while_a_heldout_rm_falls_trips_without_gold(tmp_path):
+    m = monitor(tmp_path, heldout_reward_drop=0.3)
+    trips = feed(m, [(0, {"reward": 0.0, "heldout_reward": 0.0}),
+                     (10, {"reward": 1.0, "heldout_reward": 0.4}),
+                     (20, {"reward": 2.0, "heldout_reward": 0.2}),
+                     (30, {"reward": 3.0, "heldout_reward": 0.0})])  # fmt: skip
+    assert [(t.check, t.step) for t in trips] == [("reward_vs_heldout_rm", 30)]
+    assert "held-out RM score fell 0.400 -> 0.000" in trips[0].message
+    (tmp_path / "ok").mkdir()
+    agree = monitor(tmp_path / "ok")
+    assert not feed(agree, [(0, {"reward": 0.0, "heldout_reward": 0.0}),
+                            (10, {"reward": 2.0, "heldout_reward": 1.5})])  # fmt: skip
+
+
 def test_stop_raises_and_the_record_survives_for_status_and_resume(tmp_path):
     m = monitor(tmp_path, on_trip="stop")
     m.observe(0, {"kl": 1.0, "length": 10})

@@ -14,7 +14,7 @@ from alignkit.stages import REGISTRY, stage_kinds
 from alignkit.stages import ppo_core as core
 from alignkit.stages.ppo import PPOStageConfig
 from alignkit.stages.ppo_loop import PPOTrainer
-from alignkit.stages.ppo_model import REFERENCE, REWARD
+from alignkit.stages.ppo_model import HELDOUT_REWARD, REFERENCE, REWARD
 
 PROMPTS = ["Topic: river garden", "Topic: school music"]
 COMPLETIONS = ["the river is bright and lovely .", "sad awful music"]
@@ -33,7 +33,7 @@ def run_dir(tmp_path_factory, tiny_pipeline_cfg):
     return RunDir(root)
 
 
-def make(rd, out_dir, resume=None, spec=None, **over):
+def make(rd, out_dir, resume=None, spec=None, heldout=None, **over):
     fields = {
         "name": "ppo",
         "data": {"source": "builtin:prompts", "max_rows": 64},
@@ -54,7 +54,8 @@ def make(rd, out_dir, resume=None, spec=None, **over):
         resume_from=resume, console=Console(quiet=True),
     )  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
-    return PPOTrainer(cfg, ctx, rd.stage_dir("rm"))
+    rms = {REWARD: rd.stage_dir("rm"), **(heldout or {})}
+    return PPOTrainer(cfg, ctx, rms)
 
 
 def test_ppo_adapters_start_right_and_only_policy_and_value_move(run_dir, tmp_path):
@@ -178,3 +179,49 @@ def test_vllm_rollouts_get_the_policy_adapter_after_every_update(run_dir, tmp_pa
     assert trainer.train()["global_step"] == 3
     assert seen == ["step-1", "step-2", "step-3"]  # a fresh copy for each step's rollouts
     assert not (tmp_path / "ppo" / ppo_loop.ROLLOUT_ADAPTER).exists()  # not left in the stage
+
+
+def test_truncated_answers_are_scored_as_cut_and_penalised(run_dir, tmp_path):
+    trainer = make(run_dir, tmp_path / "ppo")
+    scorer = trainer.scorer
+    whole = scorer.encode(PROMPTS[0], COMPLETIONS[0])
+    cut = scorer.encode(PROMPTS[0], COMPLETIONS[0], truncated=True)
+    end = trainer.tokenizer.eos_token_id
+    assert end in whole[len(cut) - 1 :] and cut[-1] != end and whole[: len(cut)] == cut
+    as_cut = scorer(PROMPTS, COMPLETIONS, finish_reason=["length", "stop"])
+    as_whole = scorer(PROMPTS, COMPLETIONS)
+    assert as_cut[0] != as_whole[0] and as_cut[1] == as_whole[1]
+    # an RM scores: the missing-EOS penalty defaults to one (normalised) unit
+    assert trainer.cfg.eos_penalty == 1.0
+    raw = torch.tensor([0.5, 0.5])
+    shaped = trainer._shape_scores(raw, ["length", "stop"])
+    assert shaped[1] - shaped[0] == pytest.approx(1.0)
+
+
+def test_scores_are_normalised_once_then_fixed_and_clipped(run_dir, tmp_path):
+    trainer = make(run_dir, tmp_path / "ppo", score_clip=2.0, missing_eos_penalty=0.0)
+    first = trainer._shape_scores(torch.tensor([1.0, 3.0, 5.0, 7.0]), ["stop"] * 4)
+    assert first.mean().abs() < 1e-6
+    mean, std = trainer.score_stats.mean, trainer.score_stats.std
+    later = trainer._shape_scores(torch.tensor([4.0, 100.0, -100.0]), ["stop"] * 3)
+    assert (trainer.score_stats.mean, trainer.score_stats.std) == (mean, std)  # fixed
+    assert later.tolist() == pytest.approx([0.0, 2.0, -2.0])  # clipped to +-score_clip
+    running = make(run_dir, tmp_path / "run", normalize_scores="running")
+    running._shape_scores(torch.tensor([1.0, 3.0]), ["stop"] * 2)
+    running._shape_scores(torch.tensor([11.0, 13.0]), ["stop"] * 2)
+    assert running.score_stats.mean == pytest.approx(7.0)
+    assert PPOStageConfig.model_validate(
+        {"name": "p", "data": {"source": "x"}, "rewards": ["gold"], "normalize_scores": False}
+    ).normalize_scores == "none"
+
+
+def test_a_heldout_reward_model_watches_every_rollout(run_dir, tmp_path):
+    trainer = make(run_dir, tmp_path / "ppo", heldout={HELDOUT_REWARD: run_dir.stage_dir("rm")})
+    assert HELDOUT_REWARD in trainer.model.peft.peft_config
+    # the same RM twice: the held-out adapter scores exactly like the training one
+    assert trainer.heldout_scorer(PROMPTS, COMPLETIONS) == pytest.approx(
+        trainer.scorer(PROMPTS, COMPLETIONS), abs=1e-5
+    )
+    trainer.train()
+    rows = (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()
+    assert all("heldout_rm_score" in r for r in rows)
