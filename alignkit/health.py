@@ -24,6 +24,9 @@ The checks:
   task, words outside its vocabulary) above ``max_invalid`` (and above baseline).
 - ``reward_vs_gold``: the training reward is above its value at the best gold check while the
   held-out gold reward fell more than ``gold_drop`` below that best (reward hacking).
+- ``rm_blind_spots`` (PPO on a reward_model stage, before training): the RM's sanity probe
+  (:mod:`alignkit.rewards.sanity`) flagged degenerate answers it scores above real ones. It
+  needs no gold and fires before the policy has moved at all.
 - ``reward_vs_heldout_rm``: the same with a second, held-out reward model in place of gold
   (PPO's ``heldout_reward_model``): reward hacking seen without a gold reward.
 """
@@ -203,6 +206,13 @@ class HealthMonitor:
             if key in now and now[key] > max(limit, first.get(key, 0.0)):
                 trip(check, key, now[key], limit,
                      f"{key} rate {now[key]:.2f} above {limit:g} (start {first.get(key, 0):.2f})")  # fmt: skip
+        if now.get("rm_flagged", 0) > 0:
+            trip("rm_blind_spots", "rm_flagged", now["rm_flagged"], 0,
+                 f"the reward model's sanity probe flagged {now['rm_flagged']:g} kind(s) of "
+                 "degenerate answer (empty, '.', 1-3 words, fragments, repeats) scoring above "
+                 "its held-out chosen answers (see its rm_probe.json): the policy will find them. "
+                 "Train the RM on comparisons of the policy's own samples (a rollout stage in "
+                 "reward_model.mix)")  # fmt: skip
         for key, drop, check, what in (
             ("gold", s.gold_drop, "reward_vs_gold", "held-out gold"),
             ("heldout_reward", s.heldout_reward_drop, "reward_vs_heldout_rm", "held-out RM score"),

@@ -54,6 +54,8 @@ def pipeline(methods: list[str], quick: bool, seed: int) -> dict:
         "grpo": next(s for s in grpo["stages"] if s["kind"] == "grpo"),
     }
     stages = [by_name["sft"]]
+    if "ppo" in methods:  # PPO trains on the quickstart's reward model (with on-policy pairs)
+        stages += [by_name["onpolicy"], by_name["reward_model"]]
     for method in methods:
         field, values, fixed = SWEEPS[method]
         for value in QUICK[method] if quick else values:
@@ -98,7 +100,8 @@ def main() -> None:
     cfg = validate_pipeline(raw, stage_kinds(), where="frontier")
     t0 = time.time()
     run_pipeline(cfg, REGISTRY, run_dir, Console(stderr=True))
-    rows = collect(RunDir(run_dir), raw["stages"][1:])
+    swept = [s for s in raw["stages"] if s["name"].startswith(tuple(SWEEPS))]
+    rows = collect(RunDir(run_dir), swept)
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, args.out / "frontier.csv")
     plot(rows, args.out / "frontier.png")

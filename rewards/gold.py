@@ -10,8 +10,11 @@ band (at most 0.5). Only meaningful on the builtin task (``builtin:sft``/``prefe
 
 ``gold_content`` is its content term alone, ``(positive - negative words) / words`` in [-1, 1]:
 a format-free measure of what the gold reward values.
+
+``gold_valid`` is 1 for an answer whose every word is in the task's vocabulary, else 0: its mean
+is the share of samples free of word fragments and stray bytes (the builtin model's own quality).
 """
 
-from alignkit.builtin.task import gold_content, gold_reward
+from alignkit.builtin.task import gold_content, gold_reward, gold_valid
 
-__all__ = ["gold_content", "gold_reward"]
+__all__ = ["gold_content", "gold_reward", "gold_valid"]

@@ -3,6 +3,7 @@
 A spec is one of
 - ``gold``: the builtin task's hidden gold reward (:mod:`alignkit.rewards.gold`);
   ``gold_content``: its content term alone (sentiment balance, no format terms);
+  ``gold_valid``: 1 when every word of the answer is in the task's vocabulary, else 0;
 - a rule from :mod:`alignkit.rewards.rules`, optionally with parameters: ``length``,
   ``"length(max_words=50)"``, ``"format(pattern='^Answer:')"`` (values are Python literals);
 - ``module:function``: any importable reward function, e.g. ``my_pkg.rewards:brevity``;
@@ -30,7 +31,11 @@ from alignkit.errors import UserError
 from alignkit.rewards import rules
 
 RewardFn = Callable[..., list[float]]
-GOLD = {"gold": "gold_reward", "gold_content": "gold_content"}  # the builtin task's measures
+GOLD = {  # the builtin task's measures
+    "gold": "gold_reward",
+    "gold_content": "gold_content",
+    "gold_valid": "gold_valid",
+}
 ACCEPTED = (
     "gold, gold_content, a rule ({rules}), module:function, or a reward-model directory "
     "(a reward-model stage, a sequence-classification checkpoint or adapter)"

@@ -7,9 +7,11 @@ steps (measured on the builtin task: "." scored 9.1 against 2.1 for held-out ans
 probe needs no gold reward: it scores such answers, built from the held-out prompts and the
 words of the held-out chosen answers, against those chosen answers themselves.
 
-A category is *flagged* when its mean score reaches the chosen answers' mean: the RM prefers
-that kind of degenerate answer to a real one on average, and a policy trained on it will drift
-there. Train the RM on comparisons of the policy's own samples (a ``rollout`` stage mixed into
+A category is *flagged* when more than :data:`FLAG_SHARE` of its answers score above the
+chosen answers' mean: an RL policy looks for the best-scoring answer, not the average one, so a
+degenerate answer that beats a typical real answer on one prompt in ten is a hole it will find
+(measured on the builtin task: the RM trained on offline pairs alone had 38% of "." answers
+above the chosen mean, and PPO on it drifted to one-word answers). Train the RM on comparisons of the policy's own samples (a ``rollout`` stage mixed into
 ``reward_model.mix``) to cover them.
 """
 
@@ -17,10 +19,12 @@ from __future__ import annotations
 
 import random
 import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 CATEGORIES = ("empty", "period", "short", "fragments", "repeated")
+FLAG_SHARE = 0.1
 
 
 @dataclass
@@ -29,12 +33,12 @@ class ProbeResult:
     means: dict[str, float]
     """Mean score per category."""
     above_chosen: dict[str, float]
-    """Share of each category's answers scoring above the chosen mean."""
+    """Share of each category's answers scoring above the chosen mean (flagged above 0.1)."""
     examples: dict[str, list[tuple[str, float]]]
 
     @property
     def flagged(self) -> list[str]:
-        return [c for c, m in self.means.items() if m >= self.chosen_mean]
+        return [c for c, share in self.above_chosen.items() if share > FLAG_SHARE]
 
     def metrics(self) -> dict[str, float]:
         out = {"rm_probe/chosen_mean": self.chosen_mean}
@@ -46,7 +50,8 @@ class ProbeResult:
 
 
 def degenerate_answers(words: Sequence[str], rng: random.Random, k: int) -> dict[str, list[str]]:
-    """``k`` answers per category from a pool of real ``words``."""
+    """``k`` answers per category from real ``words``, most frequent first (repeats use one
+    of the ten most frequent: in any language those are function words, "the the the ...")."""
     words = list(words) or ["the"]
 
     def fragment() -> str:
@@ -59,7 +64,7 @@ def degenerate_answers(words: Sequence[str], rng: random.Random, k: int) -> dict
         "period": ["."] * k,
         "short": [" ".join(rng.choices(words, k=rng.randint(1, 3))) for _ in range(k)],
         "fragments": [" ".join(fragment() for _ in range(rng.randint(1, 4))) for _ in range(k)],
-        "repeated": [" ".join([rng.choice(words)] * rng.randint(8, 20)) for _ in range(k)],
+        "repeated": [" ".join([rng.choice(words[:10])] * rng.randint(8, 20)) for _ in range(k)],
     }
 
 
@@ -79,7 +84,8 @@ def probe_reward_model(
     chosen = [_text(r["chosen"]) for r in rows]
     chosen_scores = score(prompts, chosen)
     chosen_mean = sum(chosen_scores) / len(chosen_scores)
-    words = sorted({w for text in chosen for w in re.findall(r"[^\W\d_]+", text)})
+    counts = Counter(w for text in chosen for w in re.findall(r"[^\W\d_]+", text))
+    words = [w for w, _ in sorted(counts.items(), key=lambda wc: (-wc[1], wc[0]))]
     answers = degenerate_answers(words, rng, per_category)
     probe_prompts = [rng.choice(prompts) for _ in range(per_category)]
     means, above, examples = {}, {}, {}

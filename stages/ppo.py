@@ -158,7 +158,10 @@ def run(cfg: PPOStageConfig, ctx: StageContext) -> StageResult:
             continue
         field = "reward_model" if key == REWARD else "heldout_reward_model"
         rm = ctx.finished_stage(name, field, ("reward_model",))
-        if rm.record["base_model"]["name"] == ctx.model.name and rm.record["adapter_type"] == "lora":
+        if (
+            rm.record["base_model"]["name"] == ctx.model.name
+            and rm.record["adapter_type"] == "lora"
+        ):
             reward_dirs[key] = rm.dir  # an adapter on PPO's own base
         elif key == REWARD:  # another base (or fully fine-tuned): loaded on its own
             cfg = cfg.model_copy(update={"rewards": [*cfg.rewards, str(rm.dir)]})

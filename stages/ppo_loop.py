@@ -106,8 +106,16 @@ class PPOTrainer:
             for name, rm_dir in reward_dirs.items()
         }
         self.scorer = scorers.get(REWARD)
+        # what the training RM's sanity probe found (rewards/sanity.py), for the health check
+        self.rm_flagged = (
+            json.loads((reward_dirs[REWARD] / STAGE_FILE).read_text())["metrics"].get(
+                "rm_probe/flagged", 0.0
+            )
+            if REWARD in reward_dirs
+            else 0.0
+        )
         self.heldout_scorer = scorers.get(HELDOUT_REWARD)
-        self.heldout_stats = RunningMoments()
+        self.heldout_stats, self.proxy_stats = RunningMoments(), RunningMoments()
         self.reward_fn = resolve_rewards(cfg.rewards) if cfg.rewards else None
         self.optimizer = torch.optim.AdamW(
             [
@@ -140,7 +148,7 @@ class PPOTrainer:
     def train(self) -> dict[str, float]:
         history: list[dict] = []
         if self.health is not None and not self.health.monitor.has_baseline:
-            self.health.check(self.step, {})
+            self.health.check(self.step, {"rm_flagged": self.rm_flagged})
         bar = tqdm(
             range(self.step, self.cfg.steps), initial=self.step, total=self.cfg.steps, desc="ppo"
         )
@@ -209,7 +217,7 @@ class PPOTrainer:
         advantages = core.masked_whiten(advantages, cmask)
         lengths = cmask.sum(1)
         stats = {
-            **self._heldout_scores(prompts, batch),
+            **self._heldout_scores(prompts, batch, scores_raw),
             "score_mean": scores_raw.mean().item(),
             "score_std": scores_raw.std().item() if len(scores_raw) > 1 else 0.0,
             "kl": (core.kl_estimate(old_logp, ref_logp, "k1") * cmask).sum(1).mean().item(),
@@ -357,18 +365,27 @@ class PPOTrainer:
             total += torch.tensor(self.reward_fn(prompts, texts, **meta), dtype=torch.float)
         return total.to(self.accelerator.device)
 
-    def _heldout_scores(self, prompts, batch) -> dict[str, float]:
-        """The held-out RM's mean score of these rollouts, normalised by its first step's
-        statistics (so it reads in the same units as the training score's ``score_z``)."""
+    def _heldout_scores(self, prompts, batch, scores_raw: torch.Tensor) -> dict[str, float]:
+        """What the held-out RM says of these rollouts, each RM's scores in units of its own
+        first step (the starting policy): ``heldout_rm_score`` (its mean), ``proxy_score``
+        (the training score's mean in the same units) and ``rm_disagreement`` (mean absolute
+        difference per sample: grows when the policy writes what the two RMs never learned)."""
         if self.heldout_scorer is None:
             return {}
-        raw = torch.tensor(
+        held = torch.tensor(
             self.heldout_scorer(prompts, batch.completion_text, finish_reason=batch.finish_reason)
         )
-        if self.heldout_stats.count == 0:
-            self.heldout_stats.update(raw)
-        z = (raw - self.heldout_stats.mean) / self.heldout_stats.std
-        return {"heldout_rm_score": z.mean().item()}
+        proxy = scores_raw.detach().cpu().float()
+        for stats, values in ((self.heldout_stats, held), (self.proxy_stats, proxy)):
+            if stats.count == 0:
+                stats.update(values)
+        z_held = (held - self.heldout_stats.mean) / self.heldout_stats.std
+        z_proxy = (proxy - self.proxy_stats.mean) / self.proxy_stats.std
+        return {
+            "heldout_rm_score": z_held.mean().item(),
+            "proxy_score": z_proxy.mean().item(),
+            "rm_disagreement": (z_proxy - z_held).abs().mean().item(),
+        }
 
     def _shape_scores(self, raw: torch.Tensor, finish_reason: list[str]) -> torch.Tensor:
         """Normalise (fixed or running statistics), clip, then subtract the missing-EOS penalty."""
@@ -412,6 +429,7 @@ class PPOTrainer:
             "kl_coef": self.kl.value,
             "score_stats": vars(self.score_stats),
             "heldout_stats": vars(self.heldout_stats),
+            "proxy_stats": vars(self.proxy_stats),
             "torch_rng": torch.get_rng_state(),
             "step": self.step,
         }
@@ -434,6 +452,7 @@ class PPOTrainer:
         self.kl.value = state["kl_coef"]
         vars(self.score_stats).update(state["score_stats"])
         vars(self.heldout_stats).update(state.get("heldout_stats", {}))
+        vars(self.proxy_stats).update(state.get("proxy_stats", {}))
         torch.set_rng_state(state["torch_rng"])
         self.step = state["step"]
         self.last_checkpoint = path.name

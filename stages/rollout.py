@@ -172,7 +172,7 @@ def _join_labels(rows: list[dict], path: Path, where: str) -> list[dict]:
             labels[(str(row["prompt_id"]), int(row["sample"]))] = float(row["reward"])
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(
-                f"{path}:{i}: a label row is {{\"prompt_id\", \"sample\", \"reward\"}} ({e})"
+                f'{path}:{i}: a label row is {{"prompt_id", "sample", "reward"}} ({e})'
             ) from None
     out = [
         {**r, "reward": labels[(r["prompt_id"], r["sample"])]}

@@ -16,8 +16,9 @@ def test_frontier_sweep_is_a_valid_pipeline_with_one_stage_per_value():
     for quick in (False, True):
         raw = frontier.pipeline(list(frontier.SWEEPS), quick, seed=0)
         cfg = validate_pipeline(raw, stage_kinds())
-        swept = cfg.stages[1:]
+        swept = [s for s in cfg.stages if s.name.startswith(tuple(frontier.SWEEPS))]
         assert cfg.stages[0].kind == "sft" and all(s.from_ == "sft" for s in swept)
+        assert [s.kind for s in cfg.stages[1:3]] == ["rollout", "reward_model"]  # PPO's RM
         for method, (field, values, _) in frontier.SWEEPS.items():
             got = [getattr(s, field) for s in swept if s.name.startswith(f"{method}_{field}_")]
             assert got == (frontier.QUICK[method] if quick else values)

@@ -29,6 +29,18 @@ def test_quickstart_meets_its_promises(tmp_path):
     m = {s: r["metrics"] for s, r in records.items()}
     assert m["sft"]["heldout_nll"] < m["sft"]["heldout_nll_base"] - 0.2
     assert m["reward_model"]["heldout_pairwise_accuracy"] >= 0.80
+    # RLHF: PPO's only reward is the run's learned RM, trained on the SFT policy's own samples
+    ppo_cfg = records["ppo"]["config"]
+    assert ppo_cfg["reward_model"] == "reward_model" and ppo_cfg["rewards"] == []
+    assert records["reward_model"]["config"]["mix"][0]["stage"] == "onpolicy"
+    onpolicy = json.loads((tmp_path / "onpolicy" / "stage.json").read_text())["metrics"]
+    assert onpolicy["pairs"] > 1000 and m["reward_model"]["eval_onpolicy_accuracy"] > 0.7
+    # the RM sanity probe ran and no degenerate kind of answer beats the held-out chosen mean
+    assert m["reward_model"]["rm_probe/flagged"] == 0
+    for kind in ("empty", "period", "short", "fragments", "repeated"):
+        assert (
+            m["reward_model"][f"rm_probe/{kind}_mean"] < m["reward_model"]["rm_probe/chosen_mean"]
+        )
     assert m["dpo"]["eval_rewards/accuracies"] >= 0.75
     # policy = reference = SFT at step 0: zero implicit rewards (the loss is ln 2 + the NLL term)
     assert m["dpo"]["before_eval_rewards/chosen"] == m["dpo"]["before_eval_rewards/rejected"] == 0

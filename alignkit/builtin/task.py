@@ -97,6 +97,19 @@ def gold_content(prompts, completions, **meta) -> list[float]:
     return [content_score(_text(c)) for c in completions]
 
 
+def is_valid(completion: str) -> bool:
+    """Every word (a "." after a word allowed) is in the task's vocabulary."""
+    return all(w in _VOCABULARY for w in completion.replace(".", " ").split())
+
+
+def gold_valid(prompts, completions, **meta) -> list[float]:
+    """1.0 for an answer with no word outside the task vocabulary (fragments, stray bytes),
+    else 0.0: its mean is the share of clean samples."""
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    return [float(is_valid(_text(c))) for c in completions]
+
+
 def gold_score(prompt: str, completion: str) -> float:
     """The gold reward of one completion; see :func:`gold_reward`."""
     topics = _TOPICS.intersection(re.findall(r"[a-z]+", prompt.lower()))

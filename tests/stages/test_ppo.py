@@ -210,9 +210,12 @@ def test_scores_are_normalised_once_then_fixed_and_clipped(run_dir, tmp_path):
     running._shape_scores(torch.tensor([1.0, 3.0]), ["stop"] * 2)
     running._shape_scores(torch.tensor([11.0, 13.0]), ["stop"] * 2)
     assert running.score_stats.mean == pytest.approx(7.0)
-    assert PPOStageConfig.model_validate(
-        {"name": "p", "data": {"source": "x"}, "rewards": ["gold"], "normalize_scores": False}
-    ).normalize_scores == "none"
+    assert (
+        PPOStageConfig.model_validate(
+            {"name": "p", "data": {"source": "x"}, "rewards": ["gold"], "normalize_scores": False}
+        ).normalize_scores
+        == "none"
+    )
 
 
 def test_a_heldout_reward_model_watches_every_rollout(run_dir, tmp_path):
