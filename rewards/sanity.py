@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 CATEGORIES = ("empty", "period", "short", "fragments", "repeated")
+_WORD = re.compile(r"[^\W\d_]+")
 FLAG_SHARE = 0.1
 
 
@@ -49,10 +50,14 @@ class ProbeResult:
         return out
 
 
-def degenerate_answers(words: Sequence[str], rng: random.Random, k: int) -> dict[str, list[str]]:
-    """``k`` answers per category from real ``words``, most frequent first (repeats use one
-    of the ten most frequent: in any language those are function words, "the the the ...")."""
+def degenerate_answers(
+    words: Sequence[str], neutral: Sequence[str], rng: random.Random, k: int
+) -> dict[str, list[str]]:
+    """``k`` answers per category from real ``words``; repeats use one of ``neutral``, words as
+    common in rejected answers as in chosen ones (in any language: function words, "the the the
+    ..."), so a repeat says nothing that makes an answer better."""
     words = list(words) or ["the"]
+    neutral = list(neutral) or words
 
     def fragment() -> str:
         word = rng.choice([w for w in words if len(w) > 3] or words)
@@ -64,7 +69,7 @@ def degenerate_answers(words: Sequence[str], rng: random.Random, k: int) -> dict
         "period": ["."] * k,
         "short": [" ".join(rng.choices(words, k=rng.randint(1, 3))) for _ in range(k)],
         "fragments": [" ".join(fragment() for _ in range(rng.randint(1, 4))) for _ in range(k)],
-        "repeated": [" ".join([rng.choice(words[:10])] * rng.randint(8, 20)) for _ in range(k)],
+        "repeated": [" ".join([rng.choice(neutral)] * rng.randint(8, 20)) for _ in range(k)],
     }
 
 
@@ -74,8 +79,8 @@ def probe_reward_model(
     per_category: int = 32,
     seed: int = 0,
 ) -> ProbeResult:
-    """Score held-out ``rows`` (``prompt``, ``chosen``: strings or message lists) and degenerate
-    answers to their prompts with ``score(prompts, completions)``."""
+    """Score held-out ``rows`` (``prompt``, ``chosen``, optionally ``rejected``: strings or
+    message lists) and degenerate answers to their prompts with ``score(prompts, completions)``."""
     rng = random.Random(seed)
     rows = list(rows)
     if not rows:
@@ -84,9 +89,14 @@ def probe_reward_model(
     chosen = [_text(r["chosen"]) for r in rows]
     chosen_scores = score(prompts, chosen)
     chosen_mean = sum(chosen_scores) / len(chosen_scores)
-    counts = Counter(w for text in chosen for w in re.findall(r"[^\W\d_]+", text))
-    words = [w for w, _ in sorted(counts.items(), key=lambda wc: (-wc[1], wc[0]))]
-    answers = degenerate_answers(words, rng, per_category)
+    chosen_words = Counter(w for text in chosen for w in _WORD.findall(text))
+    words = sorted(chosen_words)
+    rejected_words = Counter(
+        w for r in rows if "rejected" in r for w in _WORD.findall(_text(r["rejected"]))
+    )
+    both = {w: min(n, rejected_words[w]) for w, n in chosen_words.items() if rejected_words[w]}
+    neutral = [w for w, _ in sorted(both.items(), key=lambda wn: (-wn[1], wn[0]))][:10]
+    answers = degenerate_answers(words, neutral, rng, per_category)
     probe_prompts = [rng.choice(prompts) for _ in range(per_category)]
     means, above, examples = {}, {}, {}
     for category, texts in answers.items():
