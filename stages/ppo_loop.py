@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from alignkit.errors import UserError
+from alignkit.finite import NonFiniteError, nonfinite_names, stop_message
 from alignkit.rundir import STAGE_FILE
 from alignkit.stages import ppo_core as core
 from alignkit.stages.ppo_model import (
@@ -140,6 +140,7 @@ class PPOTrainer:
         self.kl = core.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
         self.score_stats = RunningMoments()
         self.step = 0
+        self._recent = None
         self.last_checkpoint: str | None = None
         if ctx.resume_from is not None:
             self._load(ctx.resume_from)
@@ -181,6 +182,8 @@ class PPOTrainer:
             if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
                 self._save()
         shutil.rmtree(self.ctx.out_dir / ROLLOUT_ADAPTER, ignore_errors=True)
+        if self.ctx.is_main and self.ctx.metrics_path.exists():  # the whole run, resumes included
+            history = [json.loads(x) for x in self.ctx.metrics_path.read_text().splitlines()]
         last = history[-min(10, len(history)) :] if history else []
         summary = {
             k: sum(r[k] for r in last) / len(last) for k in (last[0] if last else {}) if k != "step"
@@ -202,6 +205,7 @@ class PPOTrainer:
         batch = self._generate(prompts, sampling)
         gen_seconds = time.time() - t0
         ids, attn, pos, cmask, P = self._pack(batch.prompt_ids, batch.completion_ids)
+        self._recent = (ids[:4], attn[:4], pos[:4], P)  # for the check before a checkpoint
         scores_raw = self._scores(prompts, batch)
         scores = self._shape_scores(scores_raw, batch.finish_reason)
         model.eval()
@@ -403,16 +407,36 @@ class PPOTrainer:
     def _check_finite(self, what: str, value: torch.Tensor) -> None:
         if not torch.isfinite(value).all():
             where = self.last_checkpoint or "none yet"
-            raise UserError(
+            raise NonFiniteError(
                 f"{self.ctx.where}: non-finite {what} at step {self.step}; stopped. Last good "
                 f"checkpoint: {where} (kept; a re-run with the same config resumes there). "
                 "Lower learning_rate or raise kl_coef."
+            )
+
+    @torch.no_grad()
+    def _check_weights(self) -> None:
+        """Before a checkpoint: the trainable tensors are finite and still give finite logits
+        and values on a few of this step's sequences (weights that exploded without yet
+        overflowing would make the next step fail, and a resume would start from them)."""
+        bad = nonfinite_names((n, p) for n, p in self.model.named_parameters() if p.requires_grad)
+        if not bad and self._recent is not None:
+            ids, attn, pos, P = self._recent
+            self.model.eval()
+            logits = self.model.logits(ids, attn, pos)
+            values = self._values(ids, attn, pos, P)
+            bad = [n for n, t in (("policy logits", logits), ("values", values))
+                   if not torch.isfinite(t).all()]  # fmt: skip
+        if bad:
+            what = f"non-finite {', '.join(bad)} after the update"
+            raise NonFiniteError(
+                stop_message(self.ctx.where, what, self.step, self.last_checkpoint)
             )
 
     # --- checkpoints ------------------------------------------------------------------------
     def _save(self) -> None:
         from peft import get_peft_model_state_dict
 
+        self._check_weights()  # every rank: the same weights, and a raise must stop them all
         if not self.ctx.is_main:
             return
         root = self.ctx.checkpoint_dir
@@ -444,7 +468,8 @@ class PPOTrainer:
     def _load(self, path: Path) -> None:
         from peft import set_peft_model_state_dict
 
-        state = torch.load(path / "state.pt", weights_only=False)
+        # tensors, numbers and dicts only: a crafted checkpoint cannot run code on resume
+        state = torch.load(path / "state.pt", weights_only=True)
         set_peft_model_state_dict(self.model.peft, state["policy"], adapter_name="default")
         set_peft_model_state_dict(self.model.peft, state["value"], adapter_name=VALUE)
         self.model.value_head.load_state_dict(state["value_head"])

@@ -228,3 +228,16 @@ def test_a_heldout_reward_model_watches_every_rollout(run_dir, tmp_path):
     trainer.train()
     rows = (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()
     assert all("heldout_rm_score" in r for r in rows)
+
+
+def test_no_checkpoint_is_written_from_weights_that_exploded(run_dir, tmp_path):
+    from alignkit.finite import NonFiniteError
+
+    trainer = make(run_dir, tmp_path / "ppo", steps=1)
+    trainer.train()
+    with torch.no_grad():
+        next(trainer.model.policy_parameters()).fill_(1e38)  # finite, but the logits overflow
+    trainer.step = 5
+    with pytest.raises(NonFiniteError, match=r"stages\.ppo: non-finite .* at step 5; stopped"):
+        trainer._save()
+    assert not (tmp_path / "ppo" / "checkpoints" / "checkpoint-5").exists()
