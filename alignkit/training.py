@@ -133,7 +133,10 @@ def evaluate_before_training(trainer, ctx, prefix: str = "before_") -> dict[str,
     """Evaluate the untrained model once (the baseline a stage is judged against).
 
     The result is kept in the partial dir, so a resumed attempt reports the same baseline rather
-    than evaluating its half-trained checkpoint.
+    than evaluating its half-trained checkpoint. Called from inside ``train()`` (see
+    :class:`BaselineEvaluation`): an ``evaluate()`` before it makes accelerate prepare the model
+    for inference only, and the later ``prepare()`` for training then skips the DDP/DeepSpeed
+    wrap, so every rank would train its own copy.
     """
     saved = ctx.out_dir / "eval_before_training.json"
     if ctx.resume_from is not None and (kept := read_json_or_none(saved)) is not None:
@@ -145,6 +148,19 @@ def evaluate_before_training(trainer, ctx, prefix: str = "before_") -> dict[str,
     return metrics
 
 
+class BaselineEvaluation(TrainerCallback):
+    """Runs :func:`evaluate_before_training` at the start of ``train()``, after the trainer has
+    wrapped the model for (distributed) training."""
+
+    def __init__(self, trainer, ctx):
+        self.trainer, self.ctx = trainer, ctx
+        self.metrics: dict[str, float] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not self.metrics:
+            self.metrics = evaluate_before_training(self.trainer, self.ctx)
+
+
 def evaluate_after_training(trainer) -> dict[str, float]:
     return {k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, int | float)}
 
@@ -152,8 +168,11 @@ def evaluate_after_training(trainer) -> dict[str, float]:
 def train_and_evaluate(trainer, ctx, evaluate: bool) -> dict[str, float]:
     """Evaluate the untrained model (``before_*``), train (resuming an interrupted attempt from
     its checkpoint), evaluate again: the metrics a TRL-backed stage records."""
-    metrics = evaluate_before_training(trainer, ctx) if evaluate else {}
+    baseline = BaselineEvaluation(trainer, ctx)
+    if evaluate:
+        trainer.add_callback(baseline)
     trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
+    metrics = dict(baseline.metrics)
     metrics.update(final_train_metrics(trainer))
     if evaluate:
         metrics.update(evaluate_after_training(trainer))
