@@ -89,3 +89,55 @@ def test_only_rank_zero_wrote_the_run_directory(runs):
     manifest = json.loads((run / "manifest.json").read_text())
     assert [s["status"] for s in manifest["stages"]] == ["complete", "complete"]
     assert (run / "sft" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+PPO_WORKER = Path(__file__).with_name("ppo_worker.py")
+
+
+@pytest.fixture(scope="module")
+def ppo_ranks(tmp_path_factory, tiny_pipeline_cfg):
+    from rich.console import Console
+
+    from alignkit.config import validate_pipeline
+    from alignkit.pipeline import run_pipeline
+    from alignkit.stages import REGISTRY, stage_kinds
+
+    root = tmp_path_factory.mktemp("ppo-ddp")
+    raw = tiny_pipeline_cfg(root / "run", steps=2)
+    raw["stages"][0]["heldout"] = {"enabled": False}
+    raw["stages"].append(
+        {"name": "rm", "kind": "reward_model", "max_length": 64,
+         "data": {"source": "builtin:preference", "max_rows": 64, "eval_size": 0},
+         "train": {"max_steps": 2, "per_device_train_batch_size": 16, "learning_rate": 3e-3}}
+    )  # fmt: skip
+    run_pipeline(validate_pipeline(raw, stage_kinds()), REGISTRY, root / "run", Console(quiet=True))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={port}", str(PPO_WORKER), str(root / "run"), str(root)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads((root / f"rank{r}.json").read_text()) for r in (0, 1)], [
+        torch.load(root / f"rank{r}.pt") for r in (0, 1)
+    ]
+
+
+def test_ppo_ranks_sample_different_prompts_and_end_with_one_policy(ppo_ranks):
+    records, tensors = ppo_ranks
+    assert records[0]["world"] == records[1]["world"] == 2
+    assert set(records[0]["prompts"]).isdisjoint(records[1]["prompts"])
+    assert tensors[0].keys() == tensors[1].keys() and tensors[0]
+    for name in tensors[0]:
+        assert torch.allclose(tensors[0][name], tensors[1][name], atol=1e-6), name
+
+
+def test_ppo_whitens_advantages_over_both_ranks(ppo_ranks):
+    records, _ = ppo_ranks
+    adv = [torch.tensor(r["advantages"]) for r in records]
+    mask = [torch.tensor(r["mask"]) for r in records]
+    values = torch.cat([a[m.bool()] for a, m in zip(adv, mask, strict=True)])
+    assert values.mean().abs() < 1e-5 and values.var().sub(1).abs() < 1e-3  # union: 0 and 1
+    local = [a[m.bool()].mean().abs() for a, m in zip(adv, mask, strict=True)]
+    assert max(local) > 1e-3  # each rank alone is not centred: the statistics were global
