@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -253,7 +254,7 @@ def data_check(
         tok = load_tokenizer(resolve_model_path(ModelSpec(name=tokenizer)))
     report = check(source, split=split, tokenizer=tok)
     checks.print_report(report, console)
-    if report.problems:
+    if report.problems or report.refusal:
         raise typer.Exit(2)
 
 
@@ -340,8 +341,39 @@ def _quiet_libraries() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
+def _usage_errors() -> tuple[type, ...]:
+    """Click's usage-error base: typer >= 0.20 vendors click (``typer.TyperException``); older
+    typers raise click's own."""
+    kinds: list[type] = [t for t in (getattr(typer, "TyperException", None),) if t]
+    try:
+        import click
+
+        kinds.append(click.ClickException)
+    except ImportError:
+        pass
+    return tuple(kinds)
+
+
+def _abort_kinds() -> tuple[type, ...]:
+    kinds: list[type] = [KeyboardInterrupt, typer.Abort]
+    try:
+        import click
+
+        kinds.append(click.exceptions.Abort)
+    except ImportError:
+        pass
+    return tuple(kinds)
+
+
+def _terminate(signum, frame) -> None:
+    """SIGTERM (a scheduler's stop, ``kill``) ends the run like Ctrl-C: the stage is marked
+    interrupted and its checkpoints kept for a resume."""
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     _quiet_libraries()
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         code = app(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
@@ -350,13 +382,9 @@ def main() -> None:
         sys.exit(e.exit_code)
     except (typer.Exit, SystemExit) as e:
         sys.exit(getattr(e, "exit_code", getattr(e, "code", 0)))
-    except KeyboardInterrupt:
+    except _abort_kinds():
         err_console.print("interrupted; re-run the same command to resume")
         sys.exit(130)
-    except Exception as e:  # click usage errors come through here in non-standalone mode
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(2)
-        raise
+    except _usage_errors() as e:  # a mistyped command or option: usage, not a traceback
+        e.show()
+        sys.exit(getattr(e, "exit_code", 2) or 2)

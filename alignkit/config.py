@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from alignkit.errors import UserError
 
 BUILTIN_MODEL = "builtin:tiny"
+_STAGE_NAME = re.compile(r"[\w.-]{1,100}")
 
 
 class Strict(BaseModel):
@@ -148,6 +149,10 @@ class StageBase(Strict):
                 raise ValueError(
                     f"unknown trainer option 'train.{key}' for {cls.__name__}{_suggest(key, valid)}"
                 )
+        for key, value in self.train.items():
+            problem = _trainer_value_problem(cls, key, value)
+            if problem:
+                raise ValueError(f"train.{key}: {problem} (got {value!r})")
         return self
 
     def uses_stages(self) -> list[str]:
@@ -159,9 +164,62 @@ class StageBase(Strict):
     @field_validator("name")
     @classmethod
     def _name_is_dirname(cls, v: str) -> str:
-        if not v or "/" in v or v.startswith("."):
-            raise ValueError("stage name must be a plain directory name (no '/', no leading '.')")
+        if not _STAGE_NAME.fullmatch(v) or v.startswith("."):
+            raise ValueError(
+                "stage name must be a plain directory name: letters, digits, '_', '-', '.', at "
+                "most 100 characters, not starting with '.'"
+            )
+        if v in ("manifest.json", ".lock"):
+            raise ValueError(f"{v!r} is a file of the run directory; choose another stage name")
         return v
+
+
+#: Ranges for the trainer knobs users set most; a value outside fails at load time, not mid-run.
+_TRAIN_RANGES: dict[str, tuple[str, float]] = {
+    "learning_rate": (">", 0),
+    "per_device_train_batch_size": (">=", 1),
+    "per_device_eval_batch_size": (">=", 1),
+    "gradient_accumulation_steps": (">=", 1),
+    "num_train_epochs": (">", 0),
+    "max_length": (">=", 1),
+    "max_prompt_length": (">=", 1),
+    "max_completion_length": (">=", 1),
+    "logging_steps": (">", 0),
+    "save_steps": (">", 0),
+    "eval_steps": (">", 0),
+    "warmup_steps": (">=", 0),
+    "weight_decay": (">=", 0),
+    "max_grad_norm": (">=", 0),
+    "num_generations": (">=", 2),
+    "beta": (">=", 0),
+}
+
+
+def _trainer_value_problem(cls: type, key: str, value: Any) -> str | None:
+    """Why ``value`` cannot be TRL config ``cls``'s field ``key``, or None: its type (from the
+    dataclass annotation) and, for common knobs, its range. ``max_steps`` is -1 (epochs) or > 0."""
+    from pydantic import TypeAdapter
+
+    try:
+        hint = typing.get_type_hints(cls)[key]
+    except Exception:  # noqa: BLE001 (an annotation we cannot resolve: leave it to TRL)
+        hint = None
+    if hint is not None:
+        try:
+            value = TypeAdapter(hint).validate_python(value)
+        except ValidationError as e:
+            return e.errors()[0]["msg"].removeprefix("Value error, ")
+        except Exception:  # noqa: BLE001 (a type pydantic cannot build a validator for)
+            pass
+    if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if key == "max_steps" and not (value == -1 or value > 0):
+        return "must be a positive number of steps (or -1: train num_train_epochs)"
+    if key in _TRAIN_RANGES:
+        op, bound = _TRAIN_RANGES[key]
+        if (op == ">" and not value > bound) or (op == ">=" and not value >= bound):
+            return f"must be {op} {bound:g}"
+    return None
 
 
 def trainer_config_class(stage_cls: type[StageBase]) -> type:
@@ -215,7 +273,10 @@ def load_pipeline(
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        raw = read_yaml(path.read_text()) or {}
+        raw = read_yaml(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
@@ -363,7 +424,7 @@ def _format_errors(err: ValidationError, root: type[BaseModel], where: str) -> s
             lines.append(f"{where}: unknown key '{loc}'{_suggest(key, valid)}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"{where}: {loc or '(top level)'}: {msg}")
+            lines.append(f"{where}: {loc + ': ' if loc else ''}{msg}")
     return "\n".join(lines)
 
 

@@ -33,7 +33,6 @@ The checks:
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -44,6 +43,7 @@ from rich.markup import escape
 
 from alignkit.config import Strict
 from alignkit.errors import UserError
+from alignkit.rundir import read_json_or_none, write_json_atomic
 
 HEALTH_FILE = "health.json"
 SAMPLES_FILE = "samples.jsonl"
@@ -78,10 +78,9 @@ class HealthSpec(Strict):
 
 def health_summary(out_dir: Path) -> dict | None:
     """What ``stage.json`` records of a stage's checks: their count, the trips, the last values."""
-    path = out_dir / HEALTH_FILE
-    if not path.exists():
+    saved = read_json_or_none(out_dir / HEALTH_FILE)
+    if not isinstance(saved, dict):
         return None
-    saved = json.loads(path.read_text())
     history = saved.get("history", [])
     return {
         "checks": len(history),
@@ -113,8 +112,8 @@ class HealthMonitor:
         self.console = console or Console(stderr=True)
         self.history: list[dict] = []
         self.trips: list[Trip] = []
-        if self.path.exists():
-            saved = json.loads(self.path.read_text())
+        saved = read_json_or_none(self.path)
+        if isinstance(saved, dict):
             self.history = saved.get("history", [])
             self.trips = [Trip(**t) for t in saved.get("trips", [])]
 
@@ -147,7 +146,7 @@ class HealthMonitor:
 
     def _save(self) -> None:
         data = {"history": self.history, "trips": [asdict(t) for t in self.trips]}
-        self.path.write_text(json.dumps(data, indent=1))
+        write_json_atomic(self.path, data)
 
     # --- the checks -----------------------------------------------------------------------
     def _series(self, key: str) -> list[float]:

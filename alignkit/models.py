@@ -304,7 +304,7 @@ def merge_stage(stage_dir: str | Path, out_dir: str | Path) -> Path:
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"--out {out_dir}: exists and is not empty; choose a new directory")
     record = json.loads(record_file.read_text())
-    spec = ModelSpec.model_validate(record["base_model"])
+    spec = spec_from_record(record)
     if spec.quantization != "none":
         log.warning(
             "merging into the unquantized base weights (the stage trained on a %s base)",
@@ -333,3 +333,20 @@ def count_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+def spec_from_record(record: dict, **override) -> ModelSpec:
+    """The base model a finished stage names in its ``stage.json``: name, revision, dtype and
+    quantization only. Nothing that runs code (``trust_remote_code``) is ever taken from a run
+    directory, which may come from anyone; pass it explicitly (``override``) when it is meant."""
+    base = record.get("base_model") or {}
+    fields = {
+        "name": base.get("name", BUILTIN_MODEL),
+        "revision": base.get("revision"),
+        "dtype": base.get("dtype", "auto"),
+        "quantization": record.get("quantization", "none"),
+    }
+    try:
+        return ModelSpec(**{**fields, **override})
+    except ValueError as e:
+        raise UserError(f"stage.json names an unusable base model: {e}") from None

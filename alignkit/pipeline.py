@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from alignkit.config import (
     parent_of,
 )
 from alignkit.errors import UserError
-from alignkit.rundir import STAGE_FILE, RunDir, read_json
+from alignkit.rundir import STAGE_FILE, RunDir, checkpoint_step, read_json, trim_logs_to_step
 
 log = logging.getLogger(__name__)
 
@@ -191,56 +192,90 @@ def run_pipeline(
     from accelerate import PartialState
 
     console = console or Console()
-    state = PartialState()
+    state = PartialState(cpu=not _cuda())
     rd = RunDir(run_dir, is_main=state.is_main_process)
-    decisions = plan(cfg, rd)
-    if state.is_main_process:
-        print_plan(decisions, console)
-    manifest = _manifest(cfg, rd, decisions)
-    rd.write_manifest(manifest)
-    for i, d in enumerate(decisions):
-        if d.action == "skip":
-            continue
-        entry = manifest["stages"][i]
-        entry.update(status="running", started=_now())
-        rd.write_manifest(manifest)
-        resume = rd.state(d.stage.name).checkpoint if d.action == "resume" else None
-        out_dir = rd.begin_stage(d.stage.name, d.hash, resume=resume is not None)
-        state.wait_for_everyone()
-        parent = _parent_output(rd, d.parent)
-        ctx = StageContext(
-            name=d.stage.name,
-            model=cfg.model,
-            adapter=cfg.adapter,
-            seed=cfg.run.seed,
-            out_dir=out_dir,
-            parent=parent,
-            resume_from=resume,
-            console=console,
-            is_main=state.is_main_process,
-        )
+    with rd.lock():
+        decisions = plan(cfg, rd)
         if state.is_main_process:
-            console.rule(f"[bold]{d.stage.name}[/] ({d.stage.kind}): {d.action}")
-        started = time.time()
-        try:
-            result = registry[d.stage.kind].run(d.stage, ctx)
-        except BaseException:
-            entry.update(status="failed", **_health(out_dir))
-            rd.write_manifest(manifest)
-            raise
-        record = _stage_record(cfg, d, result, parent, started)
-        record["resumed_from"] = resume.name if resume else None
-        record.update(_health(out_dir))
-        state.wait_for_everyone()
-        rd.finish_stage(d.stage.name, record)
-        entry.update(status="complete", finished=_now(), metrics=result.metrics)
+            print_plan(decisions, console)
+        manifest = _manifest(cfg, rd, decisions)
         rd.write_manifest(manifest)
-        if state.is_main_process:
-            summary = ", ".join(f"{k}={v:.4g}" for k, v in _headline(result.metrics).items())
-            console.print(
-                f"[green]✓[/] {d.stage.name} complete in {time.time() - started:.0f}s  {summary}"
-            )
+        for i, d in enumerate(decisions):
+            if d.action != "skip":
+                _run_stage(cfg, registry, rd, d, manifest, manifest["stages"][i], state, console)
     return decisions
+
+
+def _run_stage(cfg, registry, rd: RunDir, d: Decision, manifest, entry, state, console) -> None:
+    from alignkit.finite import check_saved_weights
+
+    entry.update(status="running", started=_now())
+    rd.write_manifest(manifest)
+    resume = rd.state(d.stage.name).checkpoint if d.action == "resume" else None
+    out_dir = rd.begin_stage(d.stage.name, d.hash, resume=resume is not None)
+    if resume is not None and state.is_main_process:  # steps after the checkpoint run again
+        trim_logs_to_step(out_dir, checkpoint_step(resume))
+    state.wait_for_everyone()
+    parent = _parent_output(rd, d.parent)
+    ctx = StageContext(
+        name=d.stage.name,
+        model=cfg.model,
+        adapter=cfg.adapter,
+        seed=cfg.run.seed,
+        out_dir=out_dir,
+        parent=parent,
+        resume_from=resume,
+        console=console,
+        is_main=state.is_main_process,
+    )
+    if state.is_main_process:
+        console.rule(f"[bold]{d.stage.name}[/] ({d.stage.kind}): {d.action}")
+    started = time.time()
+    try:
+        result = registry[d.stage.kind].run(d.stage, ctx)
+        if state.is_main_process:
+            check_saved_weights(out_dir, ctx.where)  # NaN/inf never completes a stage
+    except BaseException as e:
+        _record_failure(rd, manifest, entry, out_dir, e, console)
+        raise
+    record = _stage_record(cfg, d, result, parent, started)
+    record["resumed_from"] = resume.name if resume else None
+    record.update(_health(out_dir))
+    state.wait_for_everyone()
+    rd.finish_stage(d.stage.name, record)
+    entry.update(status="complete", finished=_now(), metrics=result.metrics)
+    rd.write_manifest(manifest)
+    if state.is_main_process:
+        summary = ", ".join(f"{k}={v:.4g}" for k, v in _headline(result.metrics).items())
+        console.print(
+            f"[green]✓[/] {d.stage.name} complete in {time.time() - started:.0f}s  {summary}"
+        )
+
+
+def _record_failure(rd: RunDir, manifest, entry, out_dir: Path, error, console) -> None:
+    """Mark the stage failed or interrupted in the manifest and say what was kept. Never
+    raises: the original error is what the user must see (a full disk fails here too)."""
+    interrupted = isinstance(error, KeyboardInterrupt)
+    try:
+        entry.update(status="interrupted" if interrupted else "failed", **_health(out_dir))
+        rd.write_manifest(manifest)
+    except Exception as e:  # noqa: BLE001 (reporting must not hide the stage's error)
+        log.warning("could not record the stage's status in the manifest: %s", e)
+    if interrupted and rd.is_main:
+        from alignkit.rundir import latest_checkpoint
+
+        checkpoint = latest_checkpoint(out_dir / "checkpoints")
+        kept = f"its checkpoint {checkpoint.name} is kept" if checkpoint else "no checkpoint yet"
+        console.print(
+            f"[yellow]interrupted[/] stage {entry['name']}: {kept} in {out_dir}; re-run the "
+            "same command to resume"
+        )
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _manifest(cfg: PipelineConfig, rd: RunDir, decisions: list[Decision]) -> dict:
@@ -304,7 +339,7 @@ def _stage_record(cfg, d: Decision, result: StageResult, parent, started: float)
         "adapter_type": result.adapter_type,
         "outputs": result.outputs,
         "metrics": result.metrics,
-        "config": d.stage.model_dump(mode="json", by_alias=True),
+        "config": redact(d.stage.model_dump(mode="json", by_alias=True)),
         "adapter": cfg.adapter.model_dump(mode="json"),
         "seed": cfg.run.seed,
         "versions": {
@@ -329,6 +364,29 @@ HEADLINE_KEYS = (
     "train_loss",
     "global_step",
 )
+
+
+_SECRET = re.compile(r"(^|_)(token|api_?key|password|passwd|secret|credentials?)$", re.I)
+_TOKENIZER_TOKEN = re.compile(r"^(pad|eos|bos|unk|sep|cls|mask)_token$", re.I)
+
+
+def redact(value: Any) -> Any:
+    """A copy with the values of secret-looking keys (``hub_token``, ``*api_key*``,
+    ``*password*``, ``*secret*``) replaced: run directories get shared, secrets must not be."""
+    if isinstance(value, dict):
+        return {k: "***" if _is_secret(str(k), v) else redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
+def _is_secret(key: str, value: Any) -> bool:
+    return (
+        isinstance(value, str)
+        and value != ""
+        and bool(_SECRET.search(key))
+        and not _TOKENIZER_TOKEN.match(key)
+    )
 
 
 def _headline(metrics: dict) -> dict:

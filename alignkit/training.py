@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,8 @@ import torch
 from transformers import TrainerCallback
 
 from alignkit.errors import UserError
+from alignkit.finite import NonFiniteError, nonfinite_names, stop_message
+from alignkit.rundir import read_json_or_none, write_json_atomic
 
 
 def trl_args(
@@ -65,6 +68,41 @@ def restore_adapter(model, saved: dict[str, torch.Tensor]) -> None:
             p.data = saved[name]
 
 
+class FiniteGuard(TrainerCallback):
+    """Stops a TRL trainer at the first non-finite loss, grad norm or trainable tensor.
+
+    It must run before any callback that uses the model (the health probe) and before the
+    trainer's own save, both of which follow ``on_step_end``."""
+
+    def __init__(self, where: str):
+        self.where = where
+        self.last_checkpoint: str | None = None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            return
+        trainable = ((n, p) for n, p in model.named_parameters() if p.requires_grad)
+        bad = nonfinite_names(trainable)
+        if bad:
+            what = f"non-finite weights ({', '.join(bad)})"
+            raise NonFiniteError(
+                stop_message(self.where, what, state.global_step, self.last_checkpoint)
+            )
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "grad_norm"):
+            value = (logs or {}).get(key)
+            if isinstance(value, int | float) and not math.isfinite(value):
+                raise NonFiniteError(
+                    stop_message(
+                        self.where, f"{key} = {value}", state.global_step, self.last_checkpoint
+                    )
+                )
+
+    def on_save(self, args, state, control, **kwargs):
+        self.last_checkpoint = f"checkpoint-{state.global_step}"
+
+
 class MetricsCallback(TrainerCallback):
     """Append every trainer log (loss, lr, eval metrics) to ``metrics.jsonl`` on the main process."""
 
@@ -80,9 +118,12 @@ class MetricsCallback(TrainerCallback):
 
 
 def make_trl_trainer(trainer_cls, ctx, saved_adapter: dict[str, torch.Tensor], **kwargs):
-    """A TRL trainer that logs to the stage's metrics.jsonl (main process), with the adapter
-    weights of :func:`snapshot_adapter` put back after TRL's constructor cast them."""
-    callbacks = [MetricsCallback(ctx.metrics_path)] if ctx.is_main else []
+    """A TRL trainer that stops at the first non-finite value (:class:`FiniteGuard`) and logs to
+    the stage's metrics.jsonl (main process), with the adapter weights of
+    :func:`snapshot_adapter` put back after TRL's constructor cast them."""
+    callbacks = [FiniteGuard(ctx.where), *kwargs.pop("callbacks", [])]
+    if ctx.is_main:
+        callbacks.append(MetricsCallback(ctx.metrics_path))
     trainer = trainer_cls(callbacks=callbacks, **kwargs)
     restore_adapter(trainer.model, saved_adapter)
     return trainer
@@ -92,16 +133,32 @@ def evaluate_before_training(trainer, ctx, prefix: str = "before_") -> dict[str,
     """Evaluate the untrained model once (the baseline a stage is judged against).
 
     The result is kept in the partial dir, so a resumed attempt reports the same baseline rather
-    than evaluating its half-trained checkpoint.
+    than evaluating its half-trained checkpoint. Called from inside ``train()`` (see
+    :class:`BaselineEvaluation`): an ``evaluate()`` before it makes accelerate prepare the model
+    for inference only, and the later ``prepare()`` for training then skips the DDP/DeepSpeed
+    wrap, so every rank would train its own copy.
     """
     saved = ctx.out_dir / "eval_before_training.json"
-    if ctx.resume_from is not None and saved.exists():
-        return json.loads(saved.read_text())
+    if ctx.resume_from is not None and (kept := read_json_or_none(saved)) is not None:
+        return kept
     raw = trainer.evaluate()
     metrics = {prefix + k: float(v) for k, v in raw.items() if isinstance(v, int | float)}
     if ctx.is_main:
-        saved.write_text(json.dumps(metrics))
+        write_json_atomic(saved, metrics)
     return metrics
+
+
+class BaselineEvaluation(TrainerCallback):
+    """Runs :func:`evaluate_before_training` at the start of ``train()``, after the trainer has
+    wrapped the model for (distributed) training."""
+
+    def __init__(self, trainer, ctx):
+        self.trainer, self.ctx = trainer, ctx
+        self.metrics: dict[str, float] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not self.metrics:
+            self.metrics = evaluate_before_training(self.trainer, self.ctx)
 
 
 def evaluate_after_training(trainer) -> dict[str, float]:
@@ -111,8 +168,11 @@ def evaluate_after_training(trainer) -> dict[str, float]:
 def train_and_evaluate(trainer, ctx, evaluate: bool) -> dict[str, float]:
     """Evaluate the untrained model (``before_*``), train (resuming an interrupted attempt from
     its checkpoint), evaluate again: the metrics a TRL-backed stage records."""
-    metrics = evaluate_before_training(trainer, ctx) if evaluate else {}
+    baseline = BaselineEvaluation(trainer, ctx)
+    if evaluate:
+        trainer.add_callback(baseline)
     trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
+    metrics = dict(baseline.metrics)
     metrics.update(final_train_metrics(trainer))
     if evaluate:
         metrics.update(evaluate_after_training(trainer))
@@ -120,11 +180,20 @@ def train_and_evaluate(trainer, ctx, evaluate: bool) -> dict[str, float]:
 
 
 def final_train_metrics(trainer) -> dict[str, float]:
-    """The last logged value of each training metric (the trainer's own names)."""
+    """The last logged value of each training metric (the trainer's own names).
+
+    ``train_loss`` is the mean of every logged loss of the whole run: the trainer's own covers
+    only the steps since a resume, so a resumed stage would report a different number for the
+    same weights."""
     out: dict[str, float] = {}
+    losses = []
     for entry in trainer.state.log_history:
         for k, v in entry.items():
             if isinstance(v, int | float) and k not in ("step", "epoch"):
                 out[k] = float(v)
+        if isinstance(entry.get("loss"), int | float):
+            losses.append(float(entry["loss"]))
+    if losses and "train_loss" in out:
+        out["train_loss"] = sum(losses) / len(losses)
     out["global_step"] = float(trainer.state.global_step)
     return out

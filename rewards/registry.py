@@ -23,12 +23,15 @@ import functools
 import importlib
 import inspect
 import json
+import logging
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from alignkit.errors import UserError
 from alignkit.rewards import rules
+
+log = logging.getLogger(__name__)
 
 RewardFn = Callable[..., list[float]]
 GOLD = {  # the builtin task's measures
@@ -104,7 +107,10 @@ def _parse_params(args: str, spec: str) -> dict:
 
 
 def _import_function(spec: str) -> RewardFn:
+    """Import ``module:function``. This runs that module's code, as any Python import does:
+    name only code you trust (a config from someone else can name any module)."""
     module_name, _, attr = spec.partition(":")
+    log.warning("reward %r: importing and running code from module %r", spec, module_name)
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:

@@ -35,7 +35,7 @@ class RewardModelScorer:
         from transformers import AutoModelForSequenceClassification
 
         from alignkit.config import ModelSpec
-        from alignkit.models import load_base, load_stage_model, load_tokenizer
+        from alignkit.models import load_base, load_stage_model, load_tokenizer, spec_from_record
 
         path = Path(path)
         record_file = path / "stage.json"
@@ -45,7 +45,7 @@ class RewardModelScorer:
                 raise UserError(
                     f"{path} is a {record.get('kind')!r} stage, not a reward_model stage"
                 )
-            spec = ModelSpec.model_validate(record["base_model"])
+            spec = spec_from_record(record)
             model, tok = load_stage_model(path, spec, model_cls=AutoModelForSequenceClassification)
             max_length = record.get("outputs", {}).get("max_length", 1024)
             return cls(model, tok, max_length=max_length, batch_size=batch_size)

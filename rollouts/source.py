@@ -12,7 +12,7 @@ from pathlib import Path
 
 from alignkit.config import ModelSpec
 from alignkit.errors import UserError
-from alignkit.models import ADAPTER_DIR, FULL_MODEL_DIR, resolve_model_path
+from alignkit.models import ADAPTER_DIR, FULL_MODEL_DIR, resolve_model_path, spec_from_record
 
 STAGE_FILE = "stage.json"
 
@@ -65,12 +65,12 @@ def _stage_source(stage_dir: Path, dtype: str, quantization: str | None) -> Mode
         hint = " (it is still running or failed)" if stage_dir.is_dir() else ""
         raise UserError(f"--stage {stage_dir}: not a finished stage, no {STAGE_FILE}{hint}")
     record = json.loads(record_path.read_text())
-    base = record.get("base_model") or {}
-    spec = ModelSpec(
-        name=base.get("name", "builtin:tiny"),
-        revision=base.get("revision"),
-        dtype=base.get("dtype", "auto") if dtype == "auto" else dtype,
-        quantization=quantization or record.get("quantization", "none"),
+    spec = spec_from_record(record)
+    spec = spec.model_copy(
+        update={
+            "dtype": spec.dtype if dtype == "auto" else dtype,
+            "quantization": quantization or spec.quantization,
+        }
     )
     if (stage_dir / FULL_MODEL_DIR).is_dir():
         return ModelSource(spec, str(stage_dir / FULL_MODEL_DIR), str(stage_dir))

@@ -24,9 +24,8 @@ from alignkit.health import HealthSpec
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.stages.common import RolloutSpec, check_vllm
 from alignkit.training import (
-    MetricsCallback,
     final_train_metrics,
-    restore_adapter,
+    make_trl_trainer,
     snapshot_adapter,
     trl_args,
 )
@@ -246,15 +245,16 @@ def build_trainer(cfg: OnlineRLConfig, ctx: StageContext):
             f"{e}\n(train.per_device_train_batch_size and generation_batch_size count "
             f"completions: make the batch a multiple of num_generations={cfg.num_generations})"
         ) from None
-    trainer = trainer_cls(
+    trainer = make_trl_trainer(
+        trainer_cls,
+        ctx,
+        saved,
         model=model,
         reward_funcs=reward_funcs,
         args=args,
         train_dataset=_dataset(rows),
         processing_class=tokenizer,
-        callbacks=[MetricsCallback(ctx.metrics_path)] if ctx.is_main else [],
     )
-    restore_adapter(trainer.model, saved)
     _move_reward_models(reward, trainer.accelerator.device)
     return trainer, tokenizer, adapter, reward, len(rows)
 

@@ -128,10 +128,11 @@ def _heldout(cfg, ctx, trainer) -> dict[str, float]:
         import torch
 
         total = torch.zeros(len(completions))
-        if trainer.scorer is not None:
-            total += torch.tensor(trainer.scorer(prompts, completions))
-        if trainer.reward_fn is not None:
-            total += torch.tensor(trainer.reward_fn(prompts, completions, **meta))
+        scoring = trainer.scoring
+        if scoring.scorer is not None:
+            total += torch.tensor(scoring.scorer(prompts, completions))
+        if scoring.reward_fn is not None:
+            total += torch.tensor(scoring.reward_fn(prompts, completions, **meta))
         return total.tolist()
 
     peft = trainer.model.peft

@@ -7,6 +7,7 @@ Hand-written because TRL no longer ships PPO. Shapes: ``B`` sequences, ``T`` com
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,8 +24,21 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return var * n / (n - 1).clamp(min=1)  # unbiased, as a sample estimate
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+def masked_whiten(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    shift_mean: bool = True,
+    all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``x`` scaled to unit variance (and zero mean unless ``shift_mean`` is false) over the
+    masked entries. ``all_sum`` sums a tensor over data-parallel ranks: the statistics are then
+    those of every rank's batch together, as one process with the union batch would compute."""
+    if all_sum is None:
+        mean, var = masked_mean(x, mask), masked_var(x, mask)
+    else:
+        totals = all_sum(torch.stack([(x * mask).sum(), mask.sum()]))
+        mean, n = totals[0] / totals[1].clamp(min=1), totals[1]
+        var = all_sum(((x - mean) ** 2 * mask).sum()) / (n - 1).clamp(min=1)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     return (out if shift_mean else out + mean) * mask
 
@@ -66,6 +80,33 @@ def gae(
         advantages[:, t] = last_gae
     advantages = advantages * mask
     return advantages, (advantages + values) * mask
+
+
+@dataclass
+class Experience:
+    """One step's rollouts, scored and ready for the update (on this rank). ``B`` sequences,
+    prompts left-padded to ``P`` tokens, completions right-padded to ``T``."""
+
+    ids: torch.Tensor  # [B, P+T]
+    attn: torch.Tensor  # [B, P+T]
+    pos: torch.Tensor  # [B, P+T] position ids (left padding taken into account)
+    cmask: torch.Tensor  # [B, T] 1 on completion tokens up to and including EOS
+    P: int
+    old_logp: torch.Tensor  # [B, T] the sampling policy's log-probs
+    values: torch.Tensor  # [B, T] the value head before the update
+    advantages: torch.Tensor  # [B, T] whitened GAE advantages
+    returns: torch.Tensor  # [B, T]
+    scores: torch.Tensor  # [B] shaped scores (normalised, clipped, EOS penalty)
+    stats: dict[str, float]
+    gen_seconds: float
+
+    def rows(self, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``ids, attn, pos, cmask, old_logp, values, advantages, returns`` of sequences idx."""
+        return tuple(
+            t[idx]
+            for t in (self.ids, self.attn, self.pos, self.cmask, self.old_logp, self.values,
+                      self.advantages, self.returns)
+        )  # fmt: skip
 
 
 @dataclass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -13,41 +12,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from alignkit.errors import UserError
+from alignkit.finite import NonFiniteError, nonfinite_names, stop_message
+from alignkit.health import HealthStop
 from alignkit.rundir import STAGE_FILE
 from alignkit.stages import ppo_core as core
 from alignkit.stages.ppo_model import (
-    HELDOUT_REWARD,
     REFERENCE,
     REWARD,
     VALUE,
     SharedBaseRewardModel,
     build_ppo_model,
 )
-
-
-class RunningMoments:
-    """Mean and std of every score seen so far (Chan et al.'s parallel update)."""
-
-    def __init__(self):
-        self.mean, self.var, self.count = 0.0, 1.0, 0
-
-    def update(self, xs: torch.Tensor) -> None:
-        n, mean, var = (
-            len(xs),
-            xs.mean().item(),
-            xs.var(unbiased=False).item() if len(xs) > 1 else 0.0,
-        )
-        total = self.count + n
-        delta = mean - self.mean
-        self.var = (self.var * self.count + var * n + delta**2 * self.count * n / total) / total
-        self.mean += delta * n / total
-        self.count = total
-
-    @property
-    def std(self) -> float:
-        return math.sqrt(max(self.var, 1e-8))
-
+from alignkit.stages.ppo_scores import Scoring
 
 ROLLOUT_ADAPTER = "rollout-adapter"  # the policy as the vLLM engine last received it
 
@@ -84,6 +60,7 @@ class PPOTrainer:
 
         self.cfg, self.ctx = cfg, ctx
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         torch.manual_seed(ctx.seed)
         data = cfg.data
         self.prompts = load_prompts(
@@ -95,17 +72,21 @@ class PPOTrainer:
             ctx.model, ctx.parent.dir, cfg.value_adapter, reward_dirs
         )
         self.model.to(self.accelerator.device)
-        scorers = {
-            name: RewardModelScorer(
-                SharedBaseRewardModel(self.model, self.tokenizer.pad_token_id, name),
-                self.tokenizer,
-                max_length=json.loads((rm_dir / STAGE_FILE).read_text())["outputs"].get(
-                    "max_length", 1024
-                ),
-            )
-            for name, rm_dir in reward_dirs.items()
-        }
-        self.scorer = scorers.get(REWARD)
+        self.scoring = Scoring(
+            cfg,
+            {
+                name: RewardModelScorer(
+                    SharedBaseRewardModel(self.model, self.tokenizer.pad_token_id, name),
+                    self.tokenizer,
+                    max_length=json.loads((rm_dir / STAGE_FILE).read_text())["outputs"].get(
+                        "max_length", 1024
+                    ),
+                )
+                for name, rm_dir in reward_dirs.items()
+            },
+            resolve_rewards(cfg.rewards) if cfg.rewards else None,
+            self._gather,
+        )
         # what the training RM's sanity probe found (rewards/sanity.py), for the health check
         self.rm_flagged = (
             json.loads((reward_dirs[REWARD] / STAGE_FILE).read_text())["metrics"].get(
@@ -114,15 +95,15 @@ class PPOTrainer:
             if REWARD in reward_dirs
             else 0.0
         )
-        self.heldout_scorer = scorers.get(HELDOUT_REWARD)
-        self.heldout_stats, self.proxy_stats = RunningMoments(), RunningMoments()
-        self.reward_fn = resolve_rewards(cfg.rewards) if cfg.rewards else None
-        self.optimizer = torch.optim.AdamW(
+        optimizer = torch.optim.AdamW(
             [
                 {"params": self.model.policy_parameters(), "lr": cfg.learning_rate},
                 {"params": self.model.value_parameters(), "lr": cfg.value_learning_rate},
             ]
         )
+        # the policy/value forward of the update runs through the wrapper (DDP under torchrun or
+        # accelerate launch; the model itself on one process): its gradients are averaged
+        self.wrapped, self.optimizer = self.accelerator.prepare(self.model, optimizer)
         if cfg.rollout.engine == "vllm":
             self.engine = make_vllm_engine(cfg, ctx)
         else:
@@ -138,8 +119,8 @@ class PPOTrainer:
             cfg, ctx, AdapterView(peft, "default"), AdapterView(peft, REFERENCE), self.tokenizer
         )
         self.kl = core.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-        self.score_stats = RunningMoments()
         self.step = 0
+        self._recent = None
         self.last_checkpoint: str | None = None
         if ctx.resume_from is not None:
             self._load(ctx.resume_from)
@@ -148,25 +129,29 @@ class PPOTrainer:
     def train(self) -> dict[str, float]:
         history: list[dict] = []
         if self.health is not None and not self.health.monitor.has_baseline:
-            self.health.check(self.step, {"rm_flagged": self.rm_flagged})
+            self._health_check({"rm_flagged": self.rm_flagged})
         bar = tqdm(
-            range(self.step, self.cfg.steps), initial=self.step, total=self.cfg.steps, desc="ppo"
+            range(self.step, self.cfg.steps),
+            initial=self.step,
+            total=self.cfg.steps,
+            desc="ppo",
+            disable=not self.ctx.is_main,
         )
         for step in bar:
             self.step = step + 1
             t0 = time.time()
             exp = self._experience(step)
-            t_gen = exp.pop("gen_seconds")
-            stats = self._update(exp)
-            stats.update(exp["stats"], gen_seconds=t_gen, step_seconds=time.time() - t0)
-            stats["gen_tokens_per_s"] = exp["stats"]["completion_tokens"] / max(t_gen, 1e-9)
+            t_gen = exp.gen_seconds
+            stats = self._mean_over_ranks({**self._update(exp), **exp.stats})
+            stats.update(gen_seconds=t_gen, step_seconds=time.time() - t0)
+            stats["gen_tokens_per_s"] = exp.stats["completion_tokens"] / max(t_gen, 1e-9)
             stats["train_tokens_per_s"] = (
                 self.cfg.ppo_epochs
-                * exp["stats"]["train_tokens"]
+                * exp.stats["train_tokens"]
                 / max(time.time() - t0 - t_gen, 1e-9)
             )
-            if self.cfg.adaptive_kl:
-                self.kl.update(stats["kl"], len(exp["scores"]))
+            if self.cfg.adaptive_kl:  # every rank: the KL of all ranks' samples
+                self.kl.update(stats["kl"], len(exp.scores) * self.world)
             record = {"step": self.step, **{k: float(v) for k, v in stats.items()}}
             history.append(record)
             if self.ctx.is_main:
@@ -177,10 +162,12 @@ class PPOTrainer:
                 trained = {"reward": stats["score_mean"]}
                 if "heldout_rm_score" in stats:
                     trained["heldout_reward"] = stats["heldout_rm_score"]
-                self.health.check(self.step, trained)  # before saving
+                self._health_check(trained)  # before saving
             if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
                 self._save()
         shutil.rmtree(self.ctx.out_dir / ROLLOUT_ADAPTER, ignore_errors=True)
+        if self.ctx.is_main and self.ctx.metrics_path.exists():  # the whole run, resumes included
+            history = [json.loads(x) for x in self.ctx.metrics_path.read_text().splitlines()]
         last = history[-min(10, len(history)) :] if history else []
         summary = {
             k: sum(r[k] for r in last) / len(last) for k in (last[0] if last else {}) if k != "step"
@@ -189,7 +176,7 @@ class PPOTrainer:
         return summary
 
     @torch.no_grad()
-    def _experience(self, step: int) -> dict:
+    def _experience(self, step: int) -> core.Experience:
         from alignkit.rollouts.types import SamplingConfig
 
         cfg, model = self.cfg, self.model
@@ -197,13 +184,15 @@ class PPOTrainer:
         t0 = time.time()
         sampling = SamplingConfig(
             n=1, temperature=cfg.temperature, top_k=0, top_p=1.0,
-            max_new_tokens=cfg.max_new_tokens, seed=self.ctx.seed * 100003 + step,
+            max_new_tokens=cfg.max_new_tokens,
+            seed=self.ctx.seed * 100003 + step + 7919 * self.rank,
         )  # fmt: skip
         batch = self._generate(prompts, sampling)
         gen_seconds = time.time() - t0
         ids, attn, pos, cmask, P = self._pack(batch.prompt_ids, batch.completion_ids)
-        scores_raw = self._scores(prompts, batch)
-        scores = self._shape_scores(scores_raw, batch.finish_reason)
+        self._recent = (ids[:4], attn[:4], pos[:4], P)  # for the check before a checkpoint
+        scores_raw = self.scoring.raw(prompts, batch).to(self.accelerator.device)
+        scores = self.scoring.shape(scores_raw, batch.finish_reason)
         model.eval()
         old_logp = self._logprobs(model.logits(ids, attn, pos), ids, P)
         with model.role(REFERENCE):
@@ -211,13 +200,14 @@ class PPOTrainer:
         values = self._values(ids, attn, pos, P)
         kl = core.kl_estimate(old_logp, ref_logp, cfg.kl_estimator) * cmask
         rewards = core.token_rewards(scores, kl, cmask, self.kl.value)
+        all_sum = self._all_sum if self.world > 1 else None
         if cfg.whiten_rewards:
-            rewards = core.masked_whiten(rewards, cmask, shift_mean=False)
+            rewards = core.masked_whiten(rewards, cmask, shift_mean=False, all_sum=all_sum)
         advantages, returns = core.gae(rewards, values, cmask, cfg.gamma, cfg.lam)
-        advantages = core.masked_whiten(advantages, cmask)
+        advantages = core.masked_whiten(advantages, cmask, all_sum=all_sum)
         lengths = cmask.sum(1)
         stats = {
-            **self._heldout_scores(prompts, batch, scores_raw),
+            **self.scoring.heldout(prompts, batch, scores_raw),
             "score_mean": scores_raw.mean().item(),
             "score_std": scores_raw.std().item() if len(scores_raw) > 1 else 0.0,
             "kl": (core.kl_estimate(old_logp, ref_logp, "k1") * cmask).sum(1).mean().item(),
@@ -227,16 +217,18 @@ class PPOTrainer:
             "completion_tokens": float(lengths.sum().item()),
             "train_tokens": float(attn.sum().item()),
         }
-        return {
-            "ids": ids, "attn": attn, "pos": pos, "cmask": cmask, "P": P, "old_logp": old_logp,
-            "values": values, "advantages": advantages, "returns": returns, "scores": scores,
-            "stats": stats, "gen_seconds": gen_seconds,
-        }  # fmt: skip
+        return core.Experience(
+            ids, attn, pos, cmask, P, old_logp, values, advantages, returns, scores, stats,
+            gen_seconds,
+        )  # fmt: skip
 
-    def _update(self, exp: dict) -> dict[str, float]:
-        cfg, model, acc = self.cfg, self.model, self.accelerator
-        model.train()
-        B, P = exp["ids"].shape[0], exp["P"]
+    def _update(self, exp: core.Experience) -> dict[str, float]:
+        """``ppo_epochs`` passes of clipped policy and value updates over minibatches; each
+        micro-batch is one forward through the wrapped model and one backward (gradients are
+        averaged across ranks on a minibatch's last micro-batch only)."""
+        cfg, acc = self.cfg, self.accelerator
+        self.model.train()
+        B = exp.ids.shape[0]
         mb = B // cfg.minibatches
         micro = cfg.micro_batch_size or mb
         gen = torch.Generator().manual_seed(self.ctx.seed * 7919 + self.step)
@@ -246,42 +238,72 @@ class PPOTrainer:
             order = torch.randperm(B, generator=gen)
             for start in range(0, B, mb):
                 idx_mb = order[start : start + mb]
-                for c in range(0, len(idx_mb), micro):
-                    idx = idx_mb[c : c + micro]
-                    frac = len(idx) / len(idx_mb)
-                    ids, attn, pos, cmask = (exp[k][idx] for k in ("ids", "attn", "pos", "cmask"))
-                    logits = model.logits(ids, attn, pos)
-                    logp = self._logprobs(logits, ids, P)
-                    pl = core.policy_loss(
-                        logp, exp["old_logp"][idx], exp["advantages"][idx], cmask, cfg.clip_range
-                    )
-                    entropy = core.masked_mean(
-                        core.entropy_from_logits(self._completion(logits, P, ids)), cmask
-                    )
-                    loss = pl.loss - cfg.entropy_coef * entropy
-                    self._check_finite("policy loss", loss)
-                    acc.backward(loss * frac)  # before switching adapters (see ppo_model)
-                    with model.role(VALUE):
-                        v = self._values(ids, attn, pos, P)
-                        vl, vclip = core.value_loss(
-                            v, exp["values"][idx], exp["returns"][idx], cmask, cfg.value_clip_range
-                        )
-                        self._check_finite("value loss", vl)
-                        acc.backward(cfg.vf_coef * vl * frac)
-                    for k, val in (("policy_loss", pl.loss), ("clip_fraction", pl.clip_fraction),
-                                   ("approx_kl", pl.approx_kl), ("entropy", entropy),
-                                   ("value_loss", vl), ("value_clip_fraction", vclip)):  # fmt: skip
-                        sums[k] = sums.get(k, 0.0) + float(val.detach()) * frac
-                torch.nn.utils.clip_grad_norm_(model.policy_parameters(), cfg.max_grad_norm)
-                torch.nn.utils.clip_grad_norm_(model.value_parameters(), cfg.max_grad_norm)
+                chunks = [idx_mb[c : c + micro] for c in range(0, len(idx_mb), micro)]
+                for k, idx in enumerate(chunks):
+                    sync = k == len(chunks) - 1
+                    with nullcontext() if sync else acc.no_sync(self.wrapped):
+                        losses = self._losses(exp, idx)
+                        acc.backward(losses.pop("loss") * len(idx) / len(idx_mb))
+                    for key, val in losses.items():
+                        sums[key] = sums.get(key, 0.0) + float(val) * len(idx) / len(idx_mb)
+                acc.clip_grad_norm_(self.model.policy_parameters(), cfg.max_grad_norm)
+                acc.clip_grad_norm_(self.model.value_parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 n += 1
         stats = {k: v / n for k, v in sums.items()}
-        stats["explained_variance"] = core.explained_variance(
-            exp["values"], exp["returns"], exp["cmask"]
-        )
+        stats["explained_variance"] = core.explained_variance(exp.values, exp.returns, exp.cmask)
         return stats
+
+    def _losses(self, exp: core.Experience, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """PPO's loss on sequences ``idx`` (``loss``) and its parts, detached, for the logs."""
+        cfg = self.cfg
+        ids, attn, pos, cmask, old_logp, old_values, advantages, returns = exp.rows(idx)
+        logits, values = self.wrapped(ids, attn, pos, exp.P)
+        logits = logits.float() / cfg.temperature
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, exp.P :].unsqueeze(-1))
+        pl = core.policy_loss(logp.squeeze(-1), old_logp, advantages, cmask, cfg.clip_range)
+        entropy = core.masked_mean(core.entropy_from_logits(logits), cmask)
+        vl, vclip = core.value_loss(values, old_values, returns, cmask, cfg.value_clip_range)
+        self._check_finite("policy loss", pl.loss)
+        self._check_finite("value loss", vl)
+        loss = pl.loss - cfg.entropy_coef * entropy + cfg.vf_coef * vl
+        parts = {"policy_loss": pl.loss, "clip_fraction": pl.clip_fraction,
+                 "approx_kl": pl.approx_kl, "entropy": entropy, "value_loss": vl,
+                 "value_clip_fraction": vclip}  # fmt: skip
+        return {"loss": loss, **{k: torch.as_tensor(v).detach() for k, v in parts.items()}}
+
+    # --- across ranks -----------------------------------------------------------------------
+    def _all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(t.clone(), "sum")
+
+    def _mean_over_ranks(self, stats: dict[str, float]) -> dict[str, float]:
+        """Logged statistics as the mean of every rank's (one reduce for all of them)."""
+        if self.world == 1:
+            return stats
+        keys = sorted(stats)
+        values = torch.tensor([float(stats[k]) for k in keys], device=self.accelerator.device)
+        mean = self.accelerator.reduce(values, "mean")
+        return dict(zip(keys, mean.tolist(), strict=True))
+
+    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's values of ``t`` (one process: ``t`` itself)."""
+        return t if self.world == 1 else self.accelerator.gather(t.to(self.accelerator.device))
+
+    def _health_check(self, trained: dict[str, float]) -> None:
+        """Rank 0 probes and judges; a stop it decides stops every rank at the same step."""
+        stop: HealthStop | None = None
+        if self.ctx.is_main:
+            try:
+                self.health.check(self.step, trained)
+            except HealthStop as e:
+                stop = e
+        if self.world > 1:
+            flag = torch.tensor([1.0 if stop else 0.0], device=self.accelerator.device)
+            if self.accelerator.reduce(flag, "sum").item() > 0 and stop is None:
+                stop = HealthStop(f"{self.ctx.where}: stopped by a health check (see rank 0)")
+        if stop is not None:
+            raise stop
 
     # --- pieces -----------------------------------------------------------------------------
     def _generate(self, prompts, sampling):
@@ -301,6 +323,8 @@ class PPOTrainer:
     def _export_policy(self) -> Path:
         """Save the policy adapter (alone) where vLLM reads it; the previous copy is replaced."""
         root = self.ctx.out_dir / ROLLOUT_ADAPTER
+        if self.world > 1:  # one engine per rank, each with its own copy
+            root = root / f"rank-{self.rank}"
         target = root / f"step-{self.step}"
         shutil.rmtree(target, ignore_errors=True)
         self.model.peft.save_pretrained(str(target), selected_adapters=["default"])
@@ -310,10 +334,13 @@ class PPOTrainer:
         return target
 
     def _prompts_for(self, step: int) -> list:
-        """Prompts of one step: a seeded permutation per pass over the data (resume-safe)."""
+        """This rank's prompts of one step: a seeded permutation per pass over the data
+        (resume-safe); rank r takes the r-th block of ``prompts_per_step`` of the step's
+        ``prompts_per_step x world size``."""
         k, n = self.cfg.prompts_per_step, len(self.prompts)
+        first = (step * self.world + self.rank) * k
         out = []
-        for j in range(step * k, (step + 1) * k):
+        for j in range(first, first + k):
             epoch, i = divmod(j, n)
             order = torch.randperm(
                 n, generator=torch.Generator().manual_seed(self.ctx.seed + epoch)
@@ -355,64 +382,39 @@ class PPOTrainer:
         T = ids.shape[1] - P
         return self.model.value_head(hidden[:, P - 1 : P - 1 + T].float()).squeeze(-1)
 
-    def _scores(self, prompts, batch) -> torch.Tensor:
-        """Raw scores of the rollouts as generated: a truncated answer is scored truncated."""
-        texts, meta = batch.completion_text, {"finish_reason": batch.finish_reason}
-        total = torch.zeros(len(texts))
-        if self.scorer is not None:
-            total += torch.tensor(self.scorer(prompts, texts, **meta), dtype=torch.float)
-        if self.reward_fn is not None:
-            total += torch.tensor(self.reward_fn(prompts, texts, **meta), dtype=torch.float)
-        return total.to(self.accelerator.device)
-
-    def _heldout_scores(self, prompts, batch, scores_raw: torch.Tensor) -> dict[str, float]:
-        """What the held-out RM says of these rollouts, each RM's scores in units of its own
-        first step (the starting policy): ``heldout_rm_score`` (its mean), ``proxy_score``
-        (the training score's mean in the same units) and ``rm_disagreement`` (mean absolute
-        difference per sample: grows when the policy writes what the two RMs never learned)."""
-        if self.heldout_scorer is None:
-            return {}
-        held = torch.tensor(
-            self.heldout_scorer(prompts, batch.completion_text, finish_reason=batch.finish_reason)
-        )
-        proxy = scores_raw.detach().cpu().float()
-        for stats, values in ((self.heldout_stats, held), (self.proxy_stats, proxy)):
-            if stats.count == 0:
-                stats.update(values)
-        z_held = (held - self.heldout_stats.mean) / self.heldout_stats.std
-        z_proxy = (proxy - self.proxy_stats.mean) / self.proxy_stats.std
-        return {
-            "heldout_rm_score": z_held.mean().item(),
-            "proxy_score": z_proxy.mean().item(),
-            "rm_disagreement": (z_proxy - z_held).abs().mean().item(),
-        }
-
-    def _shape_scores(self, raw: torch.Tensor, finish_reason: list[str]) -> torch.Tensor:
-        """Normalise (fixed or running statistics), clip, then subtract the missing-EOS penalty."""
-        cfg, stats = self.cfg, self.score_stats
-        if cfg.normalize_scores == "running" or (
-            cfg.normalize_scores == "fixed" and stats.count == 0
-        ):
-            stats.update(raw.cpu())
-        scores = raw if cfg.normalize_scores == "none" else (raw - stats.mean) / stats.std
-        if cfg.score_clip is not None:
-            scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
-        cut = torch.tensor([r == "length" for r in finish_reason], dtype=scores.dtype)
-        return scores - cfg.eos_penalty * cut.to(scores.device)
-
     def _check_finite(self, what: str, value: torch.Tensor) -> None:
         if not torch.isfinite(value).all():
             where = self.last_checkpoint or "none yet"
-            raise UserError(
+            raise NonFiniteError(
                 f"{self.ctx.where}: non-finite {what} at step {self.step}; stopped. Last good "
                 f"checkpoint: {where} (kept; a re-run with the same config resumes there). "
                 "Lower learning_rate or raise kl_coef."
+            )
+
+    @torch.no_grad()
+    def _check_weights(self) -> None:
+        """Before a checkpoint: the trainable tensors are finite and still give finite logits
+        and values on a few of this step's sequences (weights that exploded without yet
+        overflowing would make the next step fail, and a resume would start from them)."""
+        bad = nonfinite_names((n, p) for n, p in self.model.named_parameters() if p.requires_grad)
+        if not bad and self._recent is not None:
+            ids, attn, pos, P = self._recent
+            self.model.eval()
+            logits = self.model.logits(ids, attn, pos)
+            values = self._values(ids, attn, pos, P)
+            bad = [n for n, t in (("policy logits", logits), ("values", values))
+                   if not torch.isfinite(t).all()]  # fmt: skip
+        if bad:
+            what = f"non-finite {', '.join(bad)} after the update"
+            raise NonFiniteError(
+                stop_message(self.ctx.where, what, self.step, self.last_checkpoint)
             )
 
     # --- checkpoints ------------------------------------------------------------------------
     def _save(self) -> None:
         from peft import get_peft_model_state_dict
 
+        self._check_weights()  # every rank: the same weights, and a raise must stop them all
         if not self.ctx.is_main:
             return
         root = self.ctx.checkpoint_dir
@@ -427,9 +429,7 @@ class PPOTrainer:
             "value_head": self.model.value_head.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "kl_coef": self.kl.value,
-            "score_stats": vars(self.score_stats),
-            "heldout_stats": vars(self.heldout_stats),
-            "proxy_stats": vars(self.proxy_stats),
+            **self.scoring.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "step": self.step,
         }
@@ -444,15 +444,14 @@ class PPOTrainer:
     def _load(self, path: Path) -> None:
         from peft import set_peft_model_state_dict
 
-        state = torch.load(path / "state.pt", weights_only=False)
+        # tensors, numbers and dicts only: a crafted checkpoint cannot run code on resume
+        state = torch.load(path / "state.pt", weights_only=True)
         set_peft_model_state_dict(self.model.peft, state["policy"], adapter_name="default")
         set_peft_model_state_dict(self.model.peft, state["value"], adapter_name=VALUE)
         self.model.value_head.load_state_dict(state["value_head"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.kl.value = state["kl_coef"]
-        vars(self.score_stats).update(state["score_stats"])
-        vars(self.heldout_stats).update(state.get("heldout_stats", {}))
-        vars(self.proxy_stats).update(state.get("proxy_stats", {}))
+        self.scoring.load_state_dict(state)
         torch.set_rng_state(state["torch_rng"])
         self.step = state["step"]
         self.last_checkpoint = path.name

@@ -64,6 +64,18 @@ class PPOModel(nn.Module):
             if (f".{VALUE}." in n or n.startswith("value_head")) and p.requires_grad
         ]
 
+    def forward(self, ids, attn, pos, prompt_width: int):
+        """Policy logits and value estimates over the completion positions, ``[B, T, V]`` and
+        ``[B, T]``, in one call. This is what DDP (or FSDP/DeepSpeed) wraps and the update
+        calls: gradients are synchronised only for what runs through the wrapper's forward,
+        never for :meth:`logits`/:meth:`hidden` called on the inner module."""
+        T = ids.shape[1] - prompt_width
+        window = slice(prompt_width - 1, prompt_width - 1 + T)
+        logits = self.logits(ids, attn, pos)[:, window]
+        with self.role(VALUE):  # restores the trainable flags before any backward
+            hidden = self.hidden(ids, attn, pos)
+        return logits, self.value_head(hidden[:, window].float()).squeeze(-1)
+
     def logits(self, ids, attn, pos):
         return self.peft(
             input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False

@@ -44,6 +44,9 @@ class CheckReport:
     length_unit: LengthUnit
     notes: list[str] = field(default_factory=list)
     length_bias: float | None = None
+    refusal: str | None = None
+    """Why a stage would refuse this data as a whole (no rows; plain text mixed with chat): the
+    check fails on exactly what ``alignkit run`` refuses."""
 
     @property
     def bad(self) -> int:
@@ -60,8 +63,9 @@ def check_sft(source: str, split: str | None = None, tokenizer: Any = None) -> C
             lengths.append(sft_length(row, tokenizer))
         except Exception as e:  # a template's own error (e.g. no system role) is the finding
             result.problems.append((where, f"chat template failed: {type(e).__name__}: {e}"))
-    notes = [note for note in [mixed_kinds_problem(result)] if note is not None]
-    return build_report(source, "sft", result, lengths, tokenizer, notes)
+    report = build_report(source, "sft", result, lengths, tokenizer, [])
+    report.refusal = report.refusal or mixed_kinds_problem(result)
+    return report
 
 
 def check_preference(source: str, split: str | None = None, tokenizer: Any = None) -> CheckReport:
@@ -168,6 +172,7 @@ def build_report(
         lengths=stats,
         length_unit="characters" if tokenizer is None else "tokens",
         notes=notes,
+        refusal="no rows found" if result.total == 0 else None,
     )
 
 
@@ -198,6 +203,8 @@ def print_report(report: CheckReport, console: Console) -> None:
     console.print(table)
     for note in report.notes:
         console.print(f"[yellow]note:[/yellow] {note}", markup=True, highlight=False)
+    if report.refusal:
+        console.print(f"[red]refused:[/red] {report.source}: {report.refusal}", highlight=False)
     if report.problems:
         console.print(f"problems ({len(report.problems)}):", highlight=False)
         for where, reason in report.problems[:MAX_PRINTED_PROBLEMS]:

@@ -33,6 +33,10 @@ ACCEPTED = "a local .jsonl/.json/.parquet/.csv file, a Hub dataset name (org/nam
 # A Hub id is "name", "org/name" or "org/name:config"; anything else that is not a file is a path.
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?(:[\w.-]+)?$")  # owner/name[:config]
 MAX_LISTED_PROBLEMS = 10
+MAX_CSV_CELL = 64 * 1024 * 1024  # csv's default 128 KiB refuses long documents
+#: A row with more text than this is refused before tokenisation (it would be truncated to a
+#: model's context anyway, after tokenising all of it: 15 GB for one 50 MB row).
+MAX_ROW_CHARS = 2_000_000
 
 BadRowPolicy = Literal["error", "skip"]
 
@@ -106,6 +110,9 @@ def _jsonl_rows(path: Path) -> Iterator[Row]:
             except json.JSONDecodeError as e:
                 yield Row(None, where, f"invalid JSON: {e}")
                 continue
+            except RecursionError:
+                yield Row(None, where, "invalid JSON: nested too deeply")
+                continue
             if not isinstance(data, dict):
                 yield Row(None, where, f"invalid JSON: expected an object, got {kind_of(data)}")
                 continue
@@ -113,9 +120,11 @@ def _jsonl_rows(path: Path) -> Iterator[Row]:
 
 
 def _json_rows(path: Path) -> list[Row]:
-    text = path.read_text(encoding="utf-8-sig")
+    text = _read_text(path)
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise UserError(f"{path} is not usable JSON: nested too deeply") from None
     except json.JSONDecodeError as e:
         if text.lstrip().startswith("["):
             raise UserError(f"{path} is not valid JSON: {e}") from None
@@ -135,22 +144,51 @@ def _json_rows(path: Path) -> list[Row]:
 def _csv_rows(path: Path) -> list[Row]:
     # csv.reader counts physical lines, so a row's line stays exact even when quoted cells
     # span lines; cells stay strings ("" stays "", never NaN as pandas would make it).
-    rows = []
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            return []
-        start = reader.line_num + 1
-        for cells in reader:
-            where, start = f"{path}:{start}", reader.line_num + 1
-            if not cells:  # blank line
-                continue
-            if len(cells) > len(header):
-                rows.append(Row(None, where, f"{len(cells)} cells but {len(header)} columns"))
-                continue
-            rows.append(Row(dict(zip(header, cells, strict=False)), where))
+    rows: list[Row] = []
+    csv.field_size_limit(MAX_CSV_CELL)
+    reader = None
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None:
+                return []
+            start = reader.line_num + 1
+            for cells in reader:
+                where, start = f"{path}:{start}", reader.line_num + 1
+                if not cells:  # blank line
+                    continue
+                if len(cells) > len(header):
+                    rows.append(Row(None, where, f"{len(cells)} cells but {len(header)} columns"))
+                    continue
+                rows.append(Row(dict(zip(header, cells, strict=False)), where))
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"{path}:{_first_bad_utf8_line(path)}: not UTF-8 text ({e.reason})"
+        ) from None
+    except csv.Error as e:
+        line = f":{reader.line_num}" if reader is not None else ""
+        raise UserError(f"{path}{line}: not readable as CSV: {e}") from None
     return rows
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"{path}:{_first_bad_utf8_line(path)}: not UTF-8 text ({e.reason})"
+        ) from None
+
+
+def _first_bad_utf8_line(path: Path) -> int:
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return lineno
+    return 1
 
 
 def _parquet_rows(path: Path) -> list[Row]:
@@ -210,6 +248,14 @@ def normalize_rows(rows: list[Row], normalize: Callable[[dict], tuple[str, dict]
         if row.data is None:
             out.problems.append((row.where, row.error or "unreadable row"))
             continue
+        size = _text_size(row.data)
+        if size > MAX_ROW_CHARS:
+            out.problems.append((
+                row.where,
+                f"{size:,} characters of text, more than the {MAX_ROW_CHARS:,} any model context "
+                "holds; split or shorten it",
+            ))  # fmt: skip
+            continue
         try:
             fmt, example = normalize(row.data)
         except RowError as e:
@@ -219,6 +265,20 @@ def normalize_rows(rows: list[Row], normalize: Callable[[dict], tuple[str, dict]
         out.wheres.append(row.where)
         out.formats[fmt] += 1
     return out
+
+
+def _text_size(value, depth: int = 0) -> int:
+    """Characters of text in a row (strings in nested lists/dicts), to refuse a huge row before
+    it is tokenised whole."""
+    if isinstance(value, str):
+        return len(value)
+    if depth > 20:
+        return 0
+    if isinstance(value, dict):
+        return sum(_text_size(v, depth + 1) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sum(_text_size(v, depth + 1) for v in value)
+    return 0
 
 
 def enforce_bad_row_policy(

@@ -14,6 +14,7 @@ from alignkit.data.check import (
     length_percentiles,
     print_report,
 )
+from alignkit.data.sft import load_sft
 from alignkit.errors import UserError
 
 
@@ -101,11 +102,22 @@ def test_rows_the_chat_template_rejects_are_problems(tmp_path):
     assert report.lengths["max"] == 4
 
 
-def test_check_notes_mixed_text_and_chat_instead_of_raising(tmp_path):
+def test_check_refuses_mixed_text_and_chat_as_run_does_but_still_reports(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "t"}, {"messages": chat("a", "b")}])
     report = check_sft(path)
     assert report.good == 2
-    assert len(report.notes) == 1 and f"e.g. {path}:1" in report.notes[0]
+    assert report.refusal is not None and f"e.g. {path}:1" in report.refusal
+    with pytest.raises(UserError, match="mixes plain-text rows"):
+        load_sft(str(path))
+
+
+def test_check_refuses_an_empty_file_or_blank_lines_as_run_does(tmp_path):
+    for text in ("", "\n\n  \n"):
+        path = tmp_path / "e.jsonl"
+        path.write_text(text)
+        assert check_sft(str(path)).refusal == "no rows found"
+        with pytest.raises(UserError, match="no rows found"):
+            load_sft(str(path))
 
 
 def test_check_still_raises_for_an_unreadable_source(tmp_path):

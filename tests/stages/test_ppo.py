@@ -72,7 +72,7 @@ def test_ppo_adapters_start_right_and_only_policy_and_value_move(run_dir, tmp_pa
         assert (model.peft(**enc).logits - want).abs().max() < 1e-5  # policy starts at SFT too
     # the reward adapter on the shared base scores like the standalone reward model
     alone = RewardModelScorer.from_path(run_dir.stage_dir("rm"))(PROMPTS, COMPLETIONS)
-    shared = trainer.scorer(PROMPTS, COMPLETIONS)
+    shared = trainer.scoring.scorer(PROMPTS, COMPLETIONS)
     assert max(abs(a - b) for a, b in zip(alone, shared, strict=True)) < 1e-4
 
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -183,7 +183,7 @@ def test_vllm_rollouts_get_the_policy_adapter_after_every_update(run_dir, tmp_pa
 
 def test_truncated_answers_are_scored_as_cut_and_penalised(run_dir, tmp_path):
     trainer = make(run_dir, tmp_path / "ppo")
-    scorer = trainer.scorer
+    scorer = trainer.scoring.scorer
     whole = scorer.encode(PROMPTS[0], COMPLETIONS[0])
     cut = scorer.encode(PROMPTS[0], COMPLETIONS[0], truncated=True)
     end = trainer.tokenizer.eos_token_id
@@ -194,22 +194,25 @@ def test_truncated_answers_are_scored_as_cut_and_penalised(run_dir, tmp_path):
     # an RM scores: the missing-EOS penalty defaults to one (normalised) unit
     assert trainer.cfg.eos_penalty == 1.0
     raw = torch.tensor([0.5, 0.5])
-    shaped = trainer._shape_scores(raw, ["length", "stop"])
+    shaped = trainer.scoring.shape(raw, ["length", "stop"])
     assert shaped[1] - shaped[0] == pytest.approx(1.0)
 
 
 def test_scores_are_normalised_once_then_fixed_and_clipped(run_dir, tmp_path):
     trainer = make(run_dir, tmp_path / "ppo", score_clip=2.0, missing_eos_penalty=0.0)
-    first = trainer._shape_scores(torch.tensor([1.0, 3.0, 5.0, 7.0]), ["stop"] * 4)
+    first = trainer.scoring.shape(torch.tensor([1.0, 3.0, 5.0, 7.0]), ["stop"] * 4)
     assert first.mean().abs() < 1e-6
-    mean, std = trainer.score_stats.mean, trainer.score_stats.std
-    later = trainer._shape_scores(torch.tensor([4.0, 100.0, -100.0]), ["stop"] * 3)
-    assert (trainer.score_stats.mean, trainer.score_stats.std) == (mean, std)  # fixed
+    mean, std = trainer.scoring.score_stats.mean, trainer.scoring.score_stats.std
+    later = trainer.scoring.shape(torch.tensor([4.0, 100.0, -100.0]), ["stop"] * 3)
+    assert (trainer.scoring.score_stats.mean, trainer.scoring.score_stats.std) == (
+        mean,
+        std,
+    )  # fixed
     assert later.tolist() == pytest.approx([0.0, 2.0, -2.0])  # clipped to +-score_clip
     running = make(run_dir, tmp_path / "run", normalize_scores="running")
-    running._shape_scores(torch.tensor([1.0, 3.0]), ["stop"] * 2)
-    running._shape_scores(torch.tensor([11.0, 13.0]), ["stop"] * 2)
-    assert running.score_stats.mean == pytest.approx(7.0)
+    running.scoring.shape(torch.tensor([1.0, 3.0]), ["stop"] * 2)
+    running.scoring.shape(torch.tensor([11.0, 13.0]), ["stop"] * 2)
+    assert running.scoring.score_stats.mean == pytest.approx(7.0)
     assert (
         PPOStageConfig.model_validate(
             {"name": "p", "data": {"source": "x"}, "rewards": ["gold"], "normalize_scores": False}
@@ -222,9 +225,22 @@ def test_a_heldout_reward_model_watches_every_rollout(run_dir, tmp_path):
     trainer = make(run_dir, tmp_path / "ppo", heldout={HELDOUT_REWARD: run_dir.stage_dir("rm")})
     assert HELDOUT_REWARD in trainer.model.peft.peft_config
     # the same RM twice: the held-out adapter scores exactly like the training one
-    assert trainer.heldout_scorer(PROMPTS, COMPLETIONS) == pytest.approx(
-        trainer.scorer(PROMPTS, COMPLETIONS), abs=1e-5
+    assert trainer.scoring.heldout_scorer(PROMPTS, COMPLETIONS) == pytest.approx(
+        trainer.scoring.scorer(PROMPTS, COMPLETIONS), abs=1e-5
     )
     trainer.train()
     rows = (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()
     assert all("heldout_rm_score" in r for r in rows)
+
+
+def test_no_checkpoint_is_written_from_weights_that_exploded(run_dir, tmp_path):
+    from alignkit.finite import NonFiniteError
+
+    trainer = make(run_dir, tmp_path / "ppo", steps=1)
+    trainer.train()
+    with torch.no_grad():
+        next(trainer.model.policy_parameters()).fill_(1e38)  # finite, but the logits overflow
+    trainer.step = 5
+    with pytest.raises(NonFiniteError, match=r"stages\.ppo: non-finite .* at step 5; stopped"):
+        trainer._save()
+    assert not (tmp_path / "ppo" / "checkpoints" / "checkpoint-5").exists()

@@ -1,0 +1,53 @@
+"""One rank of a 2-process PPO run for the tests (``torchrun`` runs it).
+
+``argv``: the run directory holding finished ``sft`` and ``rm`` stages, and an output folder.
+Each rank writes ``rank<R>.json`` (its first step's prompts and whitened advantages with their
+mask) and ``rank<R>.pt`` (its policy and value tensors after two steps).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from rich.console import Console
+
+from alignkit.config import AdapterSpec, ModelSpec
+from alignkit.pipeline import ParentOutput, StageContext
+from alignkit.rundir import RunDir
+from alignkit.stages.ppo import PPOStageConfig
+from alignkit.stages.ppo_loop import PPOTrainer
+from alignkit.stages.ppo_model import REWARD
+
+run_dir, out = RunDir(sys.argv[1]), Path(sys.argv[2])
+state = PartialState(cpu=True)
+cfg = PPOStageConfig(
+    name="ppo", data={"source": "builtin:prompts", "max_rows": 64}, reward_model="rm",
+    steps=2, prompts_per_step=8, minibatches=2, ppo_epochs=1, max_new_tokens=12,
+    checkpoint_every=10, value_adapter=AdapterSpec(r=4, alpha=8), health={"enabled": False},
+    heldout={"enabled": False},
+)  # fmt: skip
+ctx = StageContext(
+    name="ppo", model=ModelSpec(), adapter=AdapterSpec(), seed=0, out_dir=out / "stage",
+    parent=ParentOutput("sft", "sft", run_dir.stage_dir("sft"), run_dir.stage_json("sft")),
+    resume_from=None, console=Console(quiet=True), is_main=state.is_main_process,
+)  # fmt: skip
+ctx.out_dir.mkdir(parents=True, exist_ok=True)
+trainer = PPOTrainer(cfg, ctx, {REWARD: run_dir.stage_dir("rm")})
+rank = state.process_index
+exp = trainer._experience(0)
+record = {
+    "world": trainer.world,
+    "prompts": trainer._prompts_for(0),
+    "advantages": exp.advantages.tolist(),
+    "mask": exp.cmask.tolist(),
+}
+(out / f"rank{rank}.json").write_text(json.dumps(record))
+trainer.train()
+tensors = {
+    n: p.detach().clone()
+    for n, p in trainer.model.named_parameters()
+    if ".default." in n or ".value." in n or n.startswith("value_head")
+}
+torch.save(tensors, out / f"rank{rank}.pt")
