@@ -239,7 +239,7 @@ def test_no_checkpoint_is_written_from_weights_that_exploded(run_dir, tmp_path):
     trainer = make(run_dir, tmp_path / "ppo", steps=1)
     trainer.train()
     with torch.no_grad():
-        next(trainer.model.policy_parameters()).fill_(1e38)  # finite, but the logits overflow
+        trainer.model.policy_parameters()[0].fill_(1e38)  # finite, but the logits overflow
     trainer.step = 5
     with pytest.raises(NonFiniteError, match=r"stages\.ppo: non-finite .* at step 5; stopped"):
         trainer._save()
