@@ -44,7 +44,7 @@ def test_policy_equal_to_reference_has_zero_kl_and_equal_gold(tiny, layout):
     assert m["heldout_prompts"] == 16 and 0 < m["response_length"] <= 24
 
 
-def test_trained_sft_adapter_drifts_from_base_and_gains_gold(trained_run):
+def test_trained_sft_adapter_drifts_from_base_and_gains_on_its_reward(trained_run):
     model, tokenizer = load_stage_model(trained_run / "sft", ModelSpec())
     spec = SPEC.model_copy(update={"rewards": ["length(max_words=12)"]})
     m = evaluate_policy(
@@ -56,8 +56,10 @@ def test_trained_sft_adapter_drifts_from_base_and_gains_gold(trained_run):
         True,
     )
     assert m["kl_ref"] > 1.0 and m["kl_ref_per_token"] > 0.05
-    gain = m["gold_reward"] - m["gold_reward_ref"]
-    assert gain > 0 and m["gold_reward_gain_ci_low"] < gain < m["gold_reward_gain_ci_high"]
+    gain = m["reward"] - m["reward_ref"]  # the configured rule: SFT's answers are shorter
+    assert gain > 0 and m["reward_gain_ci_low"] < gain < m["reward_gain_ci_high"]
+    gold = m["gold_reward"] - m["gold_reward_ref"]  # recorded too, with its CI
+    assert m["gold_reward_gain_ci_low"] <= gold <= m["gold_reward_gain_ci_high"]
     assert m["reward"] != m["gold_reward"]  # the configured rule, not gold
     assert m["eos_rate"] >= m["eos_rate_ref"]
 

@@ -34,7 +34,8 @@ def test_prompts():
 
 
 def make_lora_stage(stage_dir: Path, seed: int = 0, modules_to_save=None) -> Path:
-    """A finished 'sft' stage: a LoRA adapter with random B (so it changes the logits)."""
+    """A finished 'sft' stage: a LoRA adapter with random B, large enough that sampling
+    with the same seed picks other tokens than the base."""
     from peft import LoraConfig, get_peft_model
 
     source = model_source(model="builtin:tiny")
@@ -48,7 +49,7 @@ def make_lora_stage(stage_dir: Path, seed: int = 0, modules_to_save=None) -> Pat
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
     model.save_pretrained(stage_dir / "adapter")
     tok.save_pretrained(stage_dir)
     record = {

@@ -110,10 +110,11 @@ def test_best_of_n_preferences_load_in_the_dpo_loader(tmp_path):
         best = gold_score(prompt, pair["chosen"][0]["content"])
         worst = gold_score(prompt, pair["rejected"][0]["content"])
         assert best > worst and pair["margin"] == pytest.approx(best - worst)
-    # each pair is the best and the worst of its prompt's samples
+    # each pair is the best and the worst of its prompt's (non-empty) samples
     by_prompt = {}
     for r in read_rollouts(out):
-        by_prompt.setdefault(r["prompt_id"], []).append(r["reward"])
+        if r["completion"].strip():  # an empty answer is no DPO row (best_of_n.py)
+            by_prompt.setdefault(r["prompt_id"], []).append(r["reward"])
     for pair in map(json.loads, path.read_text().splitlines()):
         assert pair["chosen_reward"] == max(by_prompt[pair["prompt_id"]])
         assert pair["rejected_reward"] == min(by_prompt[pair["prompt_id"]])

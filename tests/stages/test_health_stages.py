@@ -33,7 +33,7 @@ def dpo_run(tmp_path, tiny_pipeline_cfg, lr, on_trip="warn", steps=30):
 def test_dpo_at_a_degenerating_learning_rate_trips_within_its_first_third(
     tmp_path, tiny_pipeline_cfg
 ):
-    dpo_run(tmp_path, tiny_pipeline_cfg, lr=3e-3)
+    dpo_run(tmp_path, tiny_pipeline_cfg, lr=6e-3)
     health = json.loads((tmp_path / "dpo" / "stage.json").read_text())["health"]
     assert health["checks"] == 7  # before training and every 5 of 30 steps
     assert health["trips"] and min(t["step"] for t in health["trips"]) <= 10, health
@@ -50,7 +50,7 @@ def test_dpo_at_a_degenerating_learning_rate_trips_within_its_first_third(
 
 def test_on_trip_stop_ends_the_stage_and_keeps_earlier_checkpoints(tmp_path, tiny_pipeline_cfg):
     with pytest.raises(HealthStop, match=r"stages\.dpo: stopped at step \d+ by the health check"):
-        dpo_run(tmp_path, tiny_pipeline_cfg, lr=3e-3, on_trip="stop")
+        dpo_run(tmp_path, tiny_pipeline_cfg, lr=6e-3, on_trip="stop")
     partial = tmp_path / ".dpo.partial"
     trips = json.loads((partial / "health.json").read_text())["trips"]
     stopped_at = trips[0]["step"]

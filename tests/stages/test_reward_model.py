@@ -63,7 +63,10 @@ def test_reward_model_trains_and_reloads_to_the_same_scores(tmp_path, monkeypatc
     run_pipeline(cfg, REGISTRY, tmp_path / "run", Console(quiet=True))
     stage = tmp_path / "run" / "rm"
     metrics = json.loads((stage / "stage.json").read_text())["metrics"]
-    assert metrics["heldout_pairwise_accuracy"] > metrics["before_eval_accuracy"] + 0.1
+    # an untrained score head already reads the pretrained base's sentiment features (its
+    # accuracy is far from chance, either way round): the loss is what must fall
+    assert metrics["eval_loss"] < metrics["before_eval_loss"] - 0.1
+    assert metrics["heldout_pairwise_accuracy"] >= 0.9
     cfg_json = json.loads((stage / "adapter" / "adapter_config.json").read_text())
     assert "score" in cfg_json["modules_to_save"]
 
