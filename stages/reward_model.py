@@ -18,6 +18,7 @@ from pydantic import Field, model_validator
 from alignkit.config import AdapterSpec, DataSpec, StageBase, Strict
 from alignkit.errors import UserError
 from alignkit.pipeline import StageContext, StageResult
+from alignkit.rewards.sanity import probe_reward_model
 from alignkit.rundir import write_json_atomic
 from alignkit.training import (
     make_trl_trainer,
@@ -241,7 +242,6 @@ def _mix_rows(spec: MixSpec, ctx: StageContext) -> tuple[list[dict], list[dict]]
 def _probe(model, tokenizer, cfg, eval_rows: list[dict], ctx: StageContext) -> dict[str, float]:
     """The RM sanity probe on the trained model; warns about flagged categories."""
     from alignkit.rewards.reward_model import RewardModelScorer
-    from alignkit.rewards.sanity import probe_reward_model
 
     scorer = RewardModelScorer(model, tokenizer, max_length=cfg.max_length)
     result = probe_reward_model(scorer, eval_rows[:128], seed=ctx.seed)

@@ -31,7 +31,7 @@ from alignkit.config import DataSpec, StageBase
 from alignkit.errors import UserError
 from alignkit.models import ADAPTER_DIR, FULL_MODEL_DIR, resolve_model_path
 from alignkit.pipeline import StageContext, StageResult
-from alignkit.rewards.registry import resolve_rewards
+from alignkit.rewards.registry import known_names, resolve_rewards
 from alignkit.rollouts import ModelSource
 from alignkit.rollouts.best_of_n import PREFERENCES_FILE, PairMode, write_preferences
 from alignkit.rollouts.job import RolloutJobConfig, run_rollout_job
@@ -74,8 +74,6 @@ class RolloutStageConfig(StageBase):
 
 def _is_stage_name(spec: str) -> bool:
     """A plain word that is no builtin reward: read as a stage of this run (e.g. an RM)."""
-    from alignkit.rewards.registry import known_names
-
     name = spec.split("*")[0].strip()
     return name.isidentifier() and name not in known_names()
 
