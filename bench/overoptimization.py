@@ -6,15 +6,17 @@ Three reward models from the quickstart's SFT policy, differing only in what the
 - ``offline``: the quickstart's 10,000 offline pairs, 400 steps;
 - ``onpolicy``: the same plus comparisons of the SFT policy's own samples (the quickstart's RM).
 
-For each, PPO trains on that RM alone (the quickstart's PPO with a small fixed KL coefficient,
-so it travels far from SFT) and best-of-n picks the RM's favourite of n SFT samples. Along both,
-the proxy (the RM's own score, in units of its std on SFT samples) and the hidden gold reward
-are measured against sqrt(KL to SFT): PPO's health probe every 5 steps (32 held-out prompts x
-2 samples, KL per sequence from the policy's own samples), best-of-n at n = 1..16 on 128
-held-out prompts (KL = log n - (n-1)/n, the analytic bound). Where the proxy keeps rising while
-gold turns down, the RM is being over-optimised.
+For each, PPO trains on that RM alone (the quickstart's PPO with a small fixed KL coefficient
+and a lower learning rate, so it travels far from SFT, slowly enough to watch), and best-of-n
+picks the RM's favourite of n SFT samples. A fourth PPO run uses the ``small`` RM with raw
+scores (no normalisation, no clipping, no missing-EOS penalty: the plumbing before this
+release). Along each, the proxy (the RM's own score, in units of its std on SFT samples) and the
+hidden gold reward are measured against sqrt(KL to SFT): PPO's health probe every 4 steps (32
+held-out prompts x 2 samples, KL per sequence from the policy's own samples), best-of-n at
+n = 1..16 on 128 held-out prompts (KL = log n - (n-1)/n, the analytic bound). Where the proxy
+keeps rising while gold turns down, the RM is being over-optimised.
 
-    python bench/overoptimization.py             # ~12 min on 2 CPU cores
+    python bench/overoptimization.py             # ~15 min on 2 CPU cores
     python bench/overoptimization.py --steps 40  # shorter PPO runs
 
 Finished stages are skipped when the run directory is reused. Writes ``overoptimization.csv``
@@ -35,6 +37,13 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 RMS = ("small", "offline", "onpolicy")
+RUNS = {
+    "small": "rm_small",
+    "offline": "rm_offline",
+    "onpolicy": "reward_model",
+    "small_raw": "rm_small",
+}  # PPO run -> the RM it trains on
+RAW = {"normalize_scores": "none", "score_clip": None, "missing_eos_penalty": 0.0}
 BEST_OF = (1, 2, 4, 8, 16)
 
 
@@ -50,18 +59,21 @@ def pipeline(steps: int, seed: int) -> dict:
     small["data"]["max_rows"] = 1000
     small["train"]["max_steps"] = 150
     stages = [by_name["sft"], by_name["onpolicy"], onpolicy_rm, offline, small]
-    for label, rm in zip(RMS, ("rm_small", "rm_offline", "reward_model"), strict=True):
+    for label, rm in RUNS.items():
         ppo = json.loads(json.dumps(by_name["ppo"]))
         ppo.update(name=f"ppo_{label}", reward_model=rm, steps=steps, kl_coef=0.01,
-                   adaptive_kl=False, health={"every": 5, "sample_prompts": 32})  # fmt: skip
+                   adaptive_kl=False, learning_rate=1e-4,
+                   health={"every": 4, "sample_prompts": 32})  # fmt: skip
+        if label.endswith("_raw"):
+            ppo.update(RAW)
         stages.append(ppo)
     return {"run": {"name": "overoptimization", "seed": seed}, "model": base["model"],
             "adapter": base["adapter"], "stages": stages}  # fmt: skip
 
 
 def rm_dirs(run_dir: Path) -> dict[str, Path]:
-    return dict(zip(RMS, (run_dir / "rm_small", run_dir / "rm_offline", run_dir / "reward_model"),
-                    strict=True))  # fmt: skip
+    """Each PPO run's reward model."""
+    return {label: run_dir / rm for label, rm in RUNS.items()}
 
 
 def ppo_rows(run_dir: Path, scorers: dict) -> list[dict]:
@@ -139,7 +151,8 @@ def main() -> None:
     cfg = validate_pipeline(pipeline(args.steps, args.seed), stage_kinds(), where="overopt")
     run_pipeline(cfg, REGISTRY, args.run_dir, Console(stderr=True))
     scorers = {label: RewardModelScorer.from_path(d) for label, d in rm_dirs(args.run_dir).items()}
-    rows = ppo_rows(args.run_dir, scorers) + best_of_n_rows(args.run_dir, scorers)
+    rows = ppo_rows(args.run_dir, scorers)
+    rows += best_of_n_rows(args.run_dir, {k: v for k, v in scorers.items() if k in RMS})
     args.out.mkdir(parents=True, exist_ok=True)
     with (args.out / "overoptimization.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -156,7 +169,7 @@ def print_table(rows: list[dict]) -> None:
     """Per RM and method: the start, the point of best gold, and the end."""
     print("| RM | method | start gold | best gold (at sqrt KL) | end: gold / proxy z / sqrt KL |")
     print("|---|---|---|---|---|")
-    for rm in RMS:
+    for rm in RUNS:
         for method in ("ppo", "best_of_n"):
             pts = [r for r in rows if r["rm"] == rm and r["method"] == method]
             if not pts:
@@ -174,12 +187,19 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (gold_ax, proxy_ax) = plt.subplots(1, 2, figsize=(10, 4.2))
-    colors = dict(zip(RMS, ("tab:red", "tab:orange", "tab:green"), strict=True))
-    for rm in RMS:
+    colors = {"small": "tab:red", "offline": "tab:orange", "onpolicy": "tab:green",
+              "small_raw": "tab:purple"}  # fmt: skip
+    for rm in RUNS:
         for method, style in (("ppo", "-o"), ("best_of_n", "--s")):
             pts = [r for r in rows if r["rm"] == rm and r["method"] == method]
+            if not pts:
+                continue
             x = [r["sqrt_kl"] for r in pts]
-            label = f"{rm} RM, {'PPO' if method == 'ppo' else 'best-of-n'}"
+            label = f"{rm.replace('_raw', '')} RM, " + (
+                ("PPO, raw scores" if rm.endswith("_raw") else "PPO")
+                if method == "ppo"
+                else "best-of-n"
+            )
             gold_ax.plot(x, [r["gold"] for r in pts], style, color=colors[rm], ms=3, label=label)
             proxy_ax.plot(x, [r["proxy_z"] for r in pts], style, color=colors[rm], ms=3)
     gold_ax.set_ylabel("held-out gold reward")

@@ -85,6 +85,9 @@ class PPOStageConfig(StageBase):
     """Adaptive KL: target KL to the reference per sequence (nats)."""
     kl_horizon: int = Field(640, gt=0)
     """Adaptive KL: samples over which the coefficient may move by ±20%."""
+    kl_overshoot_gain: float = Field(4.0, ge=1)
+    """Adaptive KL: how many times faster the coefficient rises when KL is above the target
+    than it falls when below (the target is a budget; 1 is the classic symmetric controller)."""
     kl_estimator: Literal["k1", "k3"] = "k1"
     gamma: float = Field(1.0, ge=0, le=1)
     lam: float = Field(0.95, ge=0, le=1)

@@ -163,15 +163,23 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
 
 class AdaptiveKLController:
-    """Ziegler et al.'s proportional controller: move the KL coefficient so the observed KL
-    approaches ``target``. ``horizon`` is in samples; a horizon of about ten steps' worth of
-    samples responds within a short run (the classic 10 000 barely moves at 64 per step)."""
+    """Ziegler et al.'s proportional controller, with the target as a budget: move the KL
+    coefficient so the observed KL approaches ``target``, ``overshoot_gain`` times faster when
+    KL is above it than below. ``horizon`` is in samples; a horizon of about ten steps' worth of
+    samples responds within a short run (the classic 10 000 barely moves at 64 per step).
 
-    def __init__(self, init: float, target: float, horizon: int):
+    Why asymmetric: a symmetric controller that holds its target leaves the policy's KL above
+    the target about half the time (measured on the builtin task, target 3: held-out KL 2.95,
+    3.07, 3.26 on three seeds). Spending more KL than budgeted is what reward hacking does, so
+    overshoots are corrected quickly while the coefficient is given back slowly."""
+
+    def __init__(self, init: float, target: float, horizon: int, overshoot_gain: float = 4.0):
         self.value, self.target, self.horizon = init, target, horizon
+        self.overshoot_gain = overshoot_gain
 
     def update(self, current_kl: float, n_samples: int) -> None:
         if not math.isfinite(current_kl):
             return
         error = max(-0.2, min(0.2, current_kl / self.target - 1))
-        self.value *= 1 + error * n_samples / self.horizon
+        gain = self.overshoot_gain if error > 0 else 1.0
+        self.value *= 1 + error * gain * n_samples / self.horizon

@@ -118,7 +118,9 @@ class PPOTrainer:
         self.health = health_monitor(
             cfg, ctx, AdapterView(peft, "default"), AdapterView(peft, REFERENCE), self.tokenizer
         )
-        self.kl = core.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        self.kl = core.AdaptiveKLController(
+            cfg.kl_coef, cfg.kl_target, cfg.kl_horizon, cfg.kl_overshoot_gain
+        )
         self.step = 0
         self._recent = None
         self.last_checkpoint: str | None = None

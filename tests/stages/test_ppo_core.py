@@ -54,12 +54,15 @@ def test_kl_estimators_and_whitening():
     assert abs(core.masked_mean(w, mask).item()) < 1e-6 and w[0, 3] == 0
 
 
-def test_adaptive_kl_moves_towards_target():
-    ctl = core.AdaptiveKLController(0.1, target=1.0, horizon=100)
-    ctl.update(3.0, n_samples=10)
-    assert math.isclose(ctl.value, 0.1 * 1.02)
-    ctl.update(0.0, n_samples=10)
-    assert ctl.value < 0.1 * 1.02
+def test_adaptive_kl_moves_towards_target_faster_from_above():
+    ctl = core.AdaptiveKLController(0.1, target=1.0, horizon=100, overshoot_gain=4.0)
+    ctl.update(3.0, n_samples=10)  # above: +20% error x 4 x 10/100
+    assert math.isclose(ctl.value, 0.1 * 1.08)
+    ctl.update(0.0, n_samples=10)  # below: -20% error x 10/100
+    assert math.isclose(ctl.value, 0.1 * 1.08 * 0.98)
+    symmetric = core.AdaptiveKLController(0.1, target=1.0, horizon=100, overshoot_gain=1.0)
+    symmetric.update(3.0, n_samples=10)
+    assert math.isclose(symmetric.value, 0.1 * 1.02)
 
 
 def test_constant_reward_gives_zero_mean_whitened_advantages():
