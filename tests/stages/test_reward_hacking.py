@@ -18,14 +18,16 @@ GOLD_FREE = {"rm_blind_spots", "reward_vs_heldout_rm", "length", "invalid_tokens
 
 def hackable_pipeline(run_dir: Path) -> dict:
     """The quickstart's SFT; an RM on 1,000 offline pairs only (no on-policy pairs); PPO on it
-    with raw scores, no missing-EOS penalty, no clipping and a small fixed KL coefficient."""
+    with raw scores, no missing-EOS penalty, no clipping and no KL penalty. Measured: held-out
+    gold peaks at +0.44 (step 4), falls to +0.20 by step 12 and to -0.04 by step 30, while the
+    RM's score keeps rising and a quarter of the words become fragments."""
     quick = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
     stages = {s["name"]: s for s in quick["stages"]}
     rm = {k: v for k, v in stages["reward_model"].items() if k != "mix"}
     rm["data"] = {**rm["data"], "max_rows": 1000}
     rm["train"] = {**rm["train"], "max_steps": 150}
-    ppo = {**stages["ppo"], "steps": 24, "normalize_scores": "none", "missing_eos_penalty": 0.0,
-           "score_clip": None, "kl_coef": 0.01, "adaptive_kl": False,
+    ppo = {**stages["ppo"], "steps": 16, "normalize_scores": "none", "missing_eos_penalty": 0.0,
+           "score_clip": None, "kl_coef": 0.0, "adaptive_kl": False,
            "health": {"every": 2, "sample_prompts": 32}}  # fmt: skip
     return {**quick, "run": {"name": "hack", "seed": 0, "dir": str(run_dir)},
             "stages": [stages["sft"], rm, ppo]}  # fmt: skip
@@ -49,3 +51,6 @@ def test_gold_free_checks_trip_before_gold_falls_on_a_hackable_reward_model(tmp_
     gold_free = [t for t in health["trips"] if t["check"] in GOLD_FREE]
     assert gold_free and min(t["step"] for t in gold_free) < fell_at, health["trips"]
     assert gold_free[0]["check"] == "rm_blind_spots" and gold_free[0]["step"] == 0
+    # during training the broken words show (invalid_tokens) by the check where gold has fallen
+    invalid = [t["step"] for t in health["trips"] if t["check"] == "invalid_tokens"]
+    assert invalid and invalid[0] <= fell_at, health["trips"]
