@@ -8,6 +8,7 @@ hash, so a change upstream re-runs everything downstream of it.
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import re
 import time
@@ -199,6 +200,7 @@ def run_pipeline(
         if state.is_main_process:
             print_plan(decisions, console)
         manifest = _manifest(cfg, rd, decisions)
+        manifest["processes"] = {"world_size": state.num_processes, "launcher": _launcher()}
         rd.write_manifest(manifest)
         for i, d in enumerate(decisions):
             if d.action != "skip":
@@ -270,6 +272,18 @@ def _record_failure(rd: RunDir, manifest, entry, out_dir: Path, error, console) 
             f"[yellow]interrupted[/] stage {entry['name']}: {kept} in {out_dir}; re-run the "
             "same command to resume"
         )
+
+
+def _launcher() -> str:
+    """How this run was started, from the environment the launchers set."""
+    env = os.environ
+    if "ACCELERATE_MIXED_PRECISION" in env or "ACCELERATE_USE_DEEPSPEED" in env:
+        return "accelerate"
+    if "TORCHELASTIC_RUN_ID" in env:
+        return "torchrun"
+    if "SLURM_JOB_ID" in env and "SLURM_PROCID" in env:
+        return "slurm"
+    return "single process"
 
 
 def _cuda() -> bool:

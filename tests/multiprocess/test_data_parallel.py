@@ -88,6 +88,7 @@ def test_only_rank_zero_wrote_the_run_directory(runs):
     assert not list(run.glob(".*.partial"))
     manifest = json.loads((run / "manifest.json").read_text())
     assert [s["status"] for s in manifest["stages"]] == ["complete", "complete"]
+    assert manifest["processes"] == {"world_size": 2, "launcher": "torchrun"}
     assert (run / "sft" / "adapter" / "adapter_model.safetensors").is_file()
 
 
