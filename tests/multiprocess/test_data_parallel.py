@@ -36,10 +36,10 @@ def pipeline(batch: int) -> dict:
     }  # fmt: skip
 
 
-def launch(nproc: int, batch: int, root: Path) -> Path:
+def launch(nproc: int, batch: int, root: Path, raw: dict | None = None) -> Path:
     root.mkdir(parents=True)
     config = root / "config.json"
-    config.write_text(json.dumps(pipeline(batch)))
+    config.write_text(json.dumps(raw or pipeline(batch)))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -80,6 +80,26 @@ def test_both_ranks_hold_the_same_trained_adapter(runs, stage):
     assert rank0.keys() == rank1.keys() and rank0
     for name in rank0:
         assert torch.allclose(rank0[name], rank1[name], atol=1e-6), name
+
+
+def test_grpo_on_two_processes_trains_one_policy(tmp_path):
+    raw = pipeline(8)
+    raw["stages"][1] = {
+        "name": "grpo", "kind": "grpo", "rewards": ["gold"], "num_generations": 4,
+        "max_completion_length": 12, "data": {"source": "builtin:prompts", "max_rows": 64},
+        "heldout": {"num_prompts": 8, "samples_per_prompt": 1, "max_new_tokens": 12},
+        "health": {"every": 1, "sample_prompts": 2, "max_new_tokens": 12},
+        "train": {"max_steps": 2, "per_device_train_batch_size": 8, "learning_rate": 1e-3,
+                  "logging_steps": 1, "save_steps": 1},
+    }  # fmt: skip
+    two = launch(2, 8, tmp_path / "two", raw)
+    rank0, rank1 = (torch.load(two / f"grpo-rank{r}.pt") for r in (0, 1))
+    assert rank0 and rank0.keys() == rank1.keys()
+    for name in rank0:
+        assert torch.allclose(rank0[name], rank1[name], atol=1e-6), name
+    step(two, "grpo", 2)  # one metrics row per step: rank 0 wrote
+    record = json.loads((two / "run" / "grpo" / "stage.json").read_text())
+    assert record["health"]["checks"] == 3 and "gold_reward" in record["metrics"]
 
 
 def test_only_rank_zero_wrote_the_run_directory(runs):

@@ -11,26 +11,26 @@ import sys
 from pathlib import Path
 
 import torch
+import transformers
 from rich.console import Console
 
-from alignkit import training
 from alignkit.config import validate_pipeline
 from alignkit.pipeline import run_pipeline
 from alignkit.stages import REGISTRY, stage_kinds
 
 raw, run_dir, out = json.loads(Path(sys.argv[1]).read_text()), sys.argv[2], Path(sys.argv[3])
-real = training.train_and_evaluate
+real = transformers.Trainer.train
 
 
-def recording(trainer, ctx, evaluate):
-    metrics = real(trainer, ctx, evaluate)
-    model = trainer.accelerator.unwrap_model(trainer.model)
+def recording(self, *args, **kwargs):
+    """Every TRL trainer's train(), then this rank's trainable tensors to a file."""
+    result = real(self, *args, **kwargs)
+    stage = Path(self.args.output_dir).parent.name.removeprefix(".").removesuffix(".partial")
+    model = self.accelerator.unwrap_model(self.model)
     state = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    torch.save(state, out / f"{ctx.name}-rank{os.environ.get('RANK', '0')}.pt")
-    return metrics
+    torch.save(state, out / f"{stage}-rank{os.environ.get('RANK', '0')}.pt")
+    return result
 
 
-for module in (sys.modules[k] for k in list(sys.modules) if k.startswith("alignkit.stages.")):
-    if getattr(module, "train_and_evaluate", None) is real:
-        module.train_and_evaluate = recording
+transformers.Trainer.train = recording
 run_pipeline(validate_pipeline(raw, stage_kinds()), REGISTRY, run_dir, Console(quiet=True))
