@@ -127,19 +127,8 @@ def _heldout(cfg, ctx, trainer) -> dict[str, float]:
     from alignkit.eval.views import AdapterView
     from alignkit.stages.common import heldout_evaluation
 
-    def reward(prompts, completions, **meta):
-        import torch
-
-        total = torch.zeros(len(completions))
-        scoring = trainer.scoring
-        if scoring.scorer is not None:
-            total += torch.tensor(scoring.scorer(prompts, completions))
-        if scoring.reward_fn is not None:
-            total += torch.tensor(scoring.reward_fn(prompts, completions, **meta))
-        return total.tolist()
-
     peft = trainer.model.peft
-    custom = None if cfg.heldout.rewards else reward
+    custom = None if cfg.heldout.rewards else trainer.scoring
     return heldout_evaluation(
         cfg, ctx, AdapterView(peft, "default"), AdapterView(peft, "ref"), trainer.tokenizer, custom
     )

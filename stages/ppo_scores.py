@@ -54,15 +54,19 @@ class Scoring:
         self.score_stats = RunningMoments()
         self.heldout_stats, self.proxy_stats = RunningMoments(), RunningMoments()
 
+    def __call__(self, prompts, completions, **meta) -> list[float]:
+        """The training reward, unshaped: RM score plus reward functions (a reward function;
+        the held-out evaluation scores with it too)."""
+        total = torch.zeros(len(completions))
+        if self.scorer is not None:
+            total += torch.tensor(self.scorer(prompts, completions, **meta), dtype=torch.float)
+        if self.reward_fn is not None:
+            total += torch.tensor(self.reward_fn(prompts, completions, **meta), dtype=torch.float)
+        return total.tolist()
+
     def raw(self, prompts, batch) -> torch.Tensor:
         """Raw scores of the rollouts as generated: a truncated answer is scored truncated."""
-        texts, meta = batch.completion_text, {"finish_reason": batch.finish_reason}
-        total = torch.zeros(len(texts))
-        if self.scorer is not None:
-            total += torch.tensor(self.scorer(prompts, texts, **meta), dtype=torch.float)
-        if self.reward_fn is not None:
-            total += torch.tensor(self.reward_fn(prompts, texts, **meta), dtype=torch.float)
-        return total
+        return torch.tensor(self(prompts, batch.completion_text, finish_reason=batch.finish_reason))
 
     def heldout(self, prompts, batch, scores_raw: torch.Tensor) -> dict[str, float]:
         """What the held-out RM says of these rollouts, each RM's scores in units of its own
