@@ -287,32 +287,44 @@ def load_pipeline(
 
 
 def validate_pipeline(raw: dict, stage_kinds: StageKinds, where: str = "config") -> PipelineConfig:
+    """The typed pipeline, or one UserError listing every problem found (each stage's and the
+    top level's), so a config with several mistakes is fixed in one pass."""
     stages_raw = raw.get("stages")
     if not isinstance(stages_raw, list) or not stages_raw:
         raise UserError(f"{where}: 'stages' must be a non-empty list of stages")
     stages: list[StageBase] = []
+    problems: list[str] = []
     for i, s in enumerate(stages_raw):
-        if not isinstance(s, dict):
-            raise UserError(f"{where}: stages[{i}] must be a mapping with 'name' and 'kind'")
-        kind = s.get("kind")
-        if kind not in stage_kinds:
-            raise UserError(
-                f"{where}: stages[{i}].kind: unknown stage kind {kind!r}"
-                f"{_suggest(str(kind), stage_kinds)}; known kinds: {', '.join(sorted(stage_kinds))}"
-            )
-        cls = stage_kinds[kind]
-        s = {"name": kind, **s}
         try:
-            stages.append(cls.model_validate(s))
-        except ValidationError as e:
-            raise UserError(_format_errors(e, cls, f"{where}: stages[{i}] ({s['name']})")) from None
+            stages.append(_validate_stage(s, i, stage_kinds, where))
+        except UserError as e:
+            problems.append(str(e))
     try:
         cfg = PipelineConfig.model_validate({**raw, "stages": []})
     except ValidationError as e:
-        raise UserError(_format_errors(e, PipelineConfig, where)) from None
+        problems.append(_format_errors(e, PipelineConfig, where))
+    if problems:
+        raise UserError("\n".join(problems))
     cfg.stages = stages
     _check_stage_graph(cfg, where)
     return cfg
+
+
+def _validate_stage(s: Any, i: int, stage_kinds: StageKinds, where: str) -> StageBase:
+    if not isinstance(s, dict):
+        raise UserError(f"{where}: stages[{i}] must be a mapping with 'name' and 'kind'")
+    kind = s.get("kind")
+    if kind not in stage_kinds:
+        raise UserError(
+            f"{where}: stages[{i}].kind: unknown stage kind {kind!r}"
+            f"{_suggest(str(kind), stage_kinds)}; known kinds: {', '.join(sorted(stage_kinds))}"
+        )
+    cls = stage_kinds[kind]
+    s = {"name": kind, **s}
+    try:
+        return cls.model_validate(s)
+    except ValidationError as e:
+        raise UserError(_format_errors(e, cls, f"{where}: stages[{i}] ({s['name']})")) from None
 
 
 def _check_stage_graph(cfg: PipelineConfig, where: str) -> None:

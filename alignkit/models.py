@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from alignkit.config import BUILTIN_MODEL, AdapterSpec, ModelSpec
 from alignkit.errors import UserError
+from alignkit.rundir import match_directory_modes
 
 log = logging.getLogger(__name__)
 
@@ -322,6 +323,7 @@ def merge_stage(stage_dir: str | Path, out_dir: str | Path) -> Path:
     tmp = out_dir.with_name(f".{out_dir.name}.partial")
     model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
+    match_directory_modes(tmp)
     if out_dir.exists():
         out_dir.rmdir()
     tmp.rename(out_dir)

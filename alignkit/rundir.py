@@ -39,6 +39,18 @@ RESERVED_NAMES = (MANIFEST_FILE, LOCK_FILE)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
+def match_directory_modes(root: Path) -> None:
+    """Give every file under ``root`` the read/write bits its directory got from the umask.
+
+    Some writers create private files (safetensors writes weights 0600) while everything else
+    follows the umask (0644): a run directory shared with a team, or copied to a server, would
+    have unreadable weights beside readable configs."""
+    file_mode = root.stat().st_mode & 0o666
+    for path in [root, *root.rglob("*")]:
+        if path.is_file() and not path.is_symlink():
+            path.chmod(file_mode)
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to a temp file beside ``path``, fsync it, rename it over ``path`` and fsync
     the directory: after a crash the file is the old one or the new one, never torn."""
@@ -199,6 +211,7 @@ class RunDir:
         write_json_atomic(partial / STAGE_FILE, record)
         shutil.rmtree(partial / "checkpoints", ignore_errors=True)
         (partial / HASH_FILE).unlink(missing_ok=True)
+        match_directory_modes(partial)
         old = None
         if final.exists():
             old = self.path / f".{name}.old-{int(time.time() * 1000)}"

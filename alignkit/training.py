@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from alignkit.errors import UserError
 from alignkit.finite import NonFiniteError, nonfinite_names, stop_message
@@ -113,18 +114,46 @@ class MetricsCallback(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return
         record = {"step": state.global_step, "epoch": state.epoch, **logs}
+        if "train_loss" in logs:  # the trainer's own covers only the steps since a resume
+            record["train_loss"] = whole_run_train_loss(state.log_history, logs["train_loss"])
         with self.path.open("a") as f:
             f.write(json.dumps(record, default=float) + "\n")
 
 
+class TokenCount(TrainerCallback, ExportableState):
+    """Keeps TRL's running ``num_tokens`` across a resume: TRL counts tokens in the trainer
+    (``_total_train_tokens``), which no checkpoint holds, so a resumed stage would log counts
+    from 0 again. The count goes into the checkpoint's trainer_state.json (``stateful_callbacks``)
+    and comes back from it when training resumes."""
+
+    def __init__(self, trainer=None):
+        self.trainer = trainer
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {"total_train_tokens": self._count()}}
+
+    def _count(self) -> int:
+        return int(getattr(self.trainer, "_total_train_tokens", 0) or 0)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        saved = state.stateful_callbacks.get(type(self).__name__)
+        if self.trainer is not None and state.global_step > 0 and isinstance(saved, dict):
+            self.trainer._total_train_tokens = saved.get("attributes", {}).get(
+                "total_train_tokens", self._count()
+            )
+
+
 def make_trl_trainer(trainer_cls, ctx, saved_adapter: dict[str, torch.Tensor], **kwargs):
-    """A TRL trainer that stops at the first non-finite value (:class:`FiniteGuard`) and logs to
-    the stage's metrics.jsonl (main process), with the adapter weights of
-    :func:`snapshot_adapter` put back after TRL's constructor cast them."""
-    callbacks = [FiniteGuard(ctx.where), *kwargs.pop("callbacks", [])]
+    """A TRL trainer that stops at the first non-finite value (:class:`FiniteGuard`), logs to
+    the stage's metrics.jsonl (main process) and keeps its token count across a resume
+    (:class:`TokenCount`), with the adapter weights of :func:`snapshot_adapter` put back after
+    TRL's constructor cast them."""
+    counter = TokenCount()
+    callbacks = [FiniteGuard(ctx.where), counter, *kwargs.pop("callbacks", [])]
     if ctx.is_main:
         callbacks.append(MetricsCallback(ctx.metrics_path))
     trainer = trainer_cls(callbacks=callbacks, **kwargs)
+    counter.trainer = trainer
     restore_adapter(trainer.model, saved_adapter)
     return trainer
 
@@ -186,14 +215,17 @@ def final_train_metrics(trainer) -> dict[str, float]:
     only the steps since a resume, so a resumed stage would report a different number for the
     same weights."""
     out: dict[str, float] = {}
-    losses = []
     for entry in trainer.state.log_history:
         for k, v in entry.items():
             if isinstance(v, int | float) and k not in ("step", "epoch"):
                 out[k] = float(v)
-        if isinstance(entry.get("loss"), int | float):
-            losses.append(float(entry["loss"]))
-    if losses and "train_loss" in out:
-        out["train_loss"] = sum(losses) / len(losses)
+    if "train_loss" in out:
+        out["train_loss"] = whole_run_train_loss(trainer.state.log_history, out["train_loss"])
     out["global_step"] = float(trainer.state.global_step)
     return out
+
+
+def whole_run_train_loss(log_history: list[dict], trainer_value: float) -> float:
+    """The mean of every logged loss, before and after any resume (``trainer_value`` if none)."""
+    losses = [float(e["loss"]) for e in log_history if isinstance(e.get("loss"), int | float)]
+    return sum(losses) / len(losses) if losses else float(trainer_value)

@@ -24,7 +24,7 @@ from alignkit.models import spec_from_record
 from alignkit.pipeline import redact, run_pipeline
 from alignkit.rundir import RunDir, trim_logs_to_step
 from alignkit.stages import REGISTRY, stage_kinds
-from alignkit.training import final_train_metrics
+from alignkit.training import TokenCount, final_train_metrics
 
 
 def run(raw, root):
@@ -120,6 +120,24 @@ def test_stage_names_that_break_the_run_directory_are_refused(name):
 
 
 # --- one-line errors for bad input ---------------------------------------------------------
+
+
+def test_every_config_error_is_reported_at_once():
+    raw = {
+        "run": {"nosuch": 1},
+        "stages": [
+            {"name": "a", "kind": "sft", "data": {"source": "x"}, "train": {"max_steps": -5}},
+            {"name": "b", "kind": "sfft", "data": {"source": "x"}},
+            {"name": "c", "kind": "dpo", "data": {"source": "x"}, "beta": "high"},
+        ],
+    }
+    with pytest.raises(UserError) as err:
+        validate_pipeline(raw, stage_kinds())
+    lines = str(err.value).splitlines()
+    assert len(lines) == 4, lines
+    assert [line.split(":")[1].strip() for line in lines] == [
+        "stages[0] (a)", "stages[1].kind", "stages[2] (c)", "unknown key 'run.nosuch'"
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -242,3 +260,37 @@ def test_train_loss_covers_the_whole_run_after_a_resume():
     history = [{"loss": 4.0, "step": 10}, {"loss": 2.0, "step": 20}, {"train_loss": 2.0}]
     trainer = SimpleNamespace(state=SimpleNamespace(log_history=history, global_step=20))
     assert final_train_metrics(trainer)["train_loss"] == 3.0
+
+
+def test_a_resume_keeps_the_token_count_and_logs_the_whole_run_train_loss(tmp_path):
+    """TRL keeps num_tokens in the trainer, not the checkpoint; the last metrics row had the
+    post-resume train_loss. Both made a resumed stage's logs differ from an uninterrupted one's."""
+    before = SimpleNamespace(_total_train_tokens=1234)
+    saved = {"TokenCount": TokenCount(before).state()}
+    after = SimpleNamespace(_total_train_tokens=0)
+    state = SimpleNamespace(stateful_callbacks=saved, global_step=8)
+    TokenCount(after).on_train_begin(None, state, None)
+    assert after._total_train_tokens == 1234
+
+    from alignkit.training import MetricsCallback
+
+    path = tmp_path / "metrics.jsonl"
+    history = [{"loss": 4.0}, {"loss": 2.0}, {"train_loss": 2.0}]
+    state = SimpleNamespace(is_world_process_zero=True, global_step=2, epoch=1.0,
+                            log_history=history)  # fmt: skip
+    MetricsCallback(path).on_log(None, state, None, logs={"train_loss": 2.0})
+    assert json.loads(path.read_text())["train_loss"] == 3.0
+
+
+def test_finished_stages_have_the_umask_modes_weights_included(tmp_path, tiny_pipeline_cfg):
+    raw = tiny_pipeline_cfg(tmp_path, steps=2)
+    raw["stages"][0]["heldout"] = {"enabled": False}
+    old = os.umask(0o022)
+    try:
+        run(raw, tmp_path)
+    finally:
+        os.umask(old)
+    modes = {f.relative_to(tmp_path / "sft").as_posix(): f.stat().st_mode & 0o777
+             for f in (tmp_path / "sft").rglob("*") if f.is_file()}  # fmt: skip
+    assert modes["adapter/adapter_model.safetensors"] == 0o644  # safetensors writes 0600
+    assert set(modes.values()) == {0o644}, modes

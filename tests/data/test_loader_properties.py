@@ -96,3 +96,43 @@ def test_parquet_of_any_columns(tmp_path, kind, columns):
     path = tmp_path / "d.parquet"
     pq.write_table(pa.table(columns), path)
     load_or_refuse(kind, path)
+
+
+HUGE = 3_000_000  # characters in one row: over MAX_ROW_CHARS (2,000,000)
+
+
+def _write_huge(path, kind: str) -> None:
+    text = "word " * (HUGE // 5)
+    row = {"sft": {"prompt": "hi", "completion": text},
+           "preference": {"prompt": "hi", "chosen": text, "rejected": "no"},
+           "prompts": {"prompt": text}}[kind]  # fmt: skip
+    if path.suffix == ".jsonl":
+        path.write_text(json.dumps(row) + "\n")
+    elif path.suffix == ".json":
+        path.write_text(json.dumps([row]))
+    elif path.suffix == ".csv":
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            writer.writeheader()
+            writer.writerow(row)
+    else:
+        pq.write_table(pa.Table.from_pylist([row]), path)
+
+
+@pytest.mark.parametrize("kind", sorted(LOADERS))
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
+def test_a_huge_row_is_refused_in_bounded_memory(tmp_path, kind, suffix):
+    """The 50 MB row that took 15 GB through tokenisation: refused by the loader, which holds
+    a few copies of the row at most (Python allocations, traced)."""
+    import tracemalloc
+
+    path = tmp_path / f"d{suffix}"
+    _write_huge(path, kind)
+    tracemalloc.start()
+    try:
+        with pytest.raises(UserError, match=r"more than the 2,000,000"):
+            LOADERS[kind](str(path))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 12 * HUGE, f"{peak / 1e6:.0f} MB traced to refuse a {HUGE / 1e6:.0f} MB row"
