@@ -49,14 +49,23 @@ def stop_message(where: str, what: str, step: int, checkpoint: str | None) -> st
 
 def check_saved_weights(stage_dir: Path, where: str) -> None:
     """Raise :class:`NonFiniteError` when any saved ``*.safetensors`` under ``stage_dir``
-    (checkpoints excluded) holds a NaN or an inf."""
+    (checkpoints excluded) holds a NaN or an inf, or an empty tensor (a shard of a ZeRO-3 or
+    FSDP model saved without gathering it: the weights would load as nothing)."""
     from safetensors import safe_open
 
     for path in sorted(stage_dir.rglob("*.safetensors")):
         if "checkpoints" in path.relative_to(stage_dir).parts:
             continue
         with safe_open(str(path), framework="pt") as f:
-            bad = nonfinite_names((k, f.get_tensor(k)) for k in f.keys())
+            tensors = [(k, f.get_tensor(k)) for k in f.keys()]
+        empty = [k for k, t in tensors if t.numel() == 0]
+        if empty:
+            raise NonFiniteError(
+                f"{where}: the saved weights hold empty tensors ({path.relative_to(stage_dir)}: "
+                f"{', '.join(empty[:3])}{' …' if len(empty) > 3 else ''}): sharded weights "
+                "were saved without being gathered; the stage is not marked complete."
+            )
+        bad = nonfinite_names(tensors)
         if bad:
             raise NonFiniteError(
                 f"{where}: the trained weights hold NaN/inf ({path.relative_to(stage_dir)}: "

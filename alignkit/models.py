@@ -272,20 +272,25 @@ def load_policy(spec: ModelSpec, adapter: AdapterSpec, parent_dir: Path | None):
     return attach_adapter(model, adapter, spec), tokenizer
 
 
-def save_stage_model(model, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> str:
+def save_stage_model(
+    model, tokenizer: PreTrainedTokenizerBase, out_dir: Path, state_dict: dict | None = None
+) -> str:
     """Save the trained adapter (only the ``default`` one) or the full model, plus the tokenizer.
 
     The tokenizer goes to the stage dir and beside the weights, so ``adapter/`` or ``model/`` alone
-    loads with plain peft/transformers (and vLLM). Returns the subdir name written.
+    loads with plain peft/transformers (and vLLM). ``state_dict``: the model's full weights when
+    they were gathered from shards (ZeRO-3, FSDP). Returns the subdir name written.
     """
     from peft import PeftModel
 
     if isinstance(model, PeftModel):
         sub = ADAPTER_DIR
-        model.save_pretrained(str(out_dir / sub), selected_adapters=["default"])
+        model.save_pretrained(
+            str(out_dir / sub), selected_adapters=["default"], state_dict=state_dict
+        )
     else:
         sub = FULL_MODEL_DIR
-        model.save_pretrained(str(out_dir / sub))
+        model.save_pretrained(str(out_dir / sub), state_dict=state_dict)
     tokenizer.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir / sub))
     return sub

@@ -30,7 +30,14 @@ from alignkit.config import (
     parent_of,
 )
 from alignkit.errors import UserError
-from alignkit.rundir import STAGE_FILE, RunDir, checkpoint_step, read_json, trim_logs_to_step
+from alignkit.rundir import (
+    STAGE_FILE,
+    RunDir,
+    checkpoint_step,
+    read_json,
+    read_json_or_none,
+    trim_logs_to_step,
+)
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +127,7 @@ class Decision:
     action: str  # skip | run | resume | rerun
     reason: str
     parent: StageBase | None
+    resume_from: Path | None = None  # the checkpoint a "resume" continues from
 
 
 def plan(cfg: PipelineConfig, run_dir: RunDir) -> list[Decision]:
@@ -164,7 +172,22 @@ def plan(cfg: PipelineConfig, run_dir: RunDir) -> list[Decision]:
             )
         if action != "skip":
             reruns.add(stage.name)
-        decisions.append(Decision(stage, h, action, reason, parent))
+        resume = state.checkpoint if action == "resume" else None
+        decisions.append(Decision(stage, h, action, reason, parent, resume))
+    return decisions
+
+
+def plan_of_rank_zero(decisions: list[Decision]) -> list[Decision]:
+    """Every rank takes rank 0's plan. Ranks plan from the files they see, and rank 0 starts
+    changing them (dropping a stale partial dir, trimming logs) as soon as it has planned: a
+    rank that planned a moment later could resume a checkpoint rank 0 just deleted, or skip a
+    stage the others train, and the run would deadlock or diverge."""
+    from accelerate.utils import broadcast_object_list
+
+    payload = [[(d.hash, d.action, d.reason, d.resume_from) for d in decisions]]
+    broadcast_object_list(payload, from_process=0)
+    for d, (h, action, reason, resume) in zip(decisions, payload[0], strict=True):
+        d.hash, d.action, d.reason, d.resume_from = h, action, reason, resume
     return decisions
 
 
@@ -197,10 +220,16 @@ def run_pipeline(
     rd = RunDir(run_dir, is_main=state.is_main_process)
     with rd.lock():
         decisions = plan(cfg, rd)
+        if state.num_processes > 1:
+            decisions = plan_of_rank_zero(decisions)
         if state.is_main_process:
             print_plan(decisions, console)
         manifest = _manifest(cfg, rd, decisions)
-        manifest["processes"] = {"world_size": state.num_processes, "launcher": _launcher()}
+        manifest["processes"] = {
+            "world_size": state.num_processes,
+            "launcher": _launcher(),
+            "engine": _engine(state.num_processes),
+        }
         rd.write_manifest(manifest)
         for i, d in enumerate(decisions):
             if d.action != "skip":
@@ -213,7 +242,7 @@ def _run_stage(cfg, registry, rd: RunDir, d: Decision, manifest, entry, state, c
 
     entry.update(status="running", started=_now())
     rd.write_manifest(manifest)
-    resume = rd.state(d.stage.name).checkpoint if d.action == "resume" else None
+    resume = d.resume_from
     out_dir = rd.begin_stage(d.stage.name, d.hash, resume=resume is not None)
     if resume is not None and state.is_main_process:  # steps after the checkpoint run again
         trim_logs_to_step(out_dir, checkpoint_step(resume))
@@ -284,6 +313,19 @@ def _launcher() -> str:
     if "SLURM_JOB_ID" in env and "SLURM_PROCID" in env:
         return "slurm"
     return "single process"
+
+
+def _engine(world_size: int) -> str:
+    """The data-parallel engine accelerate was told to use (its launcher sets these)."""
+    env = os.environ
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        if stage is None and (file := env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")):
+            stage = (read_json_or_none(Path(file)) or {}).get("zero_optimization", {}).get("stage")
+        return f"deepspeed zero-{stage if stage is not None else '?'}"
+    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return f"fsdp{env.get('FSDP_VERSION', '1')}"
+    return "ddp" if world_size > 1 else "none"
 
 
 def _cuda() -> bool:

@@ -229,3 +229,19 @@ def whole_run_train_loss(log_history: list[dict], trainer_value: float) -> float
     """The mean of every logged loss, before and after any resume (``trainer_value`` if none)."""
     losses = [float(e["loss"]) for e in log_history if isinstance(e.get("loss"), int | float)]
     return sum(losses) / len(losses) if losses else float(trainer_value)
+
+
+def save_trained(trainer, tokenizer, ctx, adapter_type: str) -> str:
+    """Save a TRL stage's trained weights; every rank calls it, rank 0 writes. Returns the subdir.
+
+    Under ZeRO-3 or FSDP each rank holds a shard of every large tensor, so the weights are
+    gathered first (a collective) — saving the rank's own view writes empty tensors. DDP and
+    ZeRO-2 hold whole tensors; a single process saves as is."""
+    from alignkit.models import ADAPTER_DIR, FULL_MODEL_DIR, save_stage_model
+
+    state_dict = None
+    if trainer.accelerator.num_processes > 1:
+        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    if not ctx.is_main:
+        return ADAPTER_DIR if adapter_type != "full" else FULL_MODEL_DIR
+    return save_stage_model(trainer.model, tokenizer, ctx.out_dir, state_dict=state_dict)

@@ -18,6 +18,7 @@ from alignkit.health import HealthSpec
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.training import (
     make_trl_trainer,
+    save_trained,
     snapshot_adapter,
     train_and_evaluate,
     trl_args,
@@ -93,11 +94,7 @@ def run(cfg: DPOStageConfig, ctx: StageContext) -> StageResult:
     metrics["train_rows"], metrics["eval_rows"] = float(n_train), float(n_eval)
     metrics.update(_heldout(cfg, ctx, trainer, tokenizer))
 
-    sub = "adapter" if adapter.type != "full" else "model"
-    if ctx.is_main:
-        from alignkit.models import save_stage_model
-
-        sub = save_stage_model(trainer.model, tokenizer, ctx.out_dir)
+    sub = save_trained(trainer, tokenizer, ctx, adapter.type)
     return StageResult(metrics=metrics, adapter_type=adapter.type, outputs={"weights": sub})
 
 

@@ -26,6 +26,7 @@ from alignkit.stages.common import RolloutSpec, check_vllm
 from alignkit.training import (
     final_train_metrics,
     make_trl_trainer,
+    save_trained,
     snapshot_adapter,
     trl_args,
 )
@@ -132,11 +133,7 @@ def run(cfg: OnlineRLConfig, ctx: StageContext) -> StageResult:
         metrics[f"train_{key}"] = metrics.pop(key)
     metrics.update(heldout)
 
-    sub = "adapter" if adapter.type != "full" else "model"
-    if ctx.is_main:
-        from alignkit.models import save_stage_model
-
-        sub = save_stage_model(trainer.model, tokenizer, ctx.out_dir)
+    sub = save_trained(trainer, tokenizer, ctx, adapter.type)
     return StageResult(metrics=metrics, adapter_type=adapter.type, outputs={"weights": sub})
 
 

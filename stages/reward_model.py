@@ -22,6 +22,7 @@ from alignkit.rewards.sanity import probe_reward_model
 from alignkit.rundir import write_json_atomic
 from alignkit.training import (
     make_trl_trainer,
+    save_trained,
     snapshot_adapter,
     train_and_evaluate,
     trl_args,
@@ -92,7 +93,7 @@ def run(cfg: RewardModelStageConfig, ctx: StageContext) -> StageResult:
 
     from alignkit.data.preference import load_preference
     from alignkit.data.split import train_eval_rows
-    from alignkit.models import count_parameters, save_stage_model, torch_dtype
+    from alignkit.models import count_parameters, torch_dtype
 
     seed = ctx.seed + cfg.seed_offset
     torch.manual_seed(seed)
@@ -153,9 +154,7 @@ def run(cfg: RewardModelStageConfig, ctx: StageContext) -> StageResult:
         metrics.update(_probe(trainer.model, tokenizer, cfg, eval_rows, ctx))
 
     # 5. save adapter + score head (or the full model) with the tokenizer and scoring settings
-    sub = "adapter" if adapter.type != "full" else "model"
-    if ctx.is_main:
-        sub = save_stage_model(trainer.model, tokenizer, ctx.out_dir)
+    sub = save_trained(trainer, tokenizer, ctx, adapter.type)
     return StageResult(
         metrics=metrics,
         adapter_type=adapter.type,

@@ -16,6 +16,7 @@ from alignkit.errors import UserError
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.training import (
     make_trl_trainer,
+    save_trained,
     snapshot_adapter,
     train_and_evaluate,
     trl_args,
@@ -47,7 +48,7 @@ def run(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
 
     from alignkit.data.sft import load_sft
     from alignkit.data.split import train_eval_rows
-    from alignkit.models import count_parameters, load_policy, save_stage_model, torch_dtype
+    from alignkit.models import count_parameters, load_policy, torch_dtype
 
     torch.manual_seed(ctx.seed)
     # 1. data first: a bad row stops the stage before any model is loaded
@@ -104,10 +105,7 @@ def run(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
     metrics.update(_heldout(cfg, ctx, trainer.model, tokenizer))
 
     # 7. save the trained adapter (or full model) and the tokenizer with its chat template
-    if ctx.is_main:
-        sub = save_stage_model(trainer.model, tokenizer, ctx.out_dir)
-    else:
-        sub = "adapter" if adapter.type != "full" else "model"
+    sub = save_trained(trainer, tokenizer, ctx, adapter.type)
     return StageResult(metrics=metrics, adapter_type=adapter.type, outputs={"weights": sub})
 
 

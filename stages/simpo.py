@@ -16,6 +16,7 @@ from alignkit.config import AdapterSpec, DataSpec, HeldoutSpec, StageBase
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.training import (
     make_trl_trainer,
+    save_trained,
     snapshot_adapter,
     train_and_evaluate,
     trl_args,
@@ -56,7 +57,7 @@ def run(cfg: _ReferenceFree, ctx: StageContext) -> StageResult:
 
     from alignkit.data.preference import load_preference
     from alignkit.data.split import train_eval_rows
-    from alignkit.models import load_policy, save_stage_model, torch_dtype
+    from alignkit.models import load_policy, torch_dtype
     from alignkit.stages.common import heldout_evaluation
 
     torch.manual_seed(ctx.seed)
@@ -113,5 +114,5 @@ def run(cfg: _ReferenceFree, ctx: StageContext) -> StageResult:
             reference = AdapterView.base_of(model)
         policy = AdapterView(model, "default")
         metrics.update(heldout_evaluation(cfg, ctx, policy, reference, tokenizer))
-    sub = save_stage_model(trainer.model, tokenizer, ctx.out_dir) if ctx.is_main else "adapter"
+    sub = save_trained(trainer, tokenizer, ctx, adapter.type)
     return StageResult(metrics=metrics, adapter_type=adapter.type, outputs={"weights": sub})

@@ -45,7 +45,7 @@ LOGS = ("metrics.jsonl", "samples.jsonl", "health.json", "preferences.jsonl")
 class Kill:
     target: str
     signal: str
-    delay: float | str  # seconds into the stage, or the file it waited for
+    delay: str  # when it was sent: after the stage's start, after a checkpoint, or a file
     hit: str | None  # the stage under way when the signal was sent, None if the run had ended
     returncode: int
     next_action: str | None = None  # what the next attempt did with the stage hit (resume, run)
@@ -80,18 +80,30 @@ def interrupt(proc: subprocess.Popen, sig: signal.Signals) -> None:
         os.killpg(proc.pid, sig)
 
 
-def kill_once(cfg: Path, run_dir: Path, targets: list[str], sig, when: float | str, log: Path):
-    """One attempt, interrupted ``when`` seconds after it starts on the first of ``targets`` it
-    runs (the scheduled stage, or a later one if that finished already), or as soon as the file
-    ``when`` (relative to the run directory, e.g. a checkpoint) appears."""
+def kill_once(cfg: Path, run_dir: Path, targets: list[str], sig, when, log: Path) -> Kill:
+    """One attempt, interrupted once it reaches the first of ``targets`` it runs (the scheduled
+    stage, or a later one if that finished already), ``when`` being:
+
+    - seconds: that long after the stage starts (often before its first checkpoint);
+    - ``("checkpoint", seconds)``: that long after the stage writes a new checkpoint (a resume
+      is then certain unless the stage finishes first); a rollout stage's shards are written
+      continuously, so there it counts from the stage's start;
+    - a path relative to the run directory: as soon as that file exists.
+    """
     proc = alignkit_run(cfg, log)
     deadline = time.time() + 300
-    while proc.poll() is None and time.time() < deadline:  # until this attempt reaches target
+    started, seen = None, set()
+    while proc.poll() is None and time.time() < deadline:
         if isinstance(when, str):
             if (run_dir / when).exists():
                 break
-        elif any(m.group(1) in targets for m in HEADER.finditer(log.read_text(errors="replace"))):
-            time.sleep(when)
+        elif started is None:
+            found = [m.group(1) for m in HEADER.finditer(log.read_text(errors="replace"))]
+            started = next((name for name in found if name in targets), None)
+            checkpoints = run_dir / f".{started}.partial" / "checkpoints"
+            seen = set(checkpoints.glob("checkpoint-*"))
+        elif not isinstance(when, tuple) or _new_checkpoint(run_dir, started, seen):
+            time.sleep(when[1] if isinstance(when, tuple) else when)
             break
         time.sleep(0.02)
     hit = stage_under_way(run_dir) if proc.poll() is None else None
@@ -102,8 +114,18 @@ def kill_once(cfg: Path, run_dir: Path, targets: list[str], sig, when: float | s
     except subprocess.TimeoutExpired:  # a graceful signal that hangs is a failure, not a skip
         os.killpg(proc.pid, signal.SIGKILL)
         rc = proc.wait()
-    delay = when if isinstance(when, str) else round(when, 2)
+    if isinstance(when, tuple):
+        delay = f"{when[1]:.2f} after a checkpoint"
+    else:
+        delay = when if isinstance(when, str) else f"{when:.2f} after the start"
     return Kill(targets[0], sig.name, delay, hit, rc)
+
+
+def _new_checkpoint(run_dir: Path, stage: str, seen: set) -> bool:
+    partial = run_dir / f".{stage}.partial"
+    if (partial / "rollouts").is_dir() or not partial.exists():  # rollout shards; or it ended
+        return True
+    return any(c not in seen for c in (partial / "checkpoints").glob("checkpoint-*/"))
 
 
 def run_with_kills(cfg: Path, run_dir: Path, schedule, logs: Path) -> tuple[list[Kill], int]:
@@ -124,14 +146,17 @@ def run_with_kills(cfg: Path, run_dir: Path, schedule, logs: Path) -> tuple[list
 
 
 def schedule(stages: list[str], kills: int, seed: int, max_delay: float):
-    """``kills`` interruptions spread over ``stages`` in order, random signal and delay each."""
+    """``kills`` interruptions spread over ``stages`` in order, each with a random signal; every
+    other one a random time into the stage, the rest a random time after a new checkpoint."""
     rng = random.Random(seed)
     per = [kills // len(stages) + (i < kills % len(stages)) for i in range(len(stages))]
-    return [
-        (stage, rng.choice(SIGNALS), rng.uniform(0.0, max_delay))
-        for stage, n in zip(stages, per, strict=True)
-        for _ in range(n)
-    ]
+    plan = []
+    for stage, n in zip(stages, per, strict=True):
+        for _ in range(n):
+            delay = rng.uniform(0.0, max_delay)
+            when = delay if len(plan) % 2 == 0 else ("checkpoint", delay / 2)
+            plan.append((stage, rng.choice(SIGNALS), when))
+    return plan
 
 
 def _rows(path: Path) -> list:
@@ -209,7 +234,7 @@ def main() -> int:
         kills, final = run_with_kills(cfg, tmp / "chaos", plan, tmp)
         chaos_s = time.time() - start
         diff = differences(fingerprint(tmp / "clean"), fingerprint(tmp / "chaos"))
-    print("| # | target | signal | delay s | stage hit | exit | next attempt |")
+    print("| # | target | signal | sent (s) | stage hit | exit | next attempt |")
     print("|---|---|---|---|---|---|---|")
     for i, k in enumerate(kills):
         print(f"| {i} | {k.target} | {k.signal} | {k.delay} | {k.hit} | {k.returncode} | "

@@ -64,5 +64,5 @@ def test_twenty_random_kills_across_every_stage_change_nothing(tmp_path):
     )
     check_each_kill(kills)
     assert {k.hit for k in kills} >= set(stages), kills  # every stage was interrupted
-    assert sum(k.next_action == "resume" for k in kills) >= 10, kills
+    assert sum(k.next_action == "resume" for k in kills) >= 5, kills  # half wait for a checkpoint
     assert diff == []

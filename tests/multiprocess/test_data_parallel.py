@@ -4,7 +4,7 @@ adapters, and only rank 0 writes the run directory."""
 
 import json
 import os
-import socket
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,43 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-WORKER = Path(__file__).with_name("worker.py")
-
-
-def pipeline(batch: int) -> dict:
-    train = {"max_steps": 2, "per_device_train_batch_size": batch, "learning_rate": 3e-3,
-             "logging_steps": 1, "save_steps": 1}  # fmt: skip
-    return {
-        "run": {"name": "ddp", "seed": 0},
-        "model": {"name": "builtin:tiny"},
-        "adapter": {"type": "lora", "r": 8, "alpha": 16},
-        "stages": [
-            {"name": "sft", "kind": "sft", "max_length": 64, "train": train,
-             "data": {"source": "builtin:sft", "max_rows": 64, "eval_split": "test",
-                      "max_eval_rows": 8},
-             "heldout": {"enabled": False}},
-            {"name": "dpo", "kind": "dpo", "loss_type": "sigmoid", "max_length": 64,
-             "train": {**train, "learning_rate": 1e-3},
-             "data": {"source": "builtin:preference", "max_rows": 64, "eval_split": "test",
-                      "max_eval_rows": 8},
-             "heldout": {"enabled": False}, "health": {"enabled": False}},
-        ],
-    }  # fmt: skip
-
-
-def launch(nproc: int, batch: int, root: Path, raw: dict | None = None) -> Path:
-    root.mkdir(parents=True)
-    config = root / "config.json"
-    config.write_text(json.dumps(raw or pipeline(batch)))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={port}", str(WORKER), str(config), str(root / "run"), str(root)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return root
+sys.path.insert(0, str(Path(__file__).parent))
+from launch import free_port, launch, pipeline  # noqa: E402
 
 
 def step(root: Path, stage: str, n: int) -> dict:
@@ -102,13 +67,55 @@ def test_grpo_on_two_processes_trains_one_policy(tmp_path):
     assert record["health"]["checks"] == 3 and "gold_reward" in record["metrics"]
 
 
+def test_rloo_on_two_processes_trains_one_policy(tmp_path):
+    raw = pipeline(8)
+    raw["stages"][1] = {
+        "name": "rloo", "kind": "rloo", "rewards": ["gold"], "num_generations": 4,
+        "max_completion_length": 12, "data": {"source": "builtin:prompts", "max_rows": 64},
+        "heldout": {"num_prompts": 8, "samples_per_prompt": 1, "max_new_tokens": 12},
+        "train": {"max_steps": 2, "per_device_train_batch_size": 8, "learning_rate": 1e-3,
+                  "logging_steps": 1, "save_steps": 1},
+    }  # fmt: skip
+    two = launch(2, 8, tmp_path / "two", raw)
+    rank0, rank1 = (torch.load(two / f"rloo-rank{r}.pt") for r in (0, 1))
+    assert rank0 and rank0.keys() == rank1.keys()
+    for name in rank0:
+        assert torch.allclose(rank0[name], rank1[name], atol=1e-6), name
+    step(two, "rloo", 2)
+    assert "gold_reward" in json.loads((two / "run" / "rloo" / "stage.json").read_text())["metrics"]
+
+
+def test_eval_on_two_processes_reports_once_with_one_process_numbers(tmp_path):
+    raw = pipeline(8)
+    raw["stages"][1] = {"name": "compare", "kind": "eval", "stages": ["sft"], "rewards": ["gold"],
+                        "max_prompts": 8, "n": 1, "max_new_tokens": 12}  # fmt: skip
+    one = launch(1, 8, tmp_path / "one", raw)
+    # the same trained sft (2 processes would train it within float noise, which Adam's first
+    # step turns into different weights), then the comparison on 2 processes
+    shutil.copytree(one / "run", tmp_path / "two" / "run", ignore=shutil.ignore_patterns("compare"))
+    two = launch(2, 8, tmp_path / "two", raw)
+    results = [json.loads((r / "run" / "compare" / "results.json").read_text()) for r in (one, two)]
+    assert results[0]["models"] == results[1]["models"]  # sampling is per prompt, not per rank
+    assert (two / "run" / "compare" / "report.md").is_file()
+    assert not list((two / "run").glob(".*.partial"))
+
+
+def test_every_rank_follows_rank_zeros_plan(tmp_path):
+    raw = pipeline(4)
+    raw["stages"] = raw["stages"][:1]
+    two = launch(2, 4, tmp_path / "two", raw, env={"ALIGNKIT_TEST_SKEW_PLAN": "1"}, timeout=300)
+    rank0, rank1 = (torch.load(two / f"sft-rank{r}.pt") for r in (0, 1))  # rank 1 trained too
+    for name in rank0:
+        assert torch.allclose(rank0[name], rank1[name], atol=1e-6), name
+
+
 def test_only_rank_zero_wrote_the_run_directory(runs):
     _, two = runs
     run = two / "run"
     assert not list(run.glob(".*.partial"))
     manifest = json.loads((run / "manifest.json").read_text())
     assert [s["status"] for s in manifest["stages"]] == ["complete", "complete"]
-    assert manifest["processes"] == {"world_size": 2, "launcher": "torchrun"}
+    assert manifest["processes"] == {"world_size": 2, "launcher": "torchrun", "engine": "ddp"}
     assert (run / "sft" / "adapter" / "adapter_model.safetensors").is_file()
 
 
@@ -132,11 +139,8 @@ def ppo_ranks(tmp_path_factory, tiny_pipeline_cfg):
          "train": {"max_steps": 2, "per_device_train_batch_size": 16, "learning_rate": 3e-3}}
     )  # fmt: skip
     run_pipeline(validate_pipeline(raw, stage_kinds()), REGISTRY, root / "run", Console(quiet=True))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={port}", str(PPO_WORKER), str(root / "run"), str(root)]  # fmt: skip
+           f"--master_port={free_port()}", str(PPO_WORKER), str(root / "run"), str(root)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -33,4 +33,19 @@ def recording(self, *args, **kwargs):
 
 
 transformers.Trainer.train = recording
+
+if os.environ.get("ALIGNKIT_TEST_SKEW_PLAN") and os.environ.get("RANK") == "1":
+    import alignkit.pipeline as pipeline
+
+    real_plan = pipeline.plan
+
+    def skewed(cfg, rd):
+        """Rank 1 sees every stage complete (as it would if rank 0 had changed the files
+        first): the run must still follow rank 0's plan."""
+        decisions = real_plan(cfg, rd)
+        for d in decisions:
+            d.action, d.reason, d.resume_from = "skip", "rank 1 saw it complete", None
+        return decisions
+
+    pipeline.plan = skewed
 run_pipeline(validate_pipeline(raw, stage_kinds()), REGISTRY, run_dir, Console(quiet=True))

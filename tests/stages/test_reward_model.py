@@ -52,11 +52,11 @@ def test_reward_model_trains_and_reloads_to_the_same_scores(tmp_path, monkeypatc
     captured = {}
     original = models.save_stage_model
 
-    def capture(model, tokenizer, out_dir):
+    def capture(model, tokenizer, out_dir, **kw):
         captured["scores"] = RewardModelScorer(model, tokenizer, max_length=64)(
             PROMPTS, COMPLETIONS
         )
-        return original(model, tokenizer, out_dir)
+        return original(model, tokenizer, out_dir, **kw)
 
     monkeypatch.setattr(models, "save_stage_model", capture)
     cfg = validate_pipeline(rm_pipeline(tmp_path / "run"), stage_kinds())

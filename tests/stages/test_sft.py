@@ -23,12 +23,12 @@ def run_and_capture(raw, tmp_path, monkeypatch):
     captured = {}
     original = models.save_stage_model
 
-    def save_and_capture(model, tokenizer, out_dir):
+    def save_and_capture(model, tokenizer, out_dir, **kw):
         captured["logits"] = logits_of(model, tokenizer)
         captured["trainable"] = {
             n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad
         }
-        return original(model, tokenizer, out_dir)
+        return original(model, tokenizer, out_dir, **kw)
 
     monkeypatch.setattr(models, "save_stage_model", save_and_capture)
     cfg = validate_pipeline(raw, stage_kinds())
