@@ -245,3 +245,15 @@ def save_trained(trainer, tokenizer, ctx, adapter_type: str) -> str:
     if not ctx.is_main:
         return ADAPTER_DIR if adapter_type != "full" else FULL_MODEL_DIR
     return save_stage_model(trainer.model, tokenizer, ctx.out_dir, state_dict=state_dict)
+
+
+def weights_sharded() -> bool:
+    """Whether each rank holds only a shard of the weights (DeepSpeed ZeRO-3, FSDP): then any
+    forward pass is a collective every rank must join."""
+    import os
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return True
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()

@@ -36,18 +36,22 @@ def check_vllm(where: str) -> None:
 
 
 def heldout_evaluation(cfg, ctx, policy, reference, tokenizer, reward=None) -> dict[str, float]:
-    """Run the stage's held-out evaluation (``cfg.heldout``) on the main process.
+    """Run the stage's held-out evaluation (``cfg.heldout``); the main process's numbers.
 
     Builtin training data implies the builtin held-out prompts and its gold reward; other data
-    is evaluated only when ``heldout.prompts`` names a prompt source.
+    is evaluated only when ``heldout.prompts`` names a prompt source. With whole weights on every
+    rank (one process, DDP, ZeRO-2) only the main process samples; with sharded weights (ZeRO-3,
+    FSDP) every forward is a collective, so every rank samples the same prompts in step.
     """
     from alignkit.eval.heldout import evaluate_policy
+    from alignkit.training import weights_sharded
 
-    if not ctx.is_main:
+    if not ctx.is_main and not weights_sharded():
         return {}
     builtin = cfg.data.source.startswith("builtin:")
-    ctx.console.print("held-out evaluation: sampling the policy and its reference ...")
-    return evaluate_policy(
+    if ctx.is_main:
+        ctx.console.print("held-out evaluation: sampling the policy and its reference ...")
+    metrics = evaluate_policy(
         policy,
         reference,
         tokenizer,
@@ -56,6 +60,7 @@ def heldout_evaluation(cfg, ctx, policy, reference, tokenizer, reward=None) -> d
         has_gold=builtin,
         reward=reward,
     )
+    return metrics if ctx.is_main else {}
 
 
 def health_monitor(cfg, ctx, policy, reference, tokenizer):

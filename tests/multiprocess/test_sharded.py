@@ -39,8 +39,10 @@ def test_shipped_zero_config_is_a_valid_deepspeed_config(name, monkeypatch):
 
 
 def sft_only(batch: int) -> dict:
+    """SFT with its held-out evaluation (sampling: under ZeRO-3 every rank must join it)."""
     raw = pipeline(batch)
     raw["stages"] = raw["stages"][:1]
+    raw["stages"][0]["heldout"] = {"num_prompts": 4, "samples_per_prompt": 1, "max_new_tokens": 8}
     return raw
 
 
@@ -90,6 +92,7 @@ def test_zero_sft_on_two_processes_trains_the_one_process_model(name, one_proces
     assert manifest["processes"] == {"world_size": 2, "launcher": "accelerate",
                                      "engine": f"deepspeed zero-{name[4]}"}  # fmt: skip
     assert manifest["stages"][0]["status"] == "complete"
+    assert "kl_ref" in manifest["stages"][0]["metrics"]  # the held-out evaluation ran
     assert _losses(two) == pytest.approx(_losses(one_process), abs=1e-5)  # 2 steps: synced
     adapter = two / "run" / "sft" / "adapter"
     saved, single = (load_file(d / "sft" / "adapter" / "adapter_model.safetensors")
