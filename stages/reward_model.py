@@ -26,6 +26,7 @@ from alignkit.training import (
     snapshot_adapter,
     train_and_evaluate,
     trl_args,
+    weights_sharded,
 )
 
 #: Names classification heads go by in transformers models.
@@ -150,7 +151,7 @@ def run(cfg: RewardModelStageConfig, ctx: StageContext) -> StageResult:
             found = trainer.evaluate(_dataset(held, cfg.use_margin), metric_key_prefix=prefix)
             # TRL's RewardTrainer logs its accuracy as eval_accuracy whatever the prefix
             metrics[f"{prefix}_accuracy"] = found.get(f"{prefix}_accuracy", found["eval_accuracy"])
-    if cfg.probe and eval_rows and ctx.is_main:
+    if cfg.probe and eval_rows and (ctx.is_main or weights_sharded()):  # sharded: all join
         metrics.update(_probe(trainer.model, tokenizer, cfg, eval_rows, ctx))
 
     # 5. save adapter + score head (or the full model) with the tokenizer and scoring settings
@@ -245,6 +246,8 @@ def _probe(model, tokenizer, cfg, eval_rows: list[dict], ctx: StageContext) -> d
     scorer = RewardModelScorer(model, tokenizer, max_length=cfg.max_length)
     result = probe_reward_model(scorer, eval_rows[:128], seed=ctx.seed)
     model.train()
+    if not ctx.is_main:
+        return {}
     write_json_atomic(ctx.out_dir / PROBE_FILE, {**asdict(result), "flagged": result.flagged})
     for category in result.flagged:
         best = result.examples[category][0]

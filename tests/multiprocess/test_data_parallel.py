@@ -85,6 +85,26 @@ def test_rloo_on_two_processes_trains_one_policy(tmp_path):
     assert "gold_reward" in json.loads((two / "run" / "rloo" / "stage.json").read_text())["metrics"]
 
 
+def test_reward_model_and_simpo_on_two_processes_train_one_model_each(tmp_path):
+    raw = pipeline(4)
+    pref = {"source": "builtin:preference", "max_rows": 64, "eval_split": "test",
+            "max_eval_rows": 8}  # fmt: skip
+    train = {"max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 1e-3,
+             "logging_steps": 1, "save_steps": 1}  # fmt: skip
+    raw["stages"][1:] = [
+        {"name": "rm", "kind": "reward_model", "max_length": 64, "data": pref, "train": train},
+        {"name": "simpo", "kind": "simpo", "from": "sft", "max_length": 64, "data": pref,
+         "train": train, "heldout": {"enabled": False}, "health": {"enabled": False}},
+    ]  # fmt: skip
+    two = launch(2, 4, tmp_path / "two", raw)
+    for stage in ("rm", "simpo"):
+        rank0, rank1 = (torch.load(two / f"{stage}-rank{r}.pt") for r in (0, 1))
+        assert rank0 and rank0.keys() == rank1.keys()
+        for name in rank0:
+            assert torch.allclose(rank0[name], rank1[name], atol=1e-6), (stage, name)
+        step(two, stage, 2)  # one metrics row per step: rank 0 wrote
+
+
 def test_eval_on_two_processes_reports_once_with_one_process_numbers(tmp_path):
     raw = pipeline(8)
     raw["stages"][1] = {"name": "compare", "kind": "eval", "stages": ["sft"], "rewards": ["gold"],
