@@ -16,12 +16,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from alignkit.config import BUILTIN_MODEL, AdapterSpec, ModelSpec
 from alignkit.errors import UserError
-from alignkit.rundir import match_directory_modes
+from alignkit.handoff import ADAPTER_DIR, FULL_MODEL_DIR, POLICY_ADAPTER
+from alignkit.rundir import STAGE_FILE, match_directory_modes
 
 log = logging.getLogger(__name__)
 
-ADAPTER_DIR = "adapter"
-FULL_MODEL_DIR = "model"
 # Existing tokens that can serve as padding when a tokenizer has none (or pads with EOS).
 _PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad_id|>", "<|endoftext|>")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -214,7 +213,7 @@ def attach_adapter(model, adapter: AdapterSpec, spec: ModelSpec, task_type: str 
     return get_peft_model(model, peft_config(adapter, task_type))
 
 
-def load_adapter(model, adapter_dir: str | Path, trainable: bool, name: str = "default"):
+def load_adapter(model, adapter_dir: str | Path, trainable: bool, name: str = POLICY_ADAPTER):
     """Load a saved adapter onto ``model`` (trainable or frozen)."""
     from peft import PeftModel
 
@@ -273,7 +272,7 @@ def load_policy(spec: ModelSpec, adapter: AdapterSpec, parent_dir: Path | None):
 
 
 def save_stage_model(model, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> str:
-    """Save the trained adapter (only the ``default`` one) or the full model, plus the tokenizer.
+    """Save the trained adapter (only the policy one, ``default``) or the full model, plus the tokenizer.
 
     The tokenizer goes to the stage dir and beside the weights, so ``adapter/`` or ``model/`` alone
     loads with plain peft/transformers (and vLLM). Returns the subdir name written.
@@ -282,7 +281,7 @@ def save_stage_model(model, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -
 
     if isinstance(model, PeftModel):
         sub = ADAPTER_DIR
-        model.save_pretrained(str(out_dir / sub), selected_adapters=["default"])
+        model.save_pretrained(str(out_dir / sub), selected_adapters=[POLICY_ADAPTER])
     else:
         sub = FULL_MODEL_DIR
         model.save_pretrained(str(out_dir / sub))
@@ -299,9 +298,9 @@ def merge_stage(stage_dir: str | Path, out_dir: str | Path) -> Path:
     from transformers import AutoModelForSequenceClassification
 
     stage_dir, out_dir = Path(stage_dir), Path(out_dir)
-    record_file = stage_dir / "stage.json"
+    record_file = stage_dir / STAGE_FILE
     if not record_file.exists():
-        raise UserError(f"{stage_dir}: not a finished stage (no stage.json)")
+        raise UserError(f"{stage_dir}: not a finished stage (no {STAGE_FILE})")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"--out {out_dir}: exists and is not empty; choose a new directory")
     record = json.loads(record_file.read_text())

@@ -34,6 +34,7 @@ from alignkit.eval.cache import GenerationCache
 from alignkit.rollouts.source import ModelSource, model_source
 from alignkit.rollouts.types import SamplingConfig, encode_prompts
 from alignkit.rollouts.vllm import VLLMConfig
+from alignkit.rundir import STAGE_FILE
 
 
 class CompareConfig(Strict):
@@ -208,17 +209,17 @@ def _source(
     name: str, adapter: str | None, cfg: CompareConfig, flag: str
 ) -> tuple[ModelSource, dict]:
     path = Path(name).expanduser()
-    if (path / "stage.json").is_file():
+    if (path / STAGE_FILE).is_file():
         if adapter is not None:
             raise UserError(
                 f"--{flag} {name} is a stage: it brings its adapter; drop --base-adapter"
             )
         source = model_source(stage=path, dtype=cfg.dtype, quantization=cfg.quantization)
-        record = json.loads((path / "stage.json").read_text())
+        record = json.loads((path / STAGE_FILE).read_text())
         stage = {k: record.get(k) for k in ("kind", "config_hash", "finished")}
     elif path.is_dir() and not (path / "config.json").is_file():
         raise UserError(
-            f"--{flag} {name}: neither a finished stage (no stage.json; still running or failed?) "
+            f"--{flag} {name}: neither a finished stage (no {STAGE_FILE}; still running or failed?) "
             "nor a model directory (no config.json)"
         )
     elif not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
@@ -239,7 +240,7 @@ def _source(
 
 def _label(name: str, is_base: bool, source: ModelSource, taken: list[str]) -> str:
     path = Path(name)
-    if (path / "stage.json").is_file():
+    if (path / STAGE_FILE).is_file():
         label = path.resolve().name
     elif is_base:
         label = "base"

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from alignkit.errors import UserError
 from alignkit.rewards import rules
+from alignkit.rundir import STAGE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ def _reward_model(path: Path) -> RewardFn:
 
 def _check_reward_model_dir(path: Path) -> None:
     """Refuse a directory that is clearly not a reward model before loading anything."""
-    if (path / "stage.json").is_file():  # the scorer checks the stage's kind
+    if (path / STAGE_FILE).is_file():  # the scorer checks the stage's kind
         return
     adapter = _read_json(path / "adapter_config.json")
     if adapter is not None:

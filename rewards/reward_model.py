@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from alignkit.errors import UserError
+from alignkit.rundir import STAGE_FILE
 
 Messages = list[dict]
 
@@ -38,7 +39,7 @@ class RewardModelScorer:
         from alignkit.models import load_base, load_stage_model, load_tokenizer, spec_from_record
 
         path = Path(path)
-        record_file = path / "stage.json"
+        record_file = path / STAGE_FILE
         if record_file.exists():
             record = json.loads(record_file.read_text())
             if record.get("kind") != "reward_model":

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from alignkit.config import ModelSpec
 from alignkit.errors import UserError
-from alignkit.models import ADAPTER_DIR, FULL_MODEL_DIR, resolve_model_path, spec_from_record
-
-STAGE_FILE = "stage.json"
+from alignkit.handoff import ADAPTER_DIR, FULL_MODEL_DIR
+from alignkit.models import resolve_model_path, spec_from_record
+from alignkit.rundir import STAGE_FILE
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from pydantic import Field, field_validator
 
 from alignkit.config import AdapterSpec, DataSpec, HeldoutSpec, StageBase
 from alignkit.errors import UserError
+from alignkit.handoff import POLICY_ADAPTER, REFERENCE_ADAPTER, weights_subdir
 from alignkit.health import HealthSpec
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.training import (
@@ -65,9 +66,9 @@ class DPOStageConfig(StageBase):
     max_length: int = 1024
     """Prompt + completion tokens; longer pairs are truncated."""
     heldout: HeldoutSpec = HeldoutSpec()
+    """Sample the trained policy and its reference on held-out prompts (gold reward, KL)."""
     health: HealthSpec = HealthSpec()
     """Training health checks (DPO collapse, KL, length, repetition, reward vs gold)."""
-    """Sample the trained policy and its reference on held-out prompts (gold reward, KL)."""
 
     @field_validator("loss_type", mode="before")
     @classmethod
@@ -93,7 +94,7 @@ def run(cfg: DPOStageConfig, ctx: StageContext) -> StageResult:
     metrics["train_rows"], metrics["eval_rows"] = float(n_train), float(n_eval)
     metrics.update(_heldout(cfg, ctx, trainer, tokenizer))
 
-    sub = "adapter" if adapter.type != "full" else "model"
+    sub = weights_subdir(adapter.type)
     if ctx.is_main:
         from alignkit.models import save_stage_model
 
@@ -114,11 +115,13 @@ def _views(trainer):
     model = trainer.model
     if trainer.ref_model is not None:  # full fine-tuning: a separate frozen reference
         reference = AdapterView(trainer.ref_model)
-    elif "ref" in getattr(model, "peft_config", {}):
-        reference = AdapterView(model, "ref")
+    elif REFERENCE_ADAPTER in getattr(model, "peft_config", {}):
+        reference = AdapterView(model, REFERENCE_ADAPTER)
     else:
         reference = AdapterView.base_of(model)
-    policy = AdapterView(model, "default") if hasattr(model, "peft_config") else AdapterView(model)
+    policy = (
+        AdapterView(model, POLICY_ADAPTER) if hasattr(model, "peft_config") else AdapterView(model)
+    )
     return policy, reference
 
 

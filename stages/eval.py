@@ -22,6 +22,7 @@ from pydantic import Field
 from alignkit.config import BUILTIN_MODEL, StageBase
 from alignkit.errors import UserError
 from alignkit.pipeline import StageContext, StageResult
+from alignkit.rundir import STAGE_FILE
 
 
 class EvalStageConfig(StageBase):
@@ -61,7 +62,7 @@ def run(cfg: EvalStageConfig, ctx: StageContext) -> StageResult:
     run_dir = ctx.out_dir.parent
     stages = cfg.stages or _policy_stages(run_dir, ctx)
     for name in stages:
-        if not (run_dir / name / "stage.json").is_file():
+        if not (run_dir / name / STAGE_FILE).is_file():
             raise UserError(f"{ctx.where}.stages: {name!r} is not a finished stage of this run")
     builtin = ctx.model.name == BUILTIN_MODEL
     prompts = cfg.prompts or ("builtin:sft" if builtin else None)
@@ -114,7 +115,7 @@ def _policy_stages(run_dir: Path, ctx: StageContext) -> list[str]:
         if (
             kind is not None
             and kind.config_cls.is_policy
-            and (run_dir / entry["name"] / "stage.json").is_file()
+            and (run_dir / entry["name"] / STAGE_FILE).is_file()
         ):
             names.append(entry["name"])
     return names
@@ -123,7 +124,7 @@ def _policy_stages(run_dir: Path, ctx: StageContext) -> list[str]:
 def _reward(spec: str, run_dir: Path) -> str:
     """A stage name of this run stands for that stage's directory."""
     stage = run_dir / spec
-    return str(stage) if "/" not in spec and (stage / "stage.json").is_file() else spec
+    return str(stage) if "/" not in spec and (stage / STAGE_FILE).is_file() else spec
 
 
 def _metrics(results: dict) -> dict[str, float]:

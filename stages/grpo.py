@@ -20,8 +20,10 @@ from pydantic import Field, model_validator
 
 from alignkit.config import AdapterSpec, DataSpec, HeldoutSpec, StageBase
 from alignkit.errors import UserError
+from alignkit.handoff import ADAPTER_DIR, POLICY_ADAPTER, REFERENCE_ADAPTER, weights_subdir
 from alignkit.health import HealthSpec
 from alignkit.pipeline import StageContext, StageResult
+from alignkit.rundir import STAGE_FILE
 from alignkit.stages.common import RolloutSpec, check_vllm
 from alignkit.training import (
     final_train_metrics,
@@ -74,10 +76,10 @@ class OnlineRLConfig(StageBase):
     """Sampling temperature; top-k and top-p are off (on-policy samples, unbiased KL)."""
     rollout: RolloutSpec = RolloutSpec()
     heldout: HeldoutSpec = HeldoutSpec()
-    health: HealthSpec = HealthSpec()
-    """Training health checks (DPO collapse, KL, length, repetition, reward vs gold)."""
     """Sample the trained policy and its reference on held-out prompts (gold reward, the
     configured reward unless ``heldout.rewards`` names others, KL)."""
+    health: HealthSpec = HealthSpec()
+    """Training health checks (KL, length, repetition, invalid words, reward vs gold)."""
 
     def uses_stages(self) -> list[str]:
         """Reward specs that may name reward_model stages of the run (the pipeline keeps those
@@ -114,8 +116,9 @@ def run(cfg: OnlineRLConfig, ctx: StageContext) -> StageResult:
     trainer, tokenizer, adapter, reward, n_prompts = build_trainer(cfg, ctx)
     model = trainer.model
     if isinstance(model, PeftModel):
-        policy = AdapterView(model, "default")
-        reference = AdapterView(model, "ref") if "ref" in model.peft_config else None
+        policy = AdapterView(model, POLICY_ADAPTER)
+        has_ref = REFERENCE_ADAPTER in model.peft_config
+        reference = AdapterView(model, REFERENCE_ADAPTER) if has_ref else None
     else:
         policy = AdapterView(model)
         reference = AdapterView(trainer.ref_model) if trainer.ref_model is not None else None
@@ -132,7 +135,7 @@ def run(cfg: OnlineRLConfig, ctx: StageContext) -> StageResult:
         metrics[f"train_{key}"] = metrics.pop(key)
     metrics.update(heldout)
 
-    sub = "adapter" if adapter.type != "full" else "model"
+    sub = weights_subdir(adapter.type)
     if ctx.is_main:
         from alignkit.models import save_stage_model
 
@@ -148,18 +151,19 @@ def _heldout(
     from peft import PeftModel
 
     from alignkit.eval.views import AdapterView
-    from alignkit.models import ADAPTER_DIR, load_base, load_stage_model
+    from alignkit.models import load_base, load_stage_model
     from alignkit.stages.common import heldout_evaluation
 
     if not cfg.heldout.enabled:
         return {}
     model = trainer.model
     if isinstance(model, PeftModel):
-        if "ref" not in model.peft_config and ctx.parent is not None:
-            model.load_adapter(str(ctx.parent.dir / ADAPTER_DIR), adapter_name="ref")
-        has_ref = "ref" in model.peft_config
-        policy = AdapterView(model, "default")
-        reference = AdapterView(model, "ref") if has_ref else AdapterView.base_of(model)
+        if REFERENCE_ADAPTER not in model.peft_config and ctx.parent is not None:
+            parent_adapter = str(ctx.parent.dir / ADAPTER_DIR)
+            model.load_adapter(parent_adapter, adapter_name=REFERENCE_ADAPTER)
+        has_ref = REFERENCE_ADAPTER in model.peft_config
+        policy = AdapterView(model, POLICY_ADAPTER)
+        reference = AdapterView(model, REFERENCE_ADAPTER) if has_ref else AdapterView.base_of(model)
     else:
         policy, ref = AdapterView(model), trainer.ref_model
         if ref is None and ctx.parent is not None:
@@ -327,7 +331,7 @@ def _move_reward_models(reward, device) -> None:
 def _is_reward_stage(path: Path) -> bool:
     import json
 
-    record = path / "stage.json"
+    record = path / STAGE_FILE
     return record.is_file() and json.loads(record.read_text()).get("kind") == "reward_model"
 
 

@@ -17,10 +17,11 @@ from pydantic import Field, field_validator
 
 from alignkit.config import AdapterSpec, DataSpec, HeldoutSpec, StageBase
 from alignkit.errors import UserError
+from alignkit.handoff import ADAPTER_DIR
 from alignkit.health import HealthSpec
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.stages.common import RolloutSpec, check_vllm
-from alignkit.stages.ppo_model import HELDOUT_REWARD, REWARD
+from alignkit.stages.ppo_model import HELDOUT_REWARD, POLICY, REFERENCE, REWARD
 
 #: Health defaults when a reward model scores (a user's explicit setting wins): a hacked RM is
 #: first seen as answers shrinking or filling with broken words.
@@ -105,7 +106,8 @@ class PPOStageConfig(StageBase):
     rollout: PPORolloutSpec = PPORolloutSpec()
     heldout: HeldoutSpec = HeldoutSpec()
     health: HealthSpec = HealthSpec()
-    """Training health checks (DPO collapse, KL, length, repetition, reward vs gold)."""
+    """Training health checks (KL, length, repetition, invalid words, reward vs gold or vs the
+    held-out reward model); with a learned reward the defaults tighten (``RM_HEALTH``)."""
 
     @field_validator("normalize_scores", mode="before")
     @classmethod
@@ -130,7 +132,7 @@ def _heldout(cfg, ctx, trainer) -> dict[str, float]:
     peft = trainer.model.peft
     custom = None if cfg.heldout.rewards else trainer.scoring
     return heldout_evaluation(
-        cfg, ctx, AdapterView(peft, "default"), AdapterView(peft, "ref"), trainer.tokenizer, custom
+        cfg, ctx, AdapterView(peft, POLICY), AdapterView(peft, REFERENCE), trainer.tokenizer, custom
     )
 
 
@@ -174,4 +176,4 @@ def run(cfg: PPOStageConfig, ctx: StageContext) -> StageResult:
         from alignkit.models import save_stage_model
 
         save_stage_model(trainer.model.peft, trainer.tokenizer, ctx.out_dir)
-    return StageResult(metrics=metrics, adapter_type="lora", outputs={"weights": "adapter"})
+    return StageResult(metrics=metrics, adapter_type="lora", outputs={"weights": ADAPTER_DIR})

@@ -17,6 +17,7 @@ from alignkit.health import HealthStop
 from alignkit.rundir import STAGE_FILE
 from alignkit.stages import ppo_core as core
 from alignkit.stages.ppo_model import (
+    POLICY,
     REFERENCE,
     REWARD,
     VALUE,
@@ -116,7 +117,7 @@ class PPOTrainer:
 
         peft = self.model.peft
         self.health = health_monitor(
-            cfg, ctx, AdapterView(peft, "default"), AdapterView(peft, REFERENCE), self.tokenizer
+            cfg, ctx, AdapterView(peft, POLICY), AdapterView(peft, REFERENCE), self.tokenizer
         )
         self.kl = core.AdaptiveKLController(
             cfg.kl_coef, cfg.kl_target, cfg.kl_horizon, cfg.kl_overshoot_gain
@@ -329,7 +330,7 @@ class PPOTrainer:
             root = root / f"rank-{self.rank}"
         target = root / f"step-{self.step}"
         shutil.rmtree(target, ignore_errors=True)
-        self.model.peft.save_pretrained(str(target), selected_adapters=["default"])
+        self.model.peft.save_pretrained(str(target), selected_adapters=[POLICY])
         for old in root.glob("step-*"):
             if old != target:
                 shutil.rmtree(old, ignore_errors=True)
@@ -426,7 +427,7 @@ class PPOTrainer:
         tmp.mkdir(parents=True)
         peft = self.model.peft
         state = {
-            "policy": get_peft_model_state_dict(peft, adapter_name="default"),
+            "policy": get_peft_model_state_dict(peft, adapter_name=POLICY),
             "value": get_peft_model_state_dict(peft, adapter_name=VALUE),
             "value_head": self.model.value_head.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -448,7 +449,7 @@ class PPOTrainer:
 
         # tensors, numbers and dicts only: a crafted checkpoint cannot run code on resume
         state = torch.load(path / "state.pt", weights_only=True)
-        set_peft_model_state_dict(self.model.peft, state["policy"], adapter_name="default")
+        set_peft_model_state_dict(self.model.peft, state["policy"], adapter_name=POLICY)
         set_peft_model_state_dict(self.model.peft, state["value"], adapter_name=VALUE)
         self.model.value_head.load_state_dict(state["value_head"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -13,6 +13,7 @@ from typing import ClassVar, Literal
 
 from alignkit.config import AdapterSpec, DataSpec, HeldoutSpec, StageBase
 from alignkit.errors import UserError
+from alignkit.handoff import weights_subdir
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.training import (
     make_trl_trainer,
@@ -107,7 +108,7 @@ def run(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
     if ctx.is_main:
         sub = save_stage_model(trainer.model, tokenizer, ctx.out_dir)
     else:
-        sub = "adapter" if adapter.type != "full" else "model"
+        sub = weights_subdir(adapter.type)
     return StageResult(metrics=metrics, adapter_type=adapter.type, outputs={"weights": sub})
 
 

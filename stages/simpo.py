@@ -13,6 +13,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from alignkit.config import AdapterSpec, DataSpec, HeldoutSpec, StageBase
+from alignkit.handoff import ADAPTER_DIR, POLICY_ADAPTER, REFERENCE_ADAPTER, weights_subdir
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.training import (
     make_trl_trainer,
@@ -104,14 +105,16 @@ def run(cfg: _ReferenceFree, ctx: StageContext) -> StageResult:
     # no reference is trained against; the held-out KL is measured to the starting policy
     model = trainer.model
     if isinstance(model, PeftModel):
-        if parent_dir is not None and (parent_dir / "adapter").is_dir():
+        if parent_dir is not None and (parent_dir / ADAPTER_DIR).is_dir():
             model.load_adapter(
-                str(parent_dir / "adapter"), adapter_name="start", is_trainable=False
+                str(parent_dir / ADAPTER_DIR), adapter_name=REFERENCE_ADAPTER, is_trainable=False
             )
-            reference = AdapterView(model, "start")
+            reference = AdapterView(model, REFERENCE_ADAPTER)
         else:
             reference = AdapterView.base_of(model)
-        policy = AdapterView(model, "default")
+        policy = AdapterView(model, POLICY_ADAPTER)
         metrics.update(heldout_evaluation(cfg, ctx, policy, reference, tokenizer))
-    sub = save_stage_model(trainer.model, tokenizer, ctx.out_dir) if ctx.is_main else "adapter"
+    sub = weights_subdir(adapter.type)
+    if ctx.is_main:
+        sub = save_stage_model(trainer.model, tokenizer, ctx.out_dir)
     return StageResult(metrics=metrics, adapter_type=adapter.type, outputs={"weights": sub})
