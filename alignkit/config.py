@@ -147,7 +147,7 @@ class StageBase(Strict):
         for key in self.train:
             if key not in valid:
                 raise ValueError(
-                    f"unknown trainer option 'train.{key}' for {cls.__name__}{_suggest(key, valid)}"
+                    f"unknown trainer option 'train.{key}' for {cls.__name__}{did_you_mean(key, valid)}"
                 )
         for key, value in self.train.items():
             problem = _trainer_value_problem(cls, key, value)
@@ -317,7 +317,7 @@ def _validate_stage(s: Any, i: int, stage_kinds: StageKinds, where: str) -> Stag
     if kind not in stage_kinds:
         raise UserError(
             f"{where}: stages[{i}].kind: unknown stage kind {kind!r}"
-            f"{_suggest(str(kind), stage_kinds)}; known kinds: {', '.join(sorted(stage_kinds))}"
+            f"{did_you_mean(str(kind), stage_kinds)}; known kinds: {', '.join(sorted(stage_kinds))}"
         )
     cls = stage_kinds[kind]
     s = {"name": kind, **s}
@@ -339,7 +339,7 @@ def _check_stage_graph(cfg: PipelineConfig, where: str) -> None:
                     f"{where}: stage {s.name!r} uses stage {used!r}, which must come before it"
                 )
         if s.from_ is not None and s.from_ not in seen:
-            hint = _suggest(s.from_, seen) if seen else ""
+            hint = did_you_mean(s.from_, seen) if seen else ""
             raise UserError(
                 f"{where}: stage {s.name!r} has from: {s.from_!r}, which is not an earlier stage"
                 f"{hint}"
@@ -399,7 +399,7 @@ def _stage_in_list(stages: list, part: str, item: str) -> dict:
     for s, n in zip(stages, names, strict=False):
         if n == part:
             return s
-    raise UserError(f"--set {item!r}: no stage named {part!r}{_suggest(part, names)}")
+    raise UserError(f"--set {item!r}: no stage named {part!r}{did_you_mean(part, names)}")
 
 
 # --- hashing -----------------------------------------------------------------------------------
@@ -421,7 +421,8 @@ def config_hash(*parts: Any) -> str:
 # --- error messages ----------------------------------------------------------------------------
 
 
-def _suggest(key: str, valid) -> str:
+def did_you_mean(key: str, valid) -> str:
+    """`` (did you mean X?)`` for the valid name nearest ``key``, or nothing when none is near."""
     close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -433,7 +434,7 @@ def _format_errors(err: ValidationError, root: type[BaseModel], where: str) -> s
         if e["type"] == "extra_forbidden":
             key = str(e["loc"][-1])
             valid = _fields_at(root, e["loc"][:-1])
-            lines.append(f"{where}: unknown key '{loc}'{_suggest(key, valid)}")
+            lines.append(f"{where}: unknown key '{loc}'{did_you_mean(key, valid)}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
             lines.append(f"{where}: {loc + ': ' if loc else ''}{msg}")

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from alignkit.config import BUILTIN_MODEL, AdapterSpec, ModelSpec
 from alignkit.errors import UserError
-from alignkit.handoff import ADAPTER_DIR, FULL_MODEL_DIR, POLICY_ADAPTER
+from alignkit.handoff import ADAPTER_DIR, FULL_MODEL_DIR, POLICY_ADAPTER, spec_from_record
 from alignkit.rundir import STAGE_FILE, match_directory_modes
 
 log = logging.getLogger(__name__)
@@ -334,20 +334,3 @@ def count_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
-
-
-def spec_from_record(record: dict, **override) -> ModelSpec:
-    """The base model a finished stage names in its ``stage.json``: name, revision, dtype and
-    quantization only. Nothing that runs code (``trust_remote_code``) is ever taken from a run
-    directory, which may come from anyone; pass it explicitly (``override``) when it is meant."""
-    base = record.get("base_model") or {}
-    fields = {
-        "name": base.get("name", BUILTIN_MODEL),
-        "revision": base.get("revision"),
-        "dtype": base.get("dtype", "auto"),
-        "quantization": record.get("quantization", "none"),
-    }
-    try:
-        return ModelSpec(**{**fields, **override})
-    except ValueError as e:
-        raise UserError(f"stage.json names an unusable base model: {e}") from None

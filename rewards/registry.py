@@ -204,13 +204,14 @@ def resolve_rewards(specs: Sequence[str | tuple[str, float]]) -> WeightedReward:
     """Resolve ``["gold", "length*0.2"]`` or ``[("gold", 1.0), ("length", 0.2)]``."""
     components = []
     for item in specs:
-        spec, weight = item if isinstance(item, tuple) else _split_weight(item)
+        spec, weight = item if isinstance(item, tuple) else split_weight(item)
         name, fn = resolve_reward(spec)
         components.append((name, fn, float(weight)))
     return WeightedReward(components)
 
 
-def _split_weight(spec: str) -> tuple[str, float]:
+def split_weight(spec: str) -> tuple[str, float]:
+    """``"length*0.2"`` -> ``("length", 0.2)``; a spec without a numeric ``*WEIGHT`` weighs 1."""
     head, star, tail = spec.rpartition("*")
     if star:
         try:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from alignkit.config import ModelSpec
 from alignkit.errors import UserError
-from alignkit.handoff import ADAPTER_DIR, FULL_MODEL_DIR
-from alignkit.models import resolve_model_path, spec_from_record
+from alignkit.handoff import ADAPTER_DIR, FULL_MODEL_DIR, spec_from_record
+from alignkit.models import resolve_model_path
 from alignkit.rundir import STAGE_FILE
 
 

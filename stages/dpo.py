@@ -13,8 +13,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, field_validator
 
 from alignkit.config import AdapterSpec, DataSpec, HeldoutSpec, StageBase
-from alignkit.errors import UserError
-from alignkit.handoff import POLICY_ADAPTER, REFERENCE_ADAPTER, weights_subdir
+from alignkit.handoff import PolicyPair, weights_subdir
 from alignkit.health import HealthSpec
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.training import (
@@ -86,7 +85,8 @@ def run(cfg: DPOStageConfig, ctx: StageContext) -> StageResult:
     from alignkit.stages.common import DPO_LOGS, health_callback, health_monitor
 
     trainer, tokenizer, adapter, n_train, n_eval = build_trainer(cfg, ctx)
-    health = health_monitor(cfg, ctx, *_views(trainer), tokenizer)
+    pair = _views(trainer)
+    health = health_monitor(cfg, ctx, pair.policy, pair.reference, tokenizer)
     for callback in health_callback(health, cfg.health.every, DPO_LOGS):
         trainer.add_callback(callback)
 
@@ -105,24 +105,14 @@ def run(cfg: DPOStageConfig, ctx: StageContext) -> StageResult:
 def _heldout(cfg, ctx, trainer, tokenizer) -> dict[str, float]:
     from alignkit.stages.common import heldout_evaluation
 
-    return heldout_evaluation(cfg, ctx, *_views(trainer), tokenizer)
+    pair = _views(trainer)
+    return heldout_evaluation(cfg, ctx, pair.policy, pair.reference, tokenizer)
 
 
-def _views(trainer):
-    """The policy and its reference as TRL's DPOTrainer holds them."""
-    from alignkit.eval.views import AdapterView
-
-    model = trainer.model
-    if trainer.ref_model is not None:  # full fine-tuning: a separate frozen reference
-        reference = AdapterView(trainer.ref_model)
-    elif REFERENCE_ADAPTER in getattr(model, "peft_config", {}):
-        reference = AdapterView(model, REFERENCE_ADAPTER)
-    else:
-        reference = AdapterView.base_of(model)
-    policy = (
-        AdapterView(model, POLICY_ADAPTER) if hasattr(model, "peft_config") else AdapterView(model)
-    )
-    return policy, reference
+def _views(trainer) -> PolicyPair:
+    """The policy and its reference as TRL's DPOTrainer holds them (without a "ref" adapter
+    or a reference model, TRL scores the reference with the adapters disabled)."""
+    return PolicyPair.of(trainer.model, trainer.ref_model, base_is_reference=True)
 
 
 def build_trainer(cfg: DPOStageConfig, ctx: StageContext):
@@ -138,11 +128,8 @@ def build_trainer(cfg: DPOStageConfig, ctx: StageContext):
     torch.manual_seed(ctx.seed)
     train_rows, eval_rows = train_eval_rows(cfg.data, load_preference, ctx.seed)
 
-    parent_dir = ctx.parent.dir if ctx.parent else None
-    if ctx.parent is not None and ctx.parent.kind == "reward_model":
-        raise UserError(
-            f"{ctx.where}.from: DPO starts from a policy stage, not {ctx.parent.name!r}"
-        )
+    parent = ctx.require_policy_parent("dpo")
+    parent_dir = parent.dir if parent else None
     adapter = cfg.adapter or ctx.adapter
     if parent_dir is not None:
         adapter = AdapterSpec(type=ctx.parent.record.get("adapter_type", adapter.type))

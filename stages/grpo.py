@@ -20,10 +20,20 @@ from pydantic import Field, model_validator
 
 from alignkit.config import AdapterSpec, DataSpec, HeldoutSpec, StageBase
 from alignkit.errors import UserError
-from alignkit.handoff import ADAPTER_DIR, POLICY_ADAPTER, REFERENCE_ADAPTER, weights_subdir
+from alignkit.handoff import (
+    ADAPTER_DIR,
+    POLICY_ADAPTER,
+    REFERENCE_ADAPTER,
+    AdapterView,
+    PolicyPair,
+    StageOutput,
+    find_stage,
+    run_stages,
+    weights_subdir,
+)
 from alignkit.health import HealthSpec
 from alignkit.pipeline import StageContext, StageResult
-from alignkit.rundir import STAGE_FILE
+from alignkit.rewards.registry import WeightedReward, known_names, resolve_reward, split_weight
 from alignkit.stages.common import RolloutSpec, check_vllm
 from alignkit.training import (
     final_train_metrics,
@@ -33,6 +43,7 @@ from alignkit.training import (
 )
 
 STAGE_PREFIX = "stage:"
+REWARD_KINDS = ("reward_model",)
 #: Trainer options this stage sets from its own fields; ``train.<key>`` may not override them.
 OWNED_OPTIONS = {
     "beta": "beta",
@@ -84,9 +95,7 @@ class OnlineRLConfig(StageBase):
     def uses_stages(self) -> list[str]:
         """Reward specs that may name reward_model stages of the run (the pipeline keeps those
         that do: they must run first, and their hashes join this stage's)."""
-        from alignkit.rewards.registry import _split_weight
-
-        return [_split_weight(r)[0].removeprefix(STAGE_PREFIX).strip() for r in self.rewards]
+        return [split_weight(r)[0].removeprefix(STAGE_PREFIX).strip() for r in self.rewards]
 
     @model_validator(mode="after")
     def _check(self) -> OnlineRLConfig:
@@ -108,21 +117,11 @@ class GRPOStageConfig(OnlineRLConfig):
 
 
 def run(cfg: OnlineRLConfig, ctx: StageContext) -> StageResult:
-    from peft import PeftModel
-
-    from alignkit.eval.views import AdapterView
     from alignkit.stages.common import ONLINE_LOGS, health_callback, health_monitor
 
     trainer, tokenizer, adapter, reward, n_prompts = build_trainer(cfg, ctx)
-    model = trainer.model
-    if isinstance(model, PeftModel):
-        policy = AdapterView(model, POLICY_ADAPTER)
-        has_ref = REFERENCE_ADAPTER in model.peft_config
-        reference = AdapterView(model, REFERENCE_ADAPTER) if has_ref else None
-    else:
-        policy = AdapterView(model)
-        reference = AdapterView(trainer.ref_model) if trainer.ref_model is not None else None
-    health = health_monitor(cfg, ctx, policy, reference, tokenizer)
+    pair = PolicyPair.of(trainer.model, trainer.ref_model)
+    health = health_monitor(cfg, ctx, pair.policy, pair.reference, tokenizer)
     for callback in health_callback(health, cfg.health.every, ONLINE_LOGS):
         trainer.add_callback(callback)
 
@@ -150,7 +149,6 @@ def _heldout(
     full fine-tuning). GRPO with ``beta: 0`` keeps no reference, so the parent's is loaded."""
     from peft import PeftModel
 
-    from alignkit.eval.views import AdapterView
     from alignkit.models import load_base, load_stage_model
     from alignkit.stages.common import heldout_evaluation
 
@@ -205,11 +203,8 @@ def build_trainer(cfg: OnlineRLConfig, ctx: StageContext):
         check_vllm(ctx.where)
 
     # 2. policy: the parent's adapter, trainable (TRL copies it into the frozen "ref" adapter)
-    if ctx.parent is not None and ctx.parent.kind == "reward_model":
-        raise UserError(
-            f"{ctx.where}.from: {cfg.kind} starts from a policy stage, not {ctx.parent.name!r}"
-        )
-    parent_dir = ctx.parent.dir if ctx.parent else None
+    parent = ctx.require_policy_parent(cfg.kind)
+    parent_dir = parent.dir if parent else None
     adapter = cfg.adapter or ctx.adapter
     if parent_dir is not None:
         adapter = AdapterSpec(type=ctx.parent.record.get("adapter_type", adapter.type))
@@ -268,17 +263,15 @@ def reward_functions(specs: list[str], run_dir: Path, where: str):
     and weights, logs each as ``rewards/<name>/mean`` and optimises the sum, ``reward``). A
     reward-model stage of this run is named by its stage name (``stage:rm``, or ``rm`` when
     that is no builtin reward) and found in ``run_dir``."""
-    # the registry splits "spec*weight" the same way; the spec is needed alone to spot stage names
-    from alignkit.rewards.registry import WeightedReward, _split_weight, resolve_reward
-
     components = []
     for i, item in enumerate(specs):
-        spec, weight = _split_weight(item)
+        # split here as the registry does: the spec alone says whether it names a stage
+        spec, weight = split_weight(item)
         stage_dir = _reward_stage(spec, run_dir, f"{where}.rewards[{i}]: {item!r}")
         try:
             name, fn = resolve_reward(str(stage_dir) if stage_dir else spec)
         except UserError as e:
-            stages = _reward_stages(run_dir)
+            stages = [s.name for s in run_stages(run_dir, REWARD_KINDS)]
             hint = f"; reward_model stages of this run: {', '.join(stages)}" if stages else ""
             message = str(e).removeprefix("--reward ")
             raise UserError(f"{where}.rewards[{i}]: {message}{hint}") from None
@@ -290,21 +283,15 @@ def reward_functions(specs: list[str], run_dir: Path, where: str):
 
 
 def _reward_stage(spec: str, run_dir: Path, where: str) -> Path | None:
-    """The finished reward_model stage of this run that ``spec`` names, if it names one."""
-    from alignkit.rewards.registry import known_names
-
+    """The finished reward_model stage of this run that ``spec`` names, if it names one: always
+    ``stage:NAME``, and a bare name that is no builtin reward and names such a stage."""
     if spec.startswith(STAGE_PREFIX):
         name = spec.removeprefix(STAGE_PREFIX).strip()
-        if not _is_reward_stage(run_dir / name):
-            raise UserError(
-                f"{where}: no finished reward_model stage {name!r} in {run_dir} (it must come "
-                f"before this stage); reward_model stages there: "
-                f"{', '.join(_reward_stages(run_dir)) or 'none'}"
-            )
-        return run_dir / name
-    if spec in known_names() or "/" in spec or not _is_reward_stage(run_dir / spec):
+        return find_stage(run_dir, name, REWARD_KINDS, where).dir
+    if spec in known_names() or "/" in spec:
         return None
-    return run_dir / spec
+    stage = StageOutput.read(run_dir / spec)
+    return stage.dir if stage is not None and stage.kind in REWARD_KINDS else None
 
 
 class NamedReward:
@@ -326,19 +313,6 @@ def _move_reward_models(reward, device) -> None:
     for _, fn, _ in reward.components:
         if isinstance(fn, RewardModelScorer) and next(fn.model.parameters()).device != device:
             fn.model.to(device)
-
-
-def _is_reward_stage(path: Path) -> bool:
-    import json
-
-    record = path / STAGE_FILE
-    return record.is_file() and json.loads(record.read_text()).get("kind") == "reward_model"
-
-
-def _reward_stages(run_dir: Path) -> list[str]:
-    if not run_dir.is_dir():
-        return []
-    return sorted(p.name for p in run_dir.iterdir() if _is_reward_stage(p))
 
 
 def _dataset(rows: list[dict]):

@@ -17,11 +17,11 @@ from pydantic import Field, field_validator
 
 from alignkit.config import AdapterSpec, DataSpec, HeldoutSpec, StageBase
 from alignkit.errors import UserError
-from alignkit.handoff import ADAPTER_DIR
+from alignkit.handoff import ADAPTER_DIR, PolicyPair
 from alignkit.health import HealthSpec
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.stages.common import RolloutSpec, check_vllm
-from alignkit.stages.ppo_model import HELDOUT_REWARD, POLICY, REFERENCE, REWARD
+from alignkit.stages.ppo_model import HELDOUT_REWARD, REWARD
 
 #: Health defaults when a reward model scores (a user's explicit setting wins): a hacked RM is
 #: first seen as answers shrinking or filling with broken words.
@@ -126,21 +126,17 @@ class PPOStageConfig(StageBase):
 
 def _heldout(cfg, ctx, trainer) -> dict[str, float]:
     """Held-out metrics; the reward is the one PPO trained on (RM adapter and/or functions)."""
-    from alignkit.eval.views import AdapterView
     from alignkit.stages.common import heldout_evaluation
 
-    peft = trainer.model.peft
+    pair = PolicyPair.of(trainer.model.peft)
     custom = None if cfg.heldout.rewards else trainer.scoring
-    return heldout_evaluation(
-        cfg, ctx, AdapterView(peft, POLICY), AdapterView(peft, REFERENCE), trainer.tokenizer, custom
-    )
+    return heldout_evaluation(cfg, ctx, pair.policy, pair.reference, trainer.tokenizer, custom)
 
 
 def run(cfg: PPOStageConfig, ctx: StageContext) -> StageResult:
     from alignkit.stages.ppo_loop import PPOTrainer
 
-    if ctx.parent is None or ctx.parent.kind == "reward_model":
-        raise UserError(f"{ctx.where}: PPO starts from a policy stage (set `from: sft`)")
+    ctx.require_policy_parent("ppo", required=True)
     if cfg.reward_model is None and not cfg.rewards:
         raise UserError(f"{ctx.where}: give reward_model (a reward_model stage) and/or rewards")
     if cfg.prompts_per_step % cfg.minibatches:
@@ -153,10 +149,7 @@ def run(cfg: PPOStageConfig, ctx: StageContext) -> StageResult:
             continue
         field = "reward_model" if key == REWARD else "heldout_reward_model"
         rm = ctx.finished_stage(name, field, ("reward_model",))
-        if (
-            rm.record["base_model"]["name"] == ctx.model.name
-            and rm.record["adapter_type"] == "lora"
-        ):
+        if rm.base.name == ctx.model.name and rm.adapter_type == "lora":
             reward_dirs[key] = rm.dir  # an adapter on PPO's own base
         elif key == REWARD:  # another base (or fully fine-tuned): loaded on its own
             cfg = cfg.model_copy(update={"rewards": [*cfg.rewards, str(rm.dir)]})

@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from alignkit.finite import NonFiniteError, nonfinite_names, stop_message
+from alignkit.handoff import PolicyPair
 from alignkit.health import HealthStop
 from alignkit.rundir import STAGE_FILE
 from alignkit.stages import ppo_core as core
@@ -112,13 +113,10 @@ class PPOTrainer:
                 self.model.peft, self.tokenizer, batch_size=cfg.rollout.batch_size
             )
         self.synced_step: int | None = None  # the policy step the vLLM engine serves
-        from alignkit.eval.views import AdapterView
         from alignkit.stages.common import health_monitor
 
-        peft = self.model.peft
-        self.health = health_monitor(
-            cfg, ctx, AdapterView(peft, POLICY), AdapterView(peft, REFERENCE), self.tokenizer
-        )
+        pair = PolicyPair.of(self.model.peft)
+        self.health = health_monitor(cfg, ctx, pair.policy, pair.reference, self.tokenizer)
         self.kl = core.AdaptiveKLController(
             cfg.kl_coef, cfg.kl_target, cfg.kl_horizon, cfg.kl_overshoot_gain
         )

@@ -13,7 +13,7 @@ from typing import ClassVar, Literal
 
 from alignkit.config import AdapterSpec, DataSpec, HeldoutSpec, StageBase
 from alignkit.errors import UserError
-from alignkit.handoff import weights_subdir
+from alignkit.handoff import AdapterView, weights_subdir
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.training import (
     make_trl_trainer,
@@ -116,7 +116,6 @@ def _heldout(cfg, ctx, model, tokenizer) -> dict[str, float]:
     """Policy vs its reference: the base (adapters disabled), or a fresh base for full FT."""
     from peft import PeftModel
 
-    from alignkit.eval.views import AdapterView
     from alignkit.models import load_base
     from alignkit.stages.common import heldout_evaluation
 

@@ -13,7 +13,13 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from alignkit.config import AdapterSpec, DataSpec, HeldoutSpec, StageBase
-from alignkit.handoff import ADAPTER_DIR, POLICY_ADAPTER, REFERENCE_ADAPTER, weights_subdir
+from alignkit.handoff import (
+    ADAPTER_DIR,
+    POLICY_ADAPTER,
+    REFERENCE_ADAPTER,
+    AdapterView,
+    weights_subdir,
+)
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.training import (
     make_trl_trainer,
@@ -62,7 +68,8 @@ def run(cfg: _ReferenceFree, ctx: StageContext) -> StageResult:
 
     torch.manual_seed(ctx.seed)
     train_rows, eval_rows = train_eval_rows(cfg.data, load_preference, ctx.seed)
-    parent_dir = ctx.parent.dir if ctx.parent else None
+    parent = ctx.require_policy_parent(cfg.kind)
+    parent_dir = parent.dir if parent else None
     adapter = cfg.adapter or ctx.adapter
     model, tokenizer = load_policy(ctx.model, adapter, parent_dir)
     saved = snapshot_adapter(model, ctx.model.quantization != "none", torch_dtype(ctx.model))
@@ -99,8 +106,6 @@ def run(cfg: _ReferenceFree, ctx: StageContext) -> StageResult:
     metrics["train_rows"], metrics["eval_rows"] = float(len(train_rows)), float(len(eval_rows))
 
     from peft import PeftModel
-
-    from alignkit.eval.views import AdapterView
 
     # no reference is trained against; the held-out KL is measured to the starting policy
     model = trainer.model
