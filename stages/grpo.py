@@ -20,27 +20,13 @@ from pydantic import Field, model_validator
 
 from alignkit.config import AdapterSpec, DataSpec, HeldoutSpec, StageBase
 from alignkit.errors import UserError
-from alignkit.handoff import (
-    ADAPTER_DIR,
-    POLICY_ADAPTER,
-    REFERENCE_ADAPTER,
-    AdapterView,
-    PolicyPair,
-    StageOutput,
-    find_stage,
-    run_stages,
-    weights_subdir,
-)
+from alignkit.handoff import PolicyPair, StageOutput, find_stage, run_stages
 from alignkit.health import HealthSpec
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.rewards.registry import WeightedReward, known_names, resolve_reward, split_weight
-from alignkit.stages.common import RolloutSpec, check_vllm
-from alignkit.training import (
-    final_train_metrics,
-    make_trl_trainer,
-    snapshot_adapter,
-    trl_args,
-)
+from alignkit.stages import policy
+from alignkit.stages.common import ONLINE_LOGS, RolloutSpec, check_vllm
+from alignkit.training import make_trl_trainer, trl_args
 
 STAGE_PREFIX = "stage:"
 REWARD_KINDS = ("reward_model",)
@@ -117,71 +103,18 @@ class GRPOStageConfig(OnlineRLConfig):
 
 
 def run(cfg: OnlineRLConfig, ctx: StageContext) -> StageResult:
-    from alignkit.stages.common import ONLINE_LOGS, health_callback, health_monitor
-
-    trainer, tokenizer, adapter, reward, n_prompts = build_trainer(cfg, ctx)
-    pair = PolicyPair.of(trainer.model, trainer.ref_model)
-    health = health_monitor(cfg, ctx, pair.policy, pair.reference, tokenizer)
-    for callback in health_callback(health, cfg.health.every, ONLINE_LOGS):
-        trainer.add_callback(callback)
-
-    trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
-    metrics = final_train_metrics(trainer)
-    metrics["train_prompts"] = float(n_prompts)
-    # held-out evaluation: eval/heldout.py evaluate_policy (via stages/common.py)
-    heldout = _heldout(cfg, ctx, trainer, tokenizer, reward)
-    for key in heldout.keys() & metrics.keys():  # TRL's `reward` is the last training batch's
-        metrics[f"train_{key}"] = metrics.pop(key)
-    metrics.update(heldout)
-
-    sub = weights_subdir(adapter.type)
-    if ctx.is_main:
-        from alignkit.models import save_stage_model
-
-        sub = save_stage_model(trainer.model, tokenizer, ctx.out_dir)
-    return StageResult(metrics=metrics, adapter_type=adapter.type, outputs={"weights": sub})
-
-
-def _heldout(
-    cfg: OnlineRLConfig, ctx: StageContext, trainer, tokenizer, reward
-) -> dict[str, float]:
-    """Policy vs its reference, the parent policy: TRL's "ref" adapter (a separate model for
-    full fine-tuning). GRPO with ``beta: 0`` keeps no reference, so the parent's is loaded."""
-    from peft import PeftModel
-
-    from alignkit.models import load_base, load_stage_model
-    from alignkit.stages.common import heldout_evaluation
-
-    if not cfg.heldout.enabled:
-        return {}
-    model = trainer.model
-    if isinstance(model, PeftModel):
-        if REFERENCE_ADAPTER not in model.peft_config and ctx.parent is not None:
-            parent_adapter = str(ctx.parent.dir / ADAPTER_DIR)
-            model.load_adapter(parent_adapter, adapter_name=REFERENCE_ADAPTER)
-        has_ref = REFERENCE_ADAPTER in model.peft_config
-        policy = AdapterView(model, POLICY_ADAPTER)
-        reference = AdapterView(model, REFERENCE_ADAPTER) if has_ref else AdapterView.base_of(model)
-    else:
-        policy, ref = AdapterView(model), trainer.ref_model
-        if ref is None and ctx.parent is not None:
-            ref = load_stage_model(ctx.parent.dir, ctx.model)[0].to(model.device)
-        elif ref is None:
-            ref = load_base(ctx.model, tokenizer).to(model.device)
-        reference = AdapterView(ref)
-    custom = None if cfg.heldout.rewards else reward  # default: the reward it trained on
-    return heldout_evaluation(cfg, ctx, policy, reference, tokenizer, custom)
+    # a tuple when a test wraps the build step to look at the handoff
+    built = policy.PolicyTrainer._make(build_trainer(cfg, ctx))
+    return policy.finish(cfg, ctx, built, policy.train(cfg, ctx, built))
 
 
 def build_trainer(cfg: OnlineRLConfig, ctx: StageContext):
-    """Prompts, rewards, policy (+ "ref" adapter) and the TRL trainer; returns (trainer,
-    tokenizer, adapter spec, summed reward, prompt rows). Separate from :func:`run` so tests
-    can inspect the handoff."""
+    """Prompts, rewards, policy (+ "ref" adapter) and the TRL trainer. Separate from :func:`run`
+    so tests can inspect the handoff."""
     import torch
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
     from alignkit.data.prompts import load_prompts
-    from alignkit.models import count_parameters, load_policy, torch_dtype
 
     config_cls, trainer_cls = {
         "grpo": (GRPOConfig, GRPOTrainer),
@@ -203,15 +136,7 @@ def build_trainer(cfg: OnlineRLConfig, ctx: StageContext):
         check_vllm(ctx.where)
 
     # 2. policy: the parent's adapter, trainable (TRL copies it into the frozen "ref" adapter)
-    parent = ctx.require_policy_parent(cfg.kind)
-    parent_dir = parent.dir if parent else None
-    adapter = cfg.adapter or ctx.adapter
-    if parent_dir is not None:
-        adapter = AdapterSpec(type=ctx.parent.record.get("adapter_type", adapter.type))
-    model, tokenizer = load_policy(ctx.model, adapter, parent_dir)
-    saved = snapshot_adapter(model, ctx.model.quantization != "none", torch_dtype(ctx.model))
-    trainable, total = count_parameters(model)
-    ctx.console.print(f"trainable parameters: {trainable:,} of {total:,} ({adapter.type})")
+    model, tokenizer, adapter, saved = policy.start_policy(cfg, ctx, cfg.kind)
     ctx.console.print(f"reward: {reward.__name__}")
 
     # 3. trainer
@@ -255,7 +180,18 @@ def build_trainer(cfg: OnlineRLConfig, ctx: StageContext):
         processing_class=tokenizer,
     )
     _move_reward_models(reward, trainer.accelerator.device)
-    return trainer, tokenizer, adapter, reward, len(rows)
+    # GRPO at beta 0 holds no reference: the held-out evaluation then loads the parent policy
+    pair = PolicyPair.of(trainer.model, trainer.ref_model)
+    counts = {"train_prompts": float(len(rows))}
+    return policy.PolicyTrainer(
+        trainer,
+        tokenizer,
+        pair,
+        adapter.type,
+        counts,
+        health_logs=ONLINE_LOGS,
+        heldout_reward=reward,
+    )
 
 
 def reward_functions(specs: list[str], run_dir: Path, where: str):
