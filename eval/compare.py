@@ -17,9 +17,7 @@ paired win rates with CIs, KL to the base and a report in one step. The steps:
 from __future__ import annotations
 
 import difflib
-import gc
 import json
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -272,19 +270,6 @@ def _sampling_identity(cfg: CompareConfig) -> dict:
     }
 
 
-def chunk_seed(seed: int, first_prompt_id: str) -> int:
-    """The seed of one engine call: the same prompts get the same seed in every model."""
-    return zlib.crc32(f"{seed}:{first_prompt_id}".encode())
-
-
 def _unique(rows: list[dict]) -> list[dict]:
     seen: set[str] = set()
     return [r for r in rows if not (r["id"] in seen or seen.add(r["id"]))]
-
-
-def free_memory() -> None:
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

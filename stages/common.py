@@ -20,6 +20,7 @@ class RolloutSpec(Strict):
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
     """vLLM's share of the GPU (weights + KV cache); the rest is left to training."""
     tensor_parallel_size: int = Field(1, ge=1)
+    """vLLM: GPUs one engine shards the model over."""
 
 
 def check_vllm(where: str) -> None:

@@ -21,7 +21,9 @@ from alignkit.stages import policy
 from alignkit.stages.common import DPO_LOGS
 from alignkit.training import make_trl_trainer, trl_args
 
-#: TRL 1.16 DPOTrainer loss types.
+#: TRL 1.16 DPOTrainer loss types. TRL exposes no list to import (only the help text of
+#: ``DPOConfig.loss_type`` and the trainer's if-chain), so this copy is checked against that help
+#: text by tests/stages/test_stage_configs.py: a TRL upgrade that adds or drops one fails there.
 LOSS_TYPES = (
     "sigmoid",
     "hinge",

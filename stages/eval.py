@@ -39,15 +39,20 @@ class EvalStageConfig(StageBase):
     """Prompt source; default on ``builtin:tiny``: ``builtin:sft`` (its references give NLL,
     BLEU and ROUGE-L)."""
     split: str | None = "test"
+    """Split of a Hub or builtin prompt source."""
     rewards: list[str] = []
     """Reward specs as ``alignkit compare --reward`` takes them; the name of a reward_model
     stage of this run works too. Default on ``builtin:tiny``: ``gold``."""
     n: int = Field(4, ge=1)
     """Samples per prompt and model."""
     max_prompts: int = Field(128, ge=1)
+    """Compare on the first this many prompts."""
     max_new_tokens: int = Field(48, ge=1)
+    """New tokens per sample."""
     temperature: float = Field(1.0, ge=0)
+    """Sampling temperature, the same for every model (top-k and top-p off)."""
     engine: Literal["hf", "vllm"] = "hf"
+    """Generation engine: ``hf`` (any device) or ``vllm`` (CUDA, the ``vllm`` extra)."""
 
     def uses_stages(self) -> list[str]:
         """The compared stages and reward stages: re-running any of them re-runs the comparison."""

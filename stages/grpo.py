@@ -30,12 +30,9 @@ from alignkit.training import make_trl_trainer, trl_args
 
 STAGE_PREFIX = "stage:"
 REWARD_KINDS = ("reward_model",)
-#: Trainer options this stage sets from its own fields; ``train.<key>`` may not override them.
+#: Trainer options this stage sets from fields named otherwise; ``train.<key>`` may not set them
+#: (nor any option named like a field: ``beta``, ``num_generations``, ``temperature``, ...).
 OWNED_OPTIONS = {
-    "beta": "beta",
-    "num_generations": "num_generations",
-    "max_completion_length": "max_completion_length",
-    "temperature": "temperature",
     "reward_weights": "rewards (write 'gold*0.5')",
     "use_vllm": "rollout.engine",
     "vllm_mode": "rollout.engine",
@@ -51,6 +48,7 @@ class OnlineRLConfig(StageBase):
 
     is_policy: ClassVar[bool] = True
     default_parent: ClassVar[bool] = True
+    owned_options: ClassVar[dict[str, str]] = OWNED_OPTIONS
 
     data: DataSpec
     """Prompts (any format :func:`alignkit.data.prompts.load_prompts` detects), e.g.
@@ -72,6 +70,7 @@ class OnlineRLConfig(StageBase):
     temperature: float = Field(1.0, gt=0)
     """Sampling temperature; top-k and top-p are off (on-policy samples, unbiased KL)."""
     rollout: RolloutSpec = RolloutSpec()
+    """Where completions are sampled: the policy itself (``hf``) or vLLM colocated with it."""
     heldout: HeldoutSpec = HeldoutSpec()
     """Sample the trained policy and its reference on held-out prompts (gold reward, the
     configured reward unless ``heldout.rewards`` names others, KL)."""
@@ -87,11 +86,6 @@ class OnlineRLConfig(StageBase):
     def _check(self) -> OnlineRLConfig:
         if self.data.eval_source or self.data.eval_split:
             raise ValueError("data: held-out prompts go in heldout.prompts and heldout.split")
-        for key in self.train:
-            if key in OWNED_OPTIONS:
-                raise ValueError(
-                    f"'train.{key}' is set by this stage's '{OWNED_OPTIONS[key]}'; set it there"
-                )
         return self
 
 

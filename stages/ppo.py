@@ -42,6 +42,9 @@ class PPORolloutSpec(RolloutSpec):
 
 
 class PPOStageConfig(StageBase):
+    """Our PPO: every knob is a field here (there is no TRL trainer for a ``train:`` block to
+    reach; one given is not read)."""
+
     kind: Literal["ppo"] = "ppo"
     is_policy: ClassVar[bool] = True
     default_parent: ClassVar[bool] = True
@@ -73,15 +76,24 @@ class PPOStageConfig(StageBase):
     without EOS. Default: 1.0 (one starting std) when a reward model scores, else 0: an RM reads
     a cut-off answer as if it were finished unless this says otherwise."""
     steps: int = Field(100, gt=0)
+    """PPO steps: each samples ``prompts_per_step`` prompts, scores them and updates."""
     prompts_per_step: int = Field(64, gt=0)
+    """Prompts sampled per step (per process under ``accelerate launch``), one completion each."""
     minibatches: int = Field(4, gt=0)
+    """Minibatches each step's samples are split into per epoch (must divide prompts_per_step)."""
     ppo_epochs: int = Field(4, gt=0)
+    """Passes over each step's samples (with fresh minibatch shuffles)."""
     micro_batch_size: int | None = None
     """Split each minibatch into chunks this size (gradient accumulation); default: no split."""
     learning_rate: float = Field(3e-4, gt=0)
+    """AdamW learning rate of the policy adapter."""
     value_learning_rate: float = Field(1e-3, gt=0)
+    """AdamW learning rate of the value adapter and value head."""
     kl_coef: float = Field(0.05, ge=0)
+    """Per-token KL penalty coefficient towards the reference (the starting policy); the
+    starting value when ``adaptive_kl`` is on."""
     adaptive_kl: bool = False
+    """Move ``kl_coef`` towards ``kl_target`` (the adaptive controller of Ziegler et al.)."""
     kl_target: float = Field(1.5, gt=0)
     """Adaptive KL: target KL to the reference per sequence (nats)."""
     kl_horizon: int = Field(640, gt=0)
@@ -90,21 +102,41 @@ class PPOStageConfig(StageBase):
     """Adaptive KL: how many times faster the coefficient rises when KL is above the target
     than it falls when below (the target is a budget; 1 is the classic symmetric controller)."""
     kl_estimator: Literal["k1", "k3"] = "k1"
+    """Per-token KL estimate in the penalty: ``k1`` (log-ratio, unbiased, noisy) or ``k3``
+    (never negative)."""
     gamma: float = Field(1.0, ge=0, le=1)
+    """GAE discount over completion tokens (1: none, the score is given at the last token)."""
     lam: float = Field(0.95, ge=0, le=1)
+    """GAE λ: bias (0, one-step TD) against variance (1, Monte Carlo returns)."""
     clip_range: float = Field(0.2, gt=0)
+    """PPO's clip on the policy ratio (the surrogate is flat outside 1 ± clip_range)."""
     value_clip_range: float = Field(0.2, gt=0)
+    """Clip on how far a value prediction may move from the rollout's in one update."""
     vf_coef: float = Field(0.1, ge=0)
+    """Weight of the value loss in the summed loss."""
     entropy_coef: float = Field(0.0, ge=0)
+    """Weight of an entropy bonus (0: none; the KL penalty already keeps the policy spread)."""
     max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient norm clip, applied to the policy and the value parameters separately."""
     whiten_rewards: bool = False
+    """Scale per-token rewards to unit variance (not shifted) before GAE; advantages are always
+    whitened."""
     max_new_tokens: int = Field(40, gt=0)
+    """New tokens per completion; a completion cut here has no EOS (see missing_eos_penalty)."""
     temperature: float = Field(1.0, gt=0)
+    """Sampling temperature; top-k and top-p are off (on-policy samples), and the training
+    log-probs use the same temperature."""
     checkpoint_every: int = Field(20, gt=0)
+    """Save a resumable checkpoint every this many steps (and at the last)."""
     keep_checkpoints: int = Field(2, gt=0)
+    """Checkpoints kept; older ones are deleted."""
     value_adapter: AdapterSpec = AdapterSpec()
+    """The value model's adapter on the shared base (its head is trained in full)."""
     rollout: PPORolloutSpec = PPORolloutSpec()
+    """Where rollouts come from: the HF engine on the policy itself, or vLLM."""
     heldout: HeldoutSpec = HeldoutSpec()
+    """Sample the trained policy and its reference on held-out prompts (gold reward, the
+    training reward unless ``heldout.rewards`` names others, KL)."""
     health: HealthSpec = HealthSpec()
     """Training health checks (KL, length, repetition, invalid words, reward vs gold or vs the
     held-out reward model); with a learned reward the defaults tighten (``RM_HEALTH``)."""

@@ -41,6 +41,7 @@ class MixSpec(Strict):
     source: str | None = None
     """Or any preference source (file, Hub dataset, builtin)."""
     split: str | None = "train"
+    """Split of a Hub or builtin ``source``."""
     weight: float = Field(1.0, gt=0)
     """Copies of these rows in the training data: 2 doubles them, 0.5 keeps a seeded half."""
     eval_size: int = Field(128, ge=0)

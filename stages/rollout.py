@@ -62,6 +62,8 @@ class RolloutStageConfig(StageBase):
     min_margin: float = Field(0.0, ge=0)
     """A pair's labels must differ by more than this (ties say nothing)."""
     engine: Literal["hf", "vllm"] = "hf"
+    """``hf``: transformers ``generate`` (any device); ``vllm``: the vLLM engine (CUDA, the
+    ``vllm`` extra)."""
     batch_size: int = Field(64, ge=1)
     """HF engine: sequences (prompts x samples) per forward."""
     chunk_prompts: int | None = Field(None, ge=1)
