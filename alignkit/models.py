@@ -16,7 +16,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from alignkit.config import BUILTIN_MODEL, AdapterSpec, ModelSpec
 from alignkit.errors import UserError
-from alignkit.handoff import ADAPTER_DIR, FULL_MODEL_DIR, POLICY_ADAPTER, spec_from_record
+from alignkit.handoff import (
+    ADAPTER_DIR,
+    FULL_MODEL_DIR,
+    POLICY_ADAPTER,
+    StageOutput,
+    spec_from_record,  # noqa: F401 (its home before alignkit.handoff; imported from here)
+)
 from alignkit.rundir import STAGE_FILE, match_directory_modes
 
 log = logging.getLogger(__name__)
@@ -293,18 +299,15 @@ def save_stage_model(model, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -
 def merge_stage(stage_dir: str | Path, out_dir: str | Path) -> Path:
     """Write base + a stage's adapter as one full model (safetensors + tokenizer) that plain
     ``from_pretrained`` loads. A quantized stage is merged into the unquantized base weights."""
-    import json
-
     from transformers import AutoModelForSequenceClassification
 
     stage_dir, out_dir = Path(stage_dir), Path(out_dir)
-    record_file = stage_dir / STAGE_FILE
-    if not record_file.exists():
+    stage = StageOutput.read(stage_dir)
+    if stage is None:
         raise UserError(f"{stage_dir}: not a finished stage (no {STAGE_FILE})")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"--out {out_dir}: exists and is not empty; choose a new directory")
-    record = json.loads(record_file.read_text())
-    spec = spec_from_record(record)
+    spec = stage.base
     if spec.quantization != "none":
         log.warning(
             "merging into the unquantized base weights (the stage trained on a %s base)",
@@ -312,9 +315,7 @@ def merge_stage(stage_dir: str | Path, out_dir: str | Path) -> Path:
         )
         spec = spec.model_copy(update={"quantization": "none"})
     model_cls = (
-        AutoModelForSequenceClassification
-        if record["kind"] == "reward_model"
-        else AutoModelForCausalLM
+        AutoModelForSequenceClassification if stage.kind == "reward_model" else AutoModelForCausalLM
     )
     model, tokenizer = load_stage_model(stage_dir, spec, model_cls=model_cls)
     if hasattr(model, "merge_and_unload"):

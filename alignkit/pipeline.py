@@ -36,10 +36,6 @@ from alignkit.rundir import RunDir, checkpoint_step, trim_logs_to_step
 log = logging.getLogger(__name__)
 
 
-#: A finished stage this one starts from (its name before :class:`StageOutput` served all).
-ParentOutput = StageOutput
-
-
 @dataclass
 class StageContext:
     name: str

@@ -17,7 +17,6 @@ paired win rates with CIs, KL to the base and a report in one step. The steps:
 from __future__ import annotations
 
 import difflib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -29,6 +28,7 @@ from alignkit.config import Strict, read_yaml
 from alignkit.errors import UserError
 from alignkit.eval import scoring
 from alignkit.eval.cache import GenerationCache
+from alignkit.handoff import StageOutput
 from alignkit.rollouts.source import ModelSource, model_source
 from alignkit.rollouts.types import SamplingConfig, encode_prompts
 from alignkit.rollouts.vllm import VLLMConfig
@@ -207,14 +207,14 @@ def _source(
     name: str, adapter: str | None, cfg: CompareConfig, flag: str
 ) -> tuple[ModelSource, dict]:
     path = Path(name).expanduser()
-    if (path / STAGE_FILE).is_file():
+    finished = StageOutput.read(path)
+    if finished is not None:
         if adapter is not None:
             raise UserError(
                 f"--{flag} {name} is a stage: it brings its adapter; drop --base-adapter"
             )
         source = model_source(stage=path, dtype=cfg.dtype, quantization=cfg.quantization)
-        record = json.loads((path / STAGE_FILE).read_text())
-        stage = {k: record.get(k) for k in ("kind", "config_hash", "finished")}
+        stage = {k: finished.record.get(k) for k in ("kind", "config_hash", "finished")}
     elif path.is_dir() and not (path / "config.json").is_file():
         raise UserError(
             f"--{flag} {name}: neither a finished stage (no {STAGE_FILE}; still running or failed?) "
@@ -238,7 +238,7 @@ def _source(
 
 def _label(name: str, is_base: bool, source: ModelSource, taken: list[str]) -> str:
     path = Path(name)
-    if (path / STAGE_FILE).is_file():
+    if StageOutput.read(path) is not None:
         label = path.resolve().name
     elif is_base:
         label = "base"

@@ -13,9 +13,8 @@ import torch
 from tqdm.auto import tqdm
 
 from alignkit.finite import NonFiniteError, nonfinite_names, stop_message
-from alignkit.handoff import PolicyPair
+from alignkit.handoff import PolicyPair, StageOutput
 from alignkit.health import HealthStop
-from alignkit.rundir import STAGE_FILE
 from alignkit.stages import ppo_core as core
 from alignkit.stages.ppo_model import (
     POLICY,
@@ -74,27 +73,24 @@ class PPOTrainer:
             ctx.model, ctx.parent.dir, cfg.value_adapter, reward_dirs
         )
         self.model.to(self.accelerator.device)
+        reward_stages = {name: StageOutput.read(rm_dir) for name, rm_dir in reward_dirs.items()}
         self.scoring = Scoring(
             cfg,
             {
                 name: RewardModelScorer(
                     SharedBaseRewardModel(self.model, self.tokenizer.pad_token_id, name),
                     self.tokenizer,
-                    max_length=json.loads((rm_dir / STAGE_FILE).read_text())["outputs"].get(
-                        "max_length", 1024
-                    ),
+                    max_length=rm.record["outputs"].get("max_length", 1024),
                 )
-                for name, rm_dir in reward_dirs.items()
+                for name, rm in reward_stages.items()
             },
             resolve_rewards(cfg.rewards) if cfg.rewards else None,
             self._gather,
         )
         # what the training RM's sanity probe found (rewards/sanity.py), for the health check
         self.rm_flagged = (
-            json.loads((reward_dirs[REWARD] / STAGE_FILE).read_text())["metrics"].get(
-                "rm_probe/flagged", 0.0
-            )
-            if REWARD in reward_dirs
+            reward_stages[REWARD].record["metrics"].get("rm_probe/flagged", 0.0)
+            if REWARD in reward_stages
             else 0.0
         )
         optimizer = torch.optim.AdamW(
