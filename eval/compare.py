@@ -30,7 +30,7 @@ from alignkit.eval import scoring
 from alignkit.eval.cache import GenerationCache
 from alignkit.handoff import StageOutput
 from alignkit.rollouts.source import ModelSource, model_source
-from alignkit.rollouts.types import SamplingConfig, encode_prompts
+from alignkit.rollouts.types import EngineName, SamplingConfig, encode_prompts
 from alignkit.rollouts.vllm import VLLMConfig
 from alignkit.rundir import STAGE_FILE
 
@@ -58,7 +58,7 @@ class CompareConfig(Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(128, ge=1)
     seed: int = 0
-    engine: Literal["hf", "vllm"] = "hf"
+    engine: EngineName = "hf"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     quantization: Literal["none", "4bit", "8bit"] | None = None
     batch_size: int = Field(64, ge=1)

@@ -23,6 +23,8 @@ from alignkit.errors import UserError
 Messages = list[dict]
 Prompt = Messages | list[int]
 FinishReason = Literal["stop", "length"]
+#: The rollout engines, named once: every config that picks one takes this type.
+EngineName = Literal["hf", "vllm"]
 
 
 class SamplingConfig(Strict):

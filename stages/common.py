@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import importlib.util
-from typing import Literal
 
 from pydantic import Field
 
 from alignkit.config import Strict
 from alignkit.errors import UserError
+from alignkit.rollouts.types import EngineName
 
 
 class RolloutSpec(Strict):
     """Where an online-RL stage's rollouts come from."""
 
-    engine: Literal["hf", "vllm"] = "hf"
+    engine: EngineName = "hf"
     """``hf``: transformers ``generate`` (any device). ``vllm``: a vLLM engine on the same GPU as
     training (the ``vllm`` extra, CUDA only)."""
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1)

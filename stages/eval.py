@@ -22,6 +22,7 @@ from alignkit.config import BUILTIN_MODEL, StageBase, did_you_mean
 from alignkit.errors import UserError
 from alignkit.handoff import StageOutput, run_stages
 from alignkit.pipeline import StageContext, StageResult
+from alignkit.rollouts.types import EngineName
 from alignkit.rundir import MANIFEST_FILE, read_json
 
 
@@ -51,7 +52,7 @@ class EvalStageConfig(StageBase):
     """New tokens per sample."""
     temperature: float = Field(1.0, ge=0)
     """Sampling temperature, the same for every model (top-k and top-p off)."""
-    engine: Literal["hf", "vllm"] = "hf"
+    engine: EngineName = "hf"
     """Generation engine: ``hf`` (any device) or ``vllm`` (CUDA, the ``vllm`` extra)."""
 
     def uses_stages(self) -> list[str]:
