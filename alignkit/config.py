@@ -68,12 +68,17 @@ class AdapterSpec(Strict):
     type: Literal["lora", "full", "ia3", "prefix", "prompt"] = "lora"
     """``lora`` (QLoRA when the base is 4-bit), ``full`` fine-tuning, or another PEFT method."""
     r: int = Field(16, gt=0)
+    """LoRA rank."""
     alpha: float = 32
+    """LoRA scaling numerator: updates are scaled by ``alpha / r``."""
     dropout: float = Field(0.0, ge=0, lt=1)
+    """LoRA dropout probability on the adapter's input."""
     target_modules: str | list[str] = "all-linear"
     """LoRA/IA3 target modules: a list of module names or ``all-linear``."""
     use_dora: bool = False
+    """DoRA: a learned magnitude per output beside the LoRA direction."""
     use_rslora: bool = False
+    """rsLoRA: scale by ``alpha / sqrt(r)``, steadier at high ranks."""
     num_virtual_tokens: int = Field(20, gt=0)
     """Prefix and prompt tuning: number of virtual tokens."""
     modules_to_save: list[str] = []
@@ -88,11 +93,13 @@ class DataSpec(Strict):
     eval_source: str | None = None
     """Held-out data; default: ``eval_split`` of the same source, else a slice of the train rows."""
     eval_split: str | None = None
+    """Split of the same Hub or builtin source held out for evaluation."""
     eval_size: int | float = 0.05
     """Rows held out for evaluation when no eval source/split is given (int: rows; float: fraction)."""
     max_rows: int | None = None
     """Use at most this many training rows (after validation)."""
     max_eval_rows: int | None = 512
+    """Use at most this many held-out rows (evaluation cost grows with them)."""
     on_bad_rows: Literal["error", "skip"] = "error"
     """``error``: any bad row stops before training (exit 2). ``skip``: drop bad rows, report counts."""
     max_bad_fraction: float = Field(0.05, ge=0, le=1)
@@ -104,24 +111,33 @@ class HeldoutSpec(Strict):
     prompts, score both, and estimate KL(policy || reference) from the policy's samples."""
 
     enabled: bool = True
+    """Run the evaluation after training (it samples both models: minutes on a large model)."""
     prompts: str | None = None
     """Prompt source; default: ``builtin:prompts`` when the stage trains on builtin data, else off."""
     split: str | None = "test"
+    """Split of a Hub or builtin prompt source."""
     num_prompts: int = Field(64, gt=0)
+    """Evaluate on the first this many prompts."""
     samples_per_prompt: int = Field(2, gt=0)
+    """Samples per prompt from each model."""
     max_new_tokens: int = Field(40, gt=0)
+    """New tokens per sample."""
     temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of both models (top-k and top-p off: their own distributions)."""
     rewards: list[str] = []
     """Reward specs to score with (``gold``, a rule, ``module:function``, an RM stage dir);
     ``gold`` is added for builtin data. Recorded as ``reward``/``reward_ref`` (weighted sum)."""
     seed: int = 1234
+    """Sampling seed: policy and reference sample with the same one, so runs compare."""
 
 
 class StageBase(Strict):
     """Fields every stage has. A stage kind subclasses this with its own fields."""
 
     kind: str
+    """The stage kind (``sft``, ``dpo``, ...): which schema and run function apply."""
     name: str
+    """The stage's directory in the run and its name in ``from``, ``--set stages.NAME.x``."""
     from_: str | None = Field(None, alias="from")
     """Parent stage name (its output is this stage's starting point)."""
 
@@ -134,9 +150,13 @@ class StageBase(Strict):
     default_parent: ClassVar[bool] = False
     #: Whether this stage produces a policy (a later stage may start from it).
     is_policy: ClassVar[bool] = False
+    #: Trainer options the stage sets from fields named otherwise (option -> field); an option
+    #: named like one of the stage's fields is owned by that field without being listed.
+    owned_options: ClassVar[dict[str, str]] = {}
 
     train: dict[str, Any] = {}
-    """Trainer knobs passed to the TRL config class; checked against its fields."""
+    """Trainer knobs passed to the TRL config class; checked against its fields. A knob the
+    stage has a field for (``beta``, ``max_length``, ...) is set by that field, never here."""
 
     @model_validator(mode="after")
     def _check_train_keys(self) -> StageBase:
@@ -147,12 +167,23 @@ class StageBase(Strict):
         for key in self.train:
             if key not in valid:
                 raise ValueError(
-                    f"unknown trainer option 'train.{key}' for {cls.__name__}{_suggest(key, valid)}"
+                    f"unknown trainer option 'train.{key}' for {cls.__name__}{did_you_mean(key, valid)}"
                 )
         for key, value in self.train.items():
             problem = _trainer_value_problem(cls, key, value)
             if problem:
                 raise ValueError(f"train.{key}: {problem} (got {value!r})")
+        for key, value in self.train.items():  # a valid knob, but the stage sets it
+            owner = type(self).owned_options.get(key) or (
+                key if key in type(self).model_fields and key != "train" else None
+            )
+            if owner == key:  # train.<key> would silently win over the typed field
+                raise ValueError(
+                    f"'train.{key}' is set by this stage's '{key}' (train.{key} duplicates the "
+                    f"stage field); set {key}: {value!r} on the stage instead"
+                )
+            if owner is not None:
+                raise ValueError(f"'train.{key}' is set by this stage's '{owner}'; set it there")
         return self
 
     def uses_stages(self) -> list[str]:
@@ -317,7 +348,7 @@ def _validate_stage(s: Any, i: int, stage_kinds: StageKinds, where: str) -> Stag
     if kind not in stage_kinds:
         raise UserError(
             f"{where}: stages[{i}].kind: unknown stage kind {kind!r}"
-            f"{_suggest(str(kind), stage_kinds)}; known kinds: {', '.join(sorted(stage_kinds))}"
+            f"{did_you_mean(str(kind), stage_kinds)}; known kinds: {', '.join(sorted(stage_kinds))}"
         )
     cls = stage_kinds[kind]
     s = {"name": kind, **s}
@@ -339,7 +370,7 @@ def _check_stage_graph(cfg: PipelineConfig, where: str) -> None:
                     f"{where}: stage {s.name!r} uses stage {used!r}, which must come before it"
                 )
         if s.from_ is not None and s.from_ not in seen:
-            hint = _suggest(s.from_, seen) if seen else ""
+            hint = did_you_mean(s.from_, seen) if seen else ""
             raise UserError(
                 f"{where}: stage {s.name!r} has from: {s.from_!r}, which is not an earlier stage"
                 f"{hint}"
@@ -399,7 +430,7 @@ def _stage_in_list(stages: list, part: str, item: str) -> dict:
     for s, n in zip(stages, names, strict=False):
         if n == part:
             return s
-    raise UserError(f"--set {item!r}: no stage named {part!r}{_suggest(part, names)}")
+    raise UserError(f"--set {item!r}: no stage named {part!r}{did_you_mean(part, names)}")
 
 
 # --- hashing -----------------------------------------------------------------------------------
@@ -421,7 +452,8 @@ def config_hash(*parts: Any) -> str:
 # --- error messages ----------------------------------------------------------------------------
 
 
-def _suggest(key: str, valid) -> str:
+def did_you_mean(key: str, valid) -> str:
+    """`` (did you mean X?)`` for the valid name nearest ``key``, or nothing when none is near."""
     close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -433,7 +465,7 @@ def _format_errors(err: ValidationError, root: type[BaseModel], where: str) -> s
         if e["type"] == "extra_forbidden":
             key = str(e["loc"][-1])
             valid = _fields_at(root, e["loc"][:-1])
-            lines.append(f"{where}: unknown key '{loc}'{_suggest(key, valid)}")
+            lines.append(f"{where}: unknown key '{loc}'{did_you_mean(key, valid)}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
             lines.append(f"{where}: {loc + ': ' if loc else ''}{msg}")

@@ -50,27 +50,43 @@ SAMPLES_FILE = "samples.jsonl"
 
 
 class HealthSpec(Strict):
+    """The health checks of a policy stage and their thresholds (see the module's list)."""
+
     enabled: bool = True
+    """Run the checks (each costs one probe: a few sampled prompts)."""
     on_trip: Literal["warn", "stop"] = "warn"
     """``warn``: print, record and go on. ``stop``: also stop the stage (exit 2), keeping the
     checkpoints written before the trip."""
     every: int = Field(20, gt=0)
     """Steps between checks (each samples ``sample_prompts`` prompts)."""
     sample_prompts: int = Field(8, gt=0)
+    """Prompts the probe samples at each check (the same ones every time)."""
     samples_per_prompt: int = Field(2, gt=0)
+    """Completions per probe prompt."""
     max_new_tokens: int = Field(40, gt=0)
+    """New tokens per probe completion."""
     prompts: str | None = None
     """Prompt source; default: the held-out prompts of the stage (``heldout.prompts``, the
     builtin test prompts on builtin data), else the stage's own data."""
     collapse_logp_drop: float = Field(10.0, gt=0)
+    """``dpo_collapse``: nats the chosen log-prob may fall below its first value."""
     max_kl: float = Field(30.0, gt=0)
+    """``kl_limit``: KL to the reference (nats per sequence) above which it trips."""
     kl_growth_checks: int = Field(5, gt=0)
+    """``kl_growth``: consecutive checks at which the KL must have grown."""
     kl_growth_rate: float = Field(0.2, gt=0)
+    """``kl_growth``: the least relative growth at each of those checks."""
     kl_growth_min: float = Field(5.0, ge=0)
+    """``kl_growth``: KL (nats per sequence) below which growth is not judged."""
     length_ratio: float = Field(2.0, gt=1)
+    """``length``: how many times shorter or longer than at the first check answers may get."""
     max_repetition: float = Field(0.5, gt=0, le=1)
+    """``repetition``: the highest share of repeated token 3-grams."""
     max_invalid: float = Field(0.2, gt=0, le=1)
+    """``invalid_tokens``: the highest share of invalid tokens (or words, on the builtin task)."""
     gold_drop: float = Field(0.1, gt=0)
+    """``reward_vs_gold``: how far the gold reward may fall below its best while the training
+    reward is above its value then."""
     heldout_reward_drop: float = Field(0.3, gt=0)
     """``reward_vs_heldout_rm`` (PPO with ``heldout_reward_model``): how far the held-out RM's
     score may fall below its best, in units of its std on the starting policy's samples."""

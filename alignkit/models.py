@@ -16,12 +16,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from alignkit.config import BUILTIN_MODEL, AdapterSpec, ModelSpec
 from alignkit.errors import UserError
-from alignkit.rundir import match_directory_modes
+from alignkit.handoff import (
+    ADAPTER_DIR,
+    FULL_MODEL_DIR,
+    POLICY_ADAPTER,
+    StageOutput,
+    spec_from_record,  # noqa: F401 (its home before alignkit.handoff; imported from here)
+)
+from alignkit.rundir import STAGE_FILE, match_directory_modes
 
 log = logging.getLogger(__name__)
 
-ADAPTER_DIR = "adapter"
-FULL_MODEL_DIR = "model"
 # Existing tokens that can serve as padding when a tokenizer has none (or pads with EOS).
 _PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad_id|>", "<|endoftext|>")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -214,7 +219,7 @@ def attach_adapter(model, adapter: AdapterSpec, spec: ModelSpec, task_type: str 
     return get_peft_model(model, peft_config(adapter, task_type))
 
 
-def load_adapter(model, adapter_dir: str | Path, trainable: bool, name: str = "default"):
+def load_adapter(model, adapter_dir: str | Path, trainable: bool, name: str = POLICY_ADAPTER):
     """Load a saved adapter onto ``model`` (trainable or frozen)."""
     from peft import PeftModel
 
@@ -275,7 +280,7 @@ def load_policy(spec: ModelSpec, adapter: AdapterSpec, parent_dir: Path | None):
 def save_stage_model(
     model, tokenizer: PreTrainedTokenizerBase, out_dir: Path, state_dict: dict | None = None
 ) -> str:
-    """Save the trained adapter (only the ``default`` one) or the full model, plus the tokenizer.
+    """Save the trained adapter (only the policy one, ``default``) or the full model, plus the tokenizer.
 
     The tokenizer goes to the stage dir and beside the weights, so ``adapter/`` or ``model/`` alone
     loads with plain peft/transformers (and vLLM). ``state_dict``: the model's full weights when
@@ -286,7 +291,7 @@ def save_stage_model(
     if isinstance(model, PeftModel):
         sub = ADAPTER_DIR
         model.save_pretrained(
-            str(out_dir / sub), selected_adapters=["default"], state_dict=state_dict
+            str(out_dir / sub), selected_adapters=[POLICY_ADAPTER], state_dict=state_dict
         )
     else:
         sub = FULL_MODEL_DIR
@@ -299,18 +304,15 @@ def save_stage_model(
 def merge_stage(stage_dir: str | Path, out_dir: str | Path) -> Path:
     """Write base + a stage's adapter as one full model (safetensors + tokenizer) that plain
     ``from_pretrained`` loads. A quantized stage is merged into the unquantized base weights."""
-    import json
-
     from transformers import AutoModelForSequenceClassification
 
     stage_dir, out_dir = Path(stage_dir), Path(out_dir)
-    record_file = stage_dir / "stage.json"
-    if not record_file.exists():
-        raise UserError(f"{stage_dir}: not a finished stage (no stage.json)")
+    stage = StageOutput.read(stage_dir)
+    if stage is None:
+        raise UserError(f"{stage_dir}: not a finished stage (no {STAGE_FILE})")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"--out {out_dir}: exists and is not empty; choose a new directory")
-    record = json.loads(record_file.read_text())
-    spec = spec_from_record(record)
+    spec = stage.base
     if spec.quantization != "none":
         log.warning(
             "merging into the unquantized base weights (the stage trained on a %s base)",
@@ -318,9 +320,7 @@ def merge_stage(stage_dir: str | Path, out_dir: str | Path) -> Path:
         )
         spec = spec.model_copy(update={"quantization": "none"})
     model_cls = (
-        AutoModelForSequenceClassification
-        if record["kind"] == "reward_model"
-        else AutoModelForCausalLM
+        AutoModelForSequenceClassification if stage.kind == "reward_model" else AutoModelForCausalLM
     )
     model, tokenizer = load_stage_model(stage_dir, spec, model_cls=model_cls)
     if hasattr(model, "merge_and_unload"):
@@ -340,20 +340,3 @@ def count_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
-
-
-def spec_from_record(record: dict, **override) -> ModelSpec:
-    """The base model a finished stage names in its ``stage.json``: name, revision, dtype and
-    quantization only. Nothing that runs code (``trust_remote_code``) is ever taken from a run
-    directory, which may come from anyone; pass it explicitly (``override``) when it is meant."""
-    base = record.get("base_model") or {}
-    fields = {
-        "name": base.get("name", BUILTIN_MODEL),
-        "revision": base.get("revision"),
-        "dtype": base.get("dtype", "auto"),
-        "quantization": record.get("quantization", "none"),
-    }
-    try:
-        return ModelSpec(**{**fields, **override})
-    except ValueError as e:
-        raise UserError(f"stage.json names an unusable base model: {e}") from None

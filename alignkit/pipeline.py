@@ -30,26 +30,10 @@ from alignkit.config import (
     parent_of,
 )
 from alignkit.errors import UserError
-from alignkit.rundir import (
-    STAGE_FILE,
-    RunDir,
-    checkpoint_step,
-    read_json,
-    read_json_or_none,
-    trim_logs_to_step,
-)
+from alignkit.handoff import StageOutput, find_stage
+from alignkit.rundir import RunDir, checkpoint_step, read_json_or_none, trim_logs_to_step
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ParentOutput:
-    """A finished stage this one starts from."""
-
-    name: str
-    kind: str
-    dir: Path
-    record: dict
 
 
 @dataclass
@@ -60,7 +44,7 @@ class StageContext:
     seed: int
     out_dir: Path
     """Where the stage writes (the partial dir; renamed into place when the stage finishes)."""
-    parent: ParentOutput | None
+    parent: StageOutput | None
     resume_from: Path | None
     """Latest trainer checkpoint of an interrupted attempt, to resume from."""
     console: Console
@@ -83,26 +67,28 @@ class StageContext:
     def run_dir(self) -> Path:
         return self.out_dir.parent
 
-    def finished_stage(self, name: str, key: str, kinds: tuple[str, ...]) -> ParentOutput:
+    def finished_stage(self, name: str, key: str, kinds: tuple[str, ...]) -> StageOutput:
         """Another finished stage of this run, read by name (config key ``key`` names it), that
-        must be one of ``kinds``. Only plain stage names resolve: never a path out of the run."""
-        where = f"{self.where}.{key}"
-        if not name or "/" in name or "\\" in name or name.startswith("."):
-            raise UserError(f"{where}: {name!r} is not a stage name of this run")
-        stage_dir = self.run_dir / name
-        record_file = stage_dir / STAGE_FILE
-        if not record_file.is_file():
+        must be one of ``kinds`` (see :func:`alignkit.handoff.find_stage`)."""
+        return find_stage(self.run_dir, name, kinds, f"{self.where}.{key}")
+
+    def require_policy_parent(self, kind: str, required: bool = False) -> StageOutput | None:
+        """The parent stage, refused unless it produced a policy (a ``kind`` stage continues a
+        policy, never a reward model or an evaluation); ``required``: a parent must be given."""
+        parent = self.parent
+        if parent is None:
+            if required:
+                raise UserError(
+                    f"{self.where}.from: {kind} starts from a policy stage; set `from:` to one "
+                    "(e.g. `from: sft`)"
+                )
+            return None
+        if not parent.is_policy:
             raise UserError(
-                f"{where}: no finished stage {name!r} in {self.run_dir}; put that stage "
-                "earlier in the pipeline"
+                f"{self.where}.from: {kind} starts from a policy stage, not {parent.name!r} "
+                f"(a {parent.kind} stage)"
             )
-        record = read_json(record_file)
-        if record.get("kind") not in kinds:
-            raise UserError(
-                f"{where}: {name!r} is a {record.get('kind')} stage; it must be "
-                + " or ".join(kinds)
-            )
-        return ParentOutput(name, record["kind"], stage_dir, record)
+        return parent
 
 
 @dataclass
@@ -358,13 +344,13 @@ def _manifest(cfg: PipelineConfig, rd: RunDir, decisions: list[Decision]) -> dic
     return {"run": cfg.run.name, "model": cfg.model.name, "seed": cfg.run.seed, "stages": stages}
 
 
-def _parent_output(rd: RunDir, parent: StageBase | None) -> ParentOutput | None:
+def _parent_output(rd: RunDir, parent: StageBase | None) -> StageOutput | None:
     if parent is None:
         return None
-    record = rd.stage_json(parent.name)
-    if record is None:
+    output = StageOutput.read(rd.stage_dir(parent.name))
+    if output is None:
         raise RuntimeError(f"parent stage {parent.name!r} is not complete")
-    return ParentOutput(parent.name, parent.kind, rd.stage_dir(parent.name), record)
+    return output
 
 
 def _health(out_dir: Path) -> dict:
@@ -384,6 +370,7 @@ def _stage_record(cfg, d: Decision, result: StageResult, parent, started: float)
     return {
         "name": d.stage.name,
         "kind": d.stage.kind,
+        "is_policy": type(d.stage).is_policy,
         "config_hash": d.hash,
         "parent": parent.name if parent else None,
         "base_model": {

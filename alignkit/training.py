@@ -12,8 +12,10 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from alignkit import models  # through the module: tests swap save_stage_model
 from alignkit.errors import UserError
 from alignkit.finite import NonFiniteError, nonfinite_names, stop_message
+from alignkit.handoff import weights_subdir
 from alignkit.rundir import read_json_or_none, write_json_atomic
 
 
@@ -237,14 +239,12 @@ def save_trained(trainer, tokenizer, ctx, adapter_type: str) -> str:
     Under ZeRO-3 or FSDP each rank holds a shard of every large tensor, so the weights are
     gathered first (a collective) — saving the rank's own view writes empty tensors. DDP and
     ZeRO-2 hold whole tensors; a single process saves as is."""
-    from alignkit.models import ADAPTER_DIR, FULL_MODEL_DIR, save_stage_model
-
     state_dict = None
     if trainer.accelerator.num_processes > 1:
         state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
     if not ctx.is_main:
-        return ADAPTER_DIR if adapter_type != "full" else FULL_MODEL_DIR
-    return save_stage_model(trainer.model, tokenizer, ctx.out_dir, state_dict=state_dict)
+        return weights_subdir(adapter_type)
+    return models.save_stage_model(trainer.model, tokenizer, ctx.out_dir, state_dict=state_dict)
 
 
 def weights_sharded() -> bool:

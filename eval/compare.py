@@ -17,9 +17,6 @@ paired win rates with CIs, KL to the base and a report in one step. The steps:
 from __future__ import annotations
 
 import difflib
-import gc
-import json
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -31,9 +28,11 @@ from alignkit.config import Strict, read_yaml
 from alignkit.errors import UserError
 from alignkit.eval import scoring
 from alignkit.eval.cache import GenerationCache
+from alignkit.handoff import StageOutput
 from alignkit.rollouts.source import ModelSource, model_source
-from alignkit.rollouts.types import SamplingConfig, encode_prompts
+from alignkit.rollouts.types import EngineName, SamplingConfig, encode_prompts
 from alignkit.rollouts.vllm import VLLMConfig
+from alignkit.rundir import STAGE_FILE
 
 
 class CompareConfig(Strict):
@@ -59,7 +58,7 @@ class CompareConfig(Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(128, ge=1)
     seed: int = 0
-    engine: Literal["hf", "vllm"] = "hf"
+    engine: EngineName = "hf"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     quantization: Literal["none", "4bit", "8bit"] | None = None
     batch_size: int = Field(64, ge=1)
@@ -208,17 +207,17 @@ def _source(
     name: str, adapter: str | None, cfg: CompareConfig, flag: str
 ) -> tuple[ModelSource, dict]:
     path = Path(name).expanduser()
-    if (path / "stage.json").is_file():
+    finished = StageOutput.read(path)
+    if finished is not None:
         if adapter is not None:
             raise UserError(
                 f"--{flag} {name} is a stage: it brings its adapter; drop --base-adapter"
             )
         source = model_source(stage=path, dtype=cfg.dtype, quantization=cfg.quantization)
-        record = json.loads((path / "stage.json").read_text())
-        stage = {k: record.get(k) for k in ("kind", "config_hash", "finished")}
+        stage = {k: finished.record.get(k) for k in ("kind", "config_hash", "finished")}
     elif path.is_dir() and not (path / "config.json").is_file():
         raise UserError(
-            f"--{flag} {name}: neither a finished stage (no stage.json; still running or failed?) "
+            f"--{flag} {name}: neither a finished stage (no {STAGE_FILE}; still running or failed?) "
             "nor a model directory (no config.json)"
         )
     elif not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
@@ -239,7 +238,7 @@ def _source(
 
 def _label(name: str, is_base: bool, source: ModelSource, taken: list[str]) -> str:
     path = Path(name)
-    if (path / "stage.json").is_file():
+    if StageOutput.read(path) is not None:
         label = path.resolve().name
     elif is_base:
         label = "base"
@@ -271,19 +270,6 @@ def _sampling_identity(cfg: CompareConfig) -> dict:
     }
 
 
-def chunk_seed(seed: int, first_prompt_id: str) -> int:
-    """The seed of one engine call: the same prompts get the same seed in every model."""
-    return zlib.crc32(f"{seed}:{first_prompt_id}".encode())
-
-
 def _unique(rows: list[dict]) -> list[dict]:
     seen: set[str] = set()
     return [r for r in rows if not (r["id"] in seen or seen.add(r["id"]))]
-
-
-def free_memory() -> None:
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

@@ -17,7 +17,7 @@ import numpy as np
 from alignkit.config import HeldoutSpec
 from alignkit.eval.logprobs import sequence_logprobs
 from alignkit.eval.stats import bootstrap_mean_ci
-from alignkit.eval.views import AdapterView
+from alignkit.handoff import AdapterView
 
 RewardFn = Callable[..., list[float]]
 

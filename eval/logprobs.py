@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from alignkit.eval.views import AdapterView
+from alignkit.handoff import AdapterView
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ import numpy as np
 from alignkit.config import HeldoutSpec
 from alignkit.eval.heldout import sample
 from alignkit.eval.logprobs import sequence_logprobs
-from alignkit.eval.views import AdapterView
+from alignkit.handoff import AdapterView
 from alignkit.health import SAMPLES_FILE, HealthSpec
 
 

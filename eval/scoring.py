@@ -9,10 +9,13 @@ model still owing log-probs (a head-to-head rival generated after it).
 
 from __future__ import annotations
 
+import gc
 import time
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from alignkit.eval.cache import sample_key
 from alignkit.eval.logprobs import reference_completion_ids, sequence_logprobs
@@ -61,8 +64,6 @@ class Work:
 
     # --- the three kinds of work -------------------------------------------------------------
     def _generate(self, entry, loaded) -> None:
-        from alignkit.eval.compare import chunk_seed
-
         cache = self.caches[entry.label]
         todo = cache.missing(self.ids, self.cfg.n)
         if not todo:
@@ -216,9 +217,18 @@ class _Loaded:
         return self._model
 
     def close(self) -> None:
-        from alignkit.eval.compare import free_memory
-
         loaded = self._engine is not None or self._model is not None
         self._engine = self._model = None
         if loaded:
             free_memory()
+
+
+def chunk_seed(seed: int, first_prompt_id: str) -> int:
+    """The seed of one engine call: the same prompts get the same seed in every model."""
+    return zlib.crc32(f"{seed}:{first_prompt_id}".encode())
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

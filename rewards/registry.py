@@ -30,6 +30,7 @@ from pathlib import Path
 
 from alignkit.errors import UserError
 from alignkit.rewards import rules
+from alignkit.rundir import STAGE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ def _reward_model(path: Path) -> RewardFn:
 
 def _check_reward_model_dir(path: Path) -> None:
     """Refuse a directory that is clearly not a reward model before loading anything."""
-    if (path / "stage.json").is_file():  # the scorer checks the stage's kind
+    if (path / STAGE_FILE).is_file():  # the scorer checks the stage's kind
         return
     adapter = _read_json(path / "adapter_config.json")
     if adapter is not None:
@@ -203,13 +204,14 @@ def resolve_rewards(specs: Sequence[str | tuple[str, float]]) -> WeightedReward:
     """Resolve ``["gold", "length*0.2"]`` or ``[("gold", 1.0), ("length", 0.2)]``."""
     components = []
     for item in specs:
-        spec, weight = item if isinstance(item, tuple) else _split_weight(item)
+        spec, weight = item if isinstance(item, tuple) else split_weight(item)
         name, fn = resolve_reward(spec)
         components.append((name, fn, float(weight)))
     return WeightedReward(components)
 
 
-def _split_weight(spec: str) -> tuple[str, float]:
+def split_weight(spec: str) -> tuple[str, float]:
+    """``"length*0.2"`` -> ``("length", 0.2)``; a spec without a numeric ``*WEIGHT`` weighs 1."""
     head, star, tail = spec.rpartition("*")
     if star:
         try:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from alignkit.errors import UserError
+from alignkit.handoff import StageOutput
 
 Messages = list[dict]
 
@@ -35,19 +36,17 @@ class RewardModelScorer:
         from transformers import AutoModelForSequenceClassification
 
         from alignkit.config import ModelSpec
-        from alignkit.models import load_base, load_stage_model, load_tokenizer, spec_from_record
+        from alignkit.models import load_base, load_stage_model, load_tokenizer
 
         path = Path(path)
-        record_file = path / "stage.json"
-        if record_file.exists():
-            record = json.loads(record_file.read_text())
-            if record.get("kind") != "reward_model":
-                raise UserError(
-                    f"{path} is a {record.get('kind')!r} stage, not a reward_model stage"
-                )
-            spec = spec_from_record(record)
-            model, tok = load_stage_model(path, spec, model_cls=AutoModelForSequenceClassification)
-            max_length = record.get("outputs", {}).get("max_length", 1024)
+        stage = StageOutput.read(path)
+        if stage is not None:
+            if stage.kind != "reward_model":
+                raise UserError(f"{path} is a {stage.kind!r} stage, not a reward_model stage")
+            model, tok = load_stage_model(
+                path, stage.base, model_cls=AutoModelForSequenceClassification
+            )
+            max_length = stage.record.get("outputs", {}).get("max_length", 1024)
             return cls(model, tok, max_length=max_length, batch_size=batch_size)
         if (path / "adapter_config.json").exists():
             base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]

@@ -7,16 +7,24 @@
 from __future__ import annotations
 
 import difflib
+import typing
 
 from alignkit.errors import UserError
 from alignkit.rollouts.source import ModelSource, model_source
-from alignkit.rollouts.types import Engine, RolloutBatch, SamplingConfig, encode_prompts
+from alignkit.rollouts.types import (
+    Engine,
+    EngineName,
+    RolloutBatch,
+    SamplingConfig,
+    encode_prompts,
+)
 
-ENGINES = ("hf", "vllm")
+ENGINES: tuple[str, ...] = typing.get_args(EngineName)
 
 __all__ = [
     "ENGINES",
     "Engine",
+    "EngineName",
     "ModelSource",
     "RolloutBatch",
     "SamplingConfig",

@@ -37,7 +37,7 @@ from alignkit.errors import UserError
 from alignkit.rollouts import ModelSource, load_engine, model_source
 from alignkit.rollouts.best_of_n import write_preferences
 from alignkit.rollouts.shards import ShardWriter, read_rollouts, repair_torn_tail, shard_paths
-from alignkit.rollouts.types import SamplingConfig
+from alignkit.rollouts.types import EngineName, SamplingConfig
 from alignkit.rollouts.vllm import VLLMConfig
 
 JOB_FILE = "job.json"
@@ -61,7 +61,7 @@ class RolloutJobConfig(Strict):
     max_prompts: int | None = Field(None, ge=1)
     on_bad_rows: Literal["error", "skip"] = "error"
     out: str
-    engine: Literal["hf", "vllm"] = "hf"
+    engine: EngineName = "hf"
     rewards: list[str] = []
     """Reward specs (``gold``, a rule, ``module:function``, an RM dir), each with ``*WEIGHT``."""
     sampling: SamplingConfig = SamplingConfig()

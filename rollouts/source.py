@@ -12,9 +12,9 @@ from pathlib import Path
 
 from alignkit.config import ModelSpec
 from alignkit.errors import UserError
-from alignkit.models import ADAPTER_DIR, FULL_MODEL_DIR, resolve_model_path, spec_from_record
-
-STAGE_FILE = "stage.json"
+from alignkit.handoff import ADAPTER_DIR, FULL_MODEL_DIR, StageOutput
+from alignkit.models import resolve_model_path
+from alignkit.rundir import STAGE_FILE
 
 
 @dataclass(frozen=True)
@@ -60,16 +60,14 @@ def model_source(
 
 
 def _stage_source(stage_dir: Path, dtype: str, quantization: str | None) -> ModelSource:
-    record_path = stage_dir / STAGE_FILE
-    if not record_path.is_file():
+    stage = StageOutput.read(stage_dir)
+    if stage is None:
         hint = " (it is still running or failed)" if stage_dir.is_dir() else ""
         raise UserError(f"--stage {stage_dir}: not a finished stage, no {STAGE_FILE}{hint}")
-    record = json.loads(record_path.read_text())
-    spec = spec_from_record(record)
-    spec = spec.model_copy(
+    spec = stage.base.model_copy(
         update={
-            "dtype": spec.dtype if dtype == "auto" else dtype,
-            "quantization": quantization or spec.quantization,
+            "dtype": stage.base.dtype if dtype == "auto" else dtype,
+            "quantization": quantization or stage.base.quantization,
         }
     )
     if (stage_dir / FULL_MODEL_DIR).is_dir():
@@ -78,7 +76,7 @@ def _stage_source(stage_dir: Path, dtype: str, quantization: str | None) -> Mode
     if not (adapter_dir / "adapter_config.json").is_file():
         raise UserError(f"--stage {stage_dir}: neither {ADAPTER_DIR}/ nor {FULL_MODEL_DIR}/ found")
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    if config.get("task_type") == "SEQ_CLS" or record.get("kind") == "reward_model":
+    if config.get("task_type") == "SEQ_CLS" or stage.kind == "reward_model":
         raise UserError(
             f"--stage {stage_dir}: a reward-model stage scores text, it does not generate; "
             f"use it as --reward {stage_dir}"

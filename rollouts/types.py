@@ -23,6 +23,8 @@ from alignkit.errors import UserError
 Messages = list[dict]
 Prompt = Messages | list[int]
 FinishReason = Literal["stop", "length"]
+#: The rollout engines, named once: every config that picks one takes this type.
+EngineName = Literal["hf", "vllm"]
 
 
 class SamplingConfig(Strict):
@@ -37,6 +39,7 @@ class SamplingConfig(Strict):
     top_k: int = Field(0, ge=0)
     """0 keeps every token. (HF ``generate`` would otherwise apply its default top-k of 50.)"""
     max_new_tokens: int = Field(128, ge=1)
+    """New tokens per completion; one cut here ends with finish reason ``length``."""
     stop: list[str] = []
     """Stop strings: the completion text ends before the first one."""
     stop_token_ids: list[int] = []

@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 import importlib.util
-from typing import Literal
 
 from pydantic import Field
 
 from alignkit.config import Strict
 from alignkit.errors import UserError
+from alignkit.rollouts.types import EngineName
 
 
 class RolloutSpec(Strict):
     """Where an online-RL stage's rollouts come from."""
 
-    engine: Literal["hf", "vllm"] = "hf"
+    engine: EngineName = "hf"
     """``hf``: transformers ``generate`` (any device). ``vllm``: a vLLM engine on the same GPU as
     training (the ``vllm`` extra, CUDA only)."""
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
     """vLLM's share of the GPU (weights + KV cache); the rest is left to training."""
     tensor_parallel_size: int = Field(1, ge=1)
+    """vLLM: GPUs one engine shards the model over."""
 
 
 def check_vllm(where: str) -> None:

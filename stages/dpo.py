@@ -13,18 +13,17 @@ from typing import ClassVar, Literal
 from pydantic import Field, field_validator
 
 from alignkit.config import AdapterSpec, DataSpec, HeldoutSpec, StageBase
-from alignkit.errors import UserError
+from alignkit.handoff import PolicyPair
 from alignkit.health import HealthSpec
+from alignkit.models import load_base, load_stage_model
 from alignkit.pipeline import StageContext, StageResult
-from alignkit.training import (
-    make_trl_trainer,
-    save_trained,
-    snapshot_adapter,
-    train_and_evaluate,
-    trl_args,
-)
+from alignkit.stages import policy
+from alignkit.stages.common import DPO_LOGS
+from alignkit.training import make_trl_trainer, trl_args
 
-#: TRL 1.16 DPOTrainer loss types.
+#: TRL 1.16 DPOTrainer loss types. TRL exposes no list to import (only the help text of
+#: ``DPOConfig.loss_type`` and the trainer's if-chain), so this copy is checked against that help
+#: text by tests/stages/test_stage_configs.py: a TRL upgrade that adds or drops one fails there.
 LOSS_TYPES = (
     "sigmoid",
     "hinge",
@@ -66,9 +65,9 @@ class DPOStageConfig(StageBase):
     max_length: int = 1024
     """Prompt + completion tokens; longer pairs are truncated."""
     heldout: HeldoutSpec = HeldoutSpec()
+    """Sample the trained policy and its reference on held-out prompts (gold reward, KL)."""
     health: HealthSpec = HealthSpec()
     """Training health checks (DPO collapse, KL, length, repetition, reward vs gold)."""
-    """Sample the trained policy and its reference on held-out prompts (gold reward, KL)."""
 
     @field_validator("loss_type", mode="before")
     @classmethod
@@ -83,75 +82,29 @@ class DPOStageConfig(StageBase):
 
 
 def run(cfg: DPOStageConfig, ctx: StageContext) -> StageResult:
-    from alignkit.stages.common import DPO_LOGS, health_callback, health_monitor
-
-    trainer, tokenizer, adapter, n_train, n_eval = build_trainer(cfg, ctx)
-    health = health_monitor(cfg, ctx, *_views(trainer), tokenizer)
-    for callback in health_callback(health, cfg.health.every, DPO_LOGS):
-        trainer.add_callback(callback)
-
-    metrics = train_and_evaluate(trainer, ctx, evaluate=n_eval > 0)
-    metrics["train_rows"], metrics["eval_rows"] = float(n_train), float(n_eval)
-    metrics.update(_heldout(cfg, ctx, trainer, tokenizer))
-
-    sub = save_trained(trainer, tokenizer, ctx, adapter.type)
-    return StageResult(metrics=metrics, adapter_type=adapter.type, outputs={"weights": sub})
+    built = build_trainer(cfg, ctx)
+    return policy.finish(cfg, ctx, built, policy.train(cfg, ctx, built))
 
 
-def _heldout(cfg, ctx, trainer, tokenizer) -> dict[str, float]:
-    from alignkit.stages.common import heldout_evaluation
-
-    return heldout_evaluation(cfg, ctx, *_views(trainer), tokenizer)
-
-
-def _views(trainer):
-    """The policy and its reference as TRL's DPOTrainer holds them."""
-    from alignkit.eval.views import AdapterView
-
-    model = trainer.model
-    if trainer.ref_model is not None:  # full fine-tuning: a separate frozen reference
-        reference = AdapterView(trainer.ref_model)
-    elif "ref" in getattr(model, "peft_config", {}):
-        reference = AdapterView(model, "ref")
-    else:
-        reference = AdapterView.base_of(model)
-    policy = AdapterView(model, "default") if hasattr(model, "peft_config") else AdapterView(model)
-    return policy, reference
-
-
-def build_trainer(cfg: DPOStageConfig, ctx: StageContext):
-    """Data, policy (+ reference) and the DPOTrainer; returns (trainer, tokenizer, adapter spec,
-    train rows, eval rows). Separate from :func:`run` so tests can inspect the handoff."""
+def build_trainer(cfg: DPOStageConfig, ctx: StageContext) -> policy.PolicyTrainer:
+    """Data, policy (+ reference) and the DPOTrainer. Separate from :func:`run` so tests can
+    inspect the handoff."""
     import torch
     from trl import DPOConfig, DPOTrainer
 
     from alignkit.data.preference import load_preference
     from alignkit.data.split import train_eval_rows
-    from alignkit.models import count_parameters, load_policy, load_stage_model, torch_dtype
 
     torch.manual_seed(ctx.seed)
     train_rows, eval_rows = train_eval_rows(cfg.data, load_preference, ctx.seed)
 
-    parent_dir = ctx.parent.dir if ctx.parent else None
-    if ctx.parent is not None and ctx.parent.kind == "reward_model":
-        raise UserError(
-            f"{ctx.where}.from: DPO starts from a policy stage, not {ctx.parent.name!r}"
-        )
-    adapter = cfg.adapter or ctx.adapter
-    if parent_dir is not None:
-        adapter = AdapterSpec(type=ctx.parent.record.get("adapter_type", adapter.type))
-    model, tokenizer = load_policy(ctx.model, adapter, parent_dir)
+    model, tokenizer, adapter, saved = policy.start_policy(cfg, ctx, "dpo")
     ref_model = None
     if adapter.type == "full":  # no adapters to switch: the reference is a second frozen copy
-        if parent_dir is not None:
-            ref_model, _ = load_stage_model(parent_dir, ctx.model)
+        if ctx.parent is not None:
+            ref_model, _ = load_stage_model(ctx.parent.dir, ctx.model)
         else:
-            from alignkit.models import load_base
-
             ref_model = load_base(ctx.model, tokenizer)
-    saved = snapshot_adapter(model, ctx.model.quantization != "none", torch_dtype(ctx.model))
-    trainable, total = count_parameters(model)
-    ctx.console.print(f"trainable parameters: {trainable:,} of {total:,} ({adapter.type})")
 
     args = trl_args(
         DPOConfig,
@@ -177,7 +130,13 @@ def build_trainer(cfg: DPOStageConfig, ctx: StageContext):
         eval_dataset=_dataset(eval_rows) if eval_rows else None,
         processing_class=tokenizer,
     )
-    return trainer, tokenizer, adapter, len(train_rows), len(eval_rows)
+    # without a "ref" adapter or a reference model, TRL scores the reference with the adapters
+    # disabled: the base is the reference then
+    pair = PolicyPair.of(trainer.model, trainer.ref_model, base_is_reference=True)
+    counts = {"train_rows": float(len(train_rows)), "eval_rows": float(len(eval_rows))}
+    return policy.PolicyTrainer(
+        trainer, tokenizer, pair, adapter.type, counts, bool(eval_rows), health_logs=DPO_LOGS
+    )
 
 
 def _dataset(rows: list[dict]):

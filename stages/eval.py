@@ -13,15 +13,17 @@ be run by hand on the finished stages.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from alignkit.config import BUILTIN_MODEL, StageBase
+from alignkit.config import BUILTIN_MODEL, StageBase, did_you_mean
 from alignkit.errors import UserError
+from alignkit.handoff import StageOutput, run_stages
 from alignkit.pipeline import StageContext, StageResult
+from alignkit.rollouts.types import EngineName
+from alignkit.rundir import MANIFEST_FILE, read_json
 
 
 class EvalStageConfig(StageBase):
@@ -38,15 +40,20 @@ class EvalStageConfig(StageBase):
     """Prompt source; default on ``builtin:tiny``: ``builtin:sft`` (its references give NLL,
     BLEU and ROUGE-L)."""
     split: str | None = "test"
+    """Split of a Hub or builtin prompt source."""
     rewards: list[str] = []
     """Reward specs as ``alignkit compare --reward`` takes them; the name of a reward_model
     stage of this run works too. Default on ``builtin:tiny``: ``gold``."""
     n: int = Field(4, ge=1)
     """Samples per prompt and model."""
     max_prompts: int = Field(128, ge=1)
+    """Compare on the first this many prompts."""
     max_new_tokens: int = Field(48, ge=1)
+    """New tokens per sample."""
     temperature: float = Field(1.0, ge=0)
-    engine: Literal["hf", "vllm"] = "hf"
+    """Sampling temperature, the same for every model (top-k and top-p off)."""
+    engine: EngineName = "hf"
+    """Generation engine: ``hf`` (any device) or ``vllm`` (CUDA, the ``vllm`` extra)."""
 
     def uses_stages(self) -> list[str]:
         """The compared stages and reward stages: re-running any of them re-runs the comparison."""
@@ -61,8 +68,12 @@ def run(cfg: EvalStageConfig, ctx: StageContext) -> StageResult:
     run_dir = ctx.out_dir.parent
     stages = cfg.stages or _policy_stages(run_dir, ctx)
     for name in stages:
-        if not (run_dir / name / "stage.json").is_file():
-            raise UserError(f"{ctx.where}.stages: {name!r} is not a finished stage of this run")
+        if StageOutput.read(run_dir / name) is None:
+            finished = [s.name for s in run_stages(run_dir) if s.is_policy]
+            raise UserError(
+                f"{ctx.where}.stages: {name!r} is not a finished stage of this run"
+                f"{did_you_mean(name, finished)}; finished policy stages: {', '.join(finished) or 'none'}"
+            )
     builtin = ctx.model.name == BUILTIN_MODEL
     prompts = cfg.prompts or ("builtin:sft" if builtin else None)
     rewards = cfg.rewards or (["gold"] if builtin else [])
@@ -103,27 +114,21 @@ def run(cfg: EvalStageConfig, ctx: StageContext) -> StageResult:
 
 def _policy_stages(run_dir: Path, ctx: StageContext) -> list[str]:
     """Finished policy stages listed before this one in the run's manifest."""
-    from alignkit.stages import REGISTRY
-
-    manifest = json.loads((run_dir / "manifest.json").read_text())
     names = []
-    for entry in manifest["stages"]:
+    for entry in read_json(run_dir / MANIFEST_FILE)["stages"]:
         if entry["name"] == ctx.name:
             break
-        kind = REGISTRY.get(entry["kind"])
-        if (
-            kind is not None
-            and kind.config_cls.is_policy
-            and (run_dir / entry["name"] / "stage.json").is_file()
-        ):
+        stage = StageOutput.read(run_dir / entry["name"])
+        if stage is not None and stage.is_policy:
             names.append(entry["name"])
     return names
 
 
 def _reward(spec: str, run_dir: Path) -> str:
     """A stage name of this run stands for that stage's directory."""
-    stage = run_dir / spec
-    return str(stage) if "/" not in spec and (stage / "stage.json").is_file() else spec
+    if "/" in spec or StageOutput.read(run_dir / spec) is None:
+        return spec
+    return str(run_dir / spec)
 
 
 def _metrics(results: dict) -> dict[str, float]:

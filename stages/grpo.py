@@ -20,24 +20,19 @@ from pydantic import Field, model_validator
 
 from alignkit.config import AdapterSpec, DataSpec, HeldoutSpec, StageBase
 from alignkit.errors import UserError
+from alignkit.handoff import PolicyPair, StageOutput, find_stage, run_stages
 from alignkit.health import HealthSpec
 from alignkit.pipeline import StageContext, StageResult
-from alignkit.stages.common import RolloutSpec, check_vllm
-from alignkit.training import (
-    final_train_metrics,
-    make_trl_trainer,
-    save_trained,
-    snapshot_adapter,
-    trl_args,
-)
+from alignkit.rewards.registry import WeightedReward, known_names, resolve_reward, split_weight
+from alignkit.stages import policy
+from alignkit.stages.common import ONLINE_LOGS, RolloutSpec, check_vllm
+from alignkit.training import make_trl_trainer, trl_args
 
 STAGE_PREFIX = "stage:"
-#: Trainer options this stage sets from its own fields; ``train.<key>`` may not override them.
+REWARD_KINDS = ("reward_model",)
+#: Trainer options this stage sets from fields named otherwise; ``train.<key>`` may not set them
+#: (nor any option named like a field: ``beta``, ``num_generations``, ``temperature``, ...).
 OWNED_OPTIONS = {
-    "beta": "beta",
-    "num_generations": "num_generations",
-    "max_completion_length": "max_completion_length",
-    "temperature": "temperature",
     "reward_weights": "rewards (write 'gold*0.5')",
     "use_vllm": "rollout.engine",
     "vllm_mode": "rollout.engine",
@@ -53,6 +48,7 @@ class OnlineRLConfig(StageBase):
 
     is_policy: ClassVar[bool] = True
     default_parent: ClassVar[bool] = True
+    owned_options: ClassVar[dict[str, str]] = OWNED_OPTIONS
 
     data: DataSpec
     """Prompts (any format :func:`alignkit.data.prompts.load_prompts` detects), e.g.
@@ -74,28 +70,22 @@ class OnlineRLConfig(StageBase):
     temperature: float = Field(1.0, gt=0)
     """Sampling temperature; top-k and top-p are off (on-policy samples, unbiased KL)."""
     rollout: RolloutSpec = RolloutSpec()
+    """Where completions are sampled: the policy itself (``hf``) or vLLM colocated with it."""
     heldout: HeldoutSpec = HeldoutSpec()
-    health: HealthSpec = HealthSpec()
-    """Training health checks (DPO collapse, KL, length, repetition, reward vs gold)."""
     """Sample the trained policy and its reference on held-out prompts (gold reward, the
     configured reward unless ``heldout.rewards`` names others, KL)."""
+    health: HealthSpec = HealthSpec()
+    """Training health checks (KL, length, repetition, invalid words, reward vs gold)."""
 
     def uses_stages(self) -> list[str]:
         """Reward specs that may name reward_model stages of the run (the pipeline keeps those
         that do: they must run first, and their hashes join this stage's)."""
-        from alignkit.rewards.registry import _split_weight
-
-        return [_split_weight(r)[0].removeprefix(STAGE_PREFIX).strip() for r in self.rewards]
+        return [split_weight(r)[0].removeprefix(STAGE_PREFIX).strip() for r in self.rewards]
 
     @model_validator(mode="after")
     def _check(self) -> OnlineRLConfig:
         if self.data.eval_source or self.data.eval_split:
             raise ValueError("data: held-out prompts go in heldout.prompts and heldout.split")
-        for key in self.train:
-            if key in OWNED_OPTIONS:
-                raise ValueError(
-                    f"'train.{key}' is set by this stage's '{OWNED_OPTIONS[key]}'; set it there"
-                )
         return self
 
 
@@ -107,76 +97,18 @@ class GRPOStageConfig(OnlineRLConfig):
 
 
 def run(cfg: OnlineRLConfig, ctx: StageContext) -> StageResult:
-    from peft import PeftModel
-
-    from alignkit.eval.views import AdapterView
-    from alignkit.stages.common import ONLINE_LOGS, health_callback, health_monitor
-
-    trainer, tokenizer, adapter, reward, n_prompts = build_trainer(cfg, ctx)
-    model = trainer.model
-    if isinstance(model, PeftModel):
-        policy = AdapterView(model, "default")
-        reference = AdapterView(model, "ref") if "ref" in model.peft_config else None
-    else:
-        policy = AdapterView(model)
-        reference = AdapterView(trainer.ref_model) if trainer.ref_model is not None else None
-    health = health_monitor(cfg, ctx, policy, reference, tokenizer)
-    for callback in health_callback(health, cfg.health.every, ONLINE_LOGS):
-        trainer.add_callback(callback)
-
-    trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
-    metrics = final_train_metrics(trainer)
-    metrics["train_prompts"] = float(n_prompts)
-    # held-out evaluation: eval/heldout.py evaluate_policy (via stages/common.py)
-    heldout = _heldout(cfg, ctx, trainer, tokenizer, reward)
-    for key in heldout.keys() & metrics.keys():  # TRL's `reward` is the last training batch's
-        metrics[f"train_{key}"] = metrics.pop(key)
-    metrics.update(heldout)
-
-    sub = save_trained(trainer, tokenizer, ctx, adapter.type)
-    return StageResult(metrics=metrics, adapter_type=adapter.type, outputs={"weights": sub})
-
-
-def _heldout(
-    cfg: OnlineRLConfig, ctx: StageContext, trainer, tokenizer, reward
-) -> dict[str, float]:
-    """Policy vs its reference, the parent policy: TRL's "ref" adapter (a separate model for
-    full fine-tuning). GRPO with ``beta: 0`` keeps no reference, so the parent's is loaded."""
-    from peft import PeftModel
-
-    from alignkit.eval.views import AdapterView
-    from alignkit.models import ADAPTER_DIR, load_base, load_stage_model
-    from alignkit.stages.common import heldout_evaluation
-
-    if not cfg.heldout.enabled:
-        return {}
-    model = trainer.model
-    if isinstance(model, PeftModel):
-        if "ref" not in model.peft_config and ctx.parent is not None:
-            model.load_adapter(str(ctx.parent.dir / ADAPTER_DIR), adapter_name="ref")
-        has_ref = "ref" in model.peft_config
-        policy = AdapterView(model, "default")
-        reference = AdapterView(model, "ref") if has_ref else AdapterView.base_of(model)
-    else:
-        policy, ref = AdapterView(model), trainer.ref_model
-        if ref is None and ctx.parent is not None:
-            ref = load_stage_model(ctx.parent.dir, ctx.model)[0].to(model.device)
-        elif ref is None:
-            ref = load_base(ctx.model, tokenizer).to(model.device)
-        reference = AdapterView(ref)
-    custom = None if cfg.heldout.rewards else reward  # default: the reward it trained on
-    return heldout_evaluation(cfg, ctx, policy, reference, tokenizer, custom)
+    # a tuple when a test wraps the build step to look at the handoff
+    built = policy.PolicyTrainer._make(build_trainer(cfg, ctx))
+    return policy.finish(cfg, ctx, built, policy.train(cfg, ctx, built))
 
 
 def build_trainer(cfg: OnlineRLConfig, ctx: StageContext):
-    """Prompts, rewards, policy (+ "ref" adapter) and the TRL trainer; returns (trainer,
-    tokenizer, adapter spec, summed reward, prompt rows). Separate from :func:`run` so tests
-    can inspect the handoff."""
+    """Prompts, rewards, policy (+ "ref" adapter) and the TRL trainer. Separate from :func:`run`
+    so tests can inspect the handoff."""
     import torch
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
     from alignkit.data.prompts import load_prompts
-    from alignkit.models import count_parameters, load_policy, torch_dtype
 
     config_cls, trainer_cls = {
         "grpo": (GRPOConfig, GRPOTrainer),
@@ -198,18 +130,7 @@ def build_trainer(cfg: OnlineRLConfig, ctx: StageContext):
         check_vllm(ctx.where)
 
     # 2. policy: the parent's adapter, trainable (TRL copies it into the frozen "ref" adapter)
-    if ctx.parent is not None and ctx.parent.kind == "reward_model":
-        raise UserError(
-            f"{ctx.where}.from: {cfg.kind} starts from a policy stage, not {ctx.parent.name!r}"
-        )
-    parent_dir = ctx.parent.dir if ctx.parent else None
-    adapter = cfg.adapter or ctx.adapter
-    if parent_dir is not None:
-        adapter = AdapterSpec(type=ctx.parent.record.get("adapter_type", adapter.type))
-    model, tokenizer = load_policy(ctx.model, adapter, parent_dir)
-    saved = snapshot_adapter(model, ctx.model.quantization != "none", torch_dtype(ctx.model))
-    trainable, total = count_parameters(model)
-    ctx.console.print(f"trainable parameters: {trainable:,} of {total:,} ({adapter.type})")
+    model, tokenizer, adapter, saved = policy.start_policy(cfg, ctx, cfg.kind)
     ctx.console.print(f"reward: {reward.__name__}")
 
     # 3. trainer
@@ -253,7 +174,18 @@ def build_trainer(cfg: OnlineRLConfig, ctx: StageContext):
         processing_class=tokenizer,
     )
     _move_reward_models(reward, trainer.accelerator.device)
-    return trainer, tokenizer, adapter, reward, len(rows)
+    # GRPO at beta 0 holds no reference: the held-out evaluation then loads the parent policy
+    pair = PolicyPair.of(trainer.model, trainer.ref_model)
+    counts = {"train_prompts": float(len(rows))}
+    return policy.PolicyTrainer(
+        trainer,
+        tokenizer,
+        pair,
+        adapter.type,
+        counts,
+        health_logs=ONLINE_LOGS,
+        heldout_reward=reward,
+    )
 
 
 def reward_functions(specs: list[str], run_dir: Path, where: str):
@@ -261,17 +193,15 @@ def reward_functions(specs: list[str], run_dir: Path, where: str):
     and weights, logs each as ``rewards/<name>/mean`` and optimises the sum, ``reward``). A
     reward-model stage of this run is named by its stage name (``stage:rm``, or ``rm`` when
     that is no builtin reward) and found in ``run_dir``."""
-    # the registry splits "spec*weight" the same way; the spec is needed alone to spot stage names
-    from alignkit.rewards.registry import WeightedReward, _split_weight, resolve_reward
-
     components = []
     for i, item in enumerate(specs):
-        spec, weight = _split_weight(item)
+        # split here as the registry does: the spec alone says whether it names a stage
+        spec, weight = split_weight(item)
         stage_dir = _reward_stage(spec, run_dir, f"{where}.rewards[{i}]: {item!r}")
         try:
             name, fn = resolve_reward(str(stage_dir) if stage_dir else spec)
         except UserError as e:
-            stages = _reward_stages(run_dir)
+            stages = [s.name for s in run_stages(run_dir, REWARD_KINDS)]
             hint = f"; reward_model stages of this run: {', '.join(stages)}" if stages else ""
             message = str(e).removeprefix("--reward ")
             raise UserError(f"{where}.rewards[{i}]: {message}{hint}") from None
@@ -283,21 +213,15 @@ def reward_functions(specs: list[str], run_dir: Path, where: str):
 
 
 def _reward_stage(spec: str, run_dir: Path, where: str) -> Path | None:
-    """The finished reward_model stage of this run that ``spec`` names, if it names one."""
-    from alignkit.rewards.registry import known_names
-
+    """The finished reward_model stage of this run that ``spec`` names, if it names one: always
+    ``stage:NAME``, and a bare name that is no builtin reward and names such a stage."""
     if spec.startswith(STAGE_PREFIX):
         name = spec.removeprefix(STAGE_PREFIX).strip()
-        if not _is_reward_stage(run_dir / name):
-            raise UserError(
-                f"{where}: no finished reward_model stage {name!r} in {run_dir} (it must come "
-                f"before this stage); reward_model stages there: "
-                f"{', '.join(_reward_stages(run_dir)) or 'none'}"
-            )
-        return run_dir / name
-    if spec in known_names() or "/" in spec or not _is_reward_stage(run_dir / spec):
+        return find_stage(run_dir, name, REWARD_KINDS, where).dir
+    if spec in known_names() or "/" in spec:
         return None
-    return run_dir / spec
+    stage = StageOutput.read(run_dir / spec)
+    return stage.dir if stage is not None and stage.kind in REWARD_KINDS else None
 
 
 class NamedReward:
@@ -319,19 +243,6 @@ def _move_reward_models(reward, device) -> None:
     for _, fn, _ in reward.components:
         if isinstance(fn, RewardModelScorer) and next(fn.model.parameters()).device != device:
             fn.model.to(device)
-
-
-def _is_reward_stage(path: Path) -> bool:
-    import json
-
-    record = path / "stage.json"
-    return record.is_file() and json.loads(record.read_text()).get("kind") == "reward_model"
-
-
-def _reward_stages(run_dir: Path) -> list[str]:
-    if not run_dir.is_dir():
-        return []
-    return sorted(p.name for p in run_dir.iterdir() if _is_reward_stage(p))
 
 
 def _dataset(rows: list[dict]):

@@ -17,6 +17,7 @@ from pydantic import Field, field_validator
 
 from alignkit.config import AdapterSpec, DataSpec, HeldoutSpec, StageBase
 from alignkit.errors import UserError
+from alignkit.handoff import ADAPTER_DIR, PolicyPair
 from alignkit.health import HealthSpec
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.stages.common import RolloutSpec, check_vllm
@@ -41,6 +42,9 @@ class PPORolloutSpec(RolloutSpec):
 
 
 class PPOStageConfig(StageBase):
+    """Our PPO: every knob is a field here (there is no TRL trainer for a ``train:`` block to
+    reach; one given is not read)."""
+
     kind: Literal["ppo"] = "ppo"
     is_policy: ClassVar[bool] = True
     default_parent: ClassVar[bool] = True
@@ -72,15 +76,24 @@ class PPOStageConfig(StageBase):
     without EOS. Default: 1.0 (one starting std) when a reward model scores, else 0: an RM reads
     a cut-off answer as if it were finished unless this says otherwise."""
     steps: int = Field(100, gt=0)
+    """PPO steps: each samples ``prompts_per_step`` prompts, scores them and updates."""
     prompts_per_step: int = Field(64, gt=0)
+    """Prompts sampled per step (per process under ``accelerate launch``), one completion each."""
     minibatches: int = Field(4, gt=0)
+    """Minibatches each step's samples are split into per epoch (must divide prompts_per_step)."""
     ppo_epochs: int = Field(4, gt=0)
+    """Passes over each step's samples (with fresh minibatch shuffles)."""
     micro_batch_size: int | None = None
     """Split each minibatch into chunks this size (gradient accumulation); default: no split."""
     learning_rate: float = Field(3e-4, gt=0)
+    """AdamW learning rate of the policy adapter."""
     value_learning_rate: float = Field(1e-3, gt=0)
+    """AdamW learning rate of the value adapter and value head."""
     kl_coef: float = Field(0.05, ge=0)
+    """Per-token KL penalty coefficient towards the reference (the starting policy); the
+    starting value when ``adaptive_kl`` is on."""
     adaptive_kl: bool = False
+    """Move ``kl_coef`` towards ``kl_target`` (the adaptive controller of Ziegler et al.)."""
     kl_target: float = Field(1.5, gt=0)
     """Adaptive KL: target KL to the reference per sequence (nats)."""
     kl_horizon: int = Field(640, gt=0)
@@ -89,23 +102,44 @@ class PPOStageConfig(StageBase):
     """Adaptive KL: how many times faster the coefficient rises when KL is above the target
     than it falls when below (the target is a budget; 1 is the classic symmetric controller)."""
     kl_estimator: Literal["k1", "k3"] = "k1"
+    """Per-token KL estimate in the penalty: ``k1`` (log-ratio, unbiased, noisy) or ``k3``
+    (never negative)."""
     gamma: float = Field(1.0, ge=0, le=1)
+    """GAE discount over completion tokens (1: none, the score is given at the last token)."""
     lam: float = Field(0.95, ge=0, le=1)
+    """GAE λ: bias (0, one-step TD) against variance (1, Monte Carlo returns)."""
     clip_range: float = Field(0.2, gt=0)
+    """PPO's clip on the policy ratio (the surrogate is flat outside 1 ± clip_range)."""
     value_clip_range: float = Field(0.2, gt=0)
+    """Clip on how far a value prediction may move from the rollout's in one update."""
     vf_coef: float = Field(0.1, ge=0)
+    """Weight of the value loss in the summed loss."""
     entropy_coef: float = Field(0.0, ge=0)
+    """Weight of an entropy bonus (0: none; the KL penalty already keeps the policy spread)."""
     max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient norm clip, applied to the policy and the value parameters separately."""
     whiten_rewards: bool = False
+    """Scale per-token rewards to unit variance (not shifted) before GAE; advantages are always
+    whitened."""
     max_new_tokens: int = Field(40, gt=0)
+    """New tokens per completion; a completion cut here has no EOS (see missing_eos_penalty)."""
     temperature: float = Field(1.0, gt=0)
+    """Sampling temperature; top-k and top-p are off (on-policy samples), and the training
+    log-probs use the same temperature."""
     checkpoint_every: int = Field(20, gt=0)
+    """Save a resumable checkpoint every this many steps (and at the last)."""
     keep_checkpoints: int = Field(2, gt=0)
+    """Checkpoints kept; older ones are deleted."""
     value_adapter: AdapterSpec = AdapterSpec()
+    """The value model's adapter on the shared base (its head is trained in full)."""
     rollout: PPORolloutSpec = PPORolloutSpec()
+    """Where rollouts come from: the HF engine on the policy itself, or vLLM."""
     heldout: HeldoutSpec = HeldoutSpec()
+    """Sample the trained policy and its reference on held-out prompts (gold reward, the
+    training reward unless ``heldout.rewards`` names others, KL)."""
     health: HealthSpec = HealthSpec()
-    """Training health checks (DPO collapse, KL, length, repetition, reward vs gold)."""
+    """Training health checks (KL, length, repetition, invalid words, reward vs gold or vs the
+    held-out reward model); with a learned reward the defaults tighten (``RM_HEALTH``)."""
 
     @field_validator("normalize_scores", mode="before")
     @classmethod
@@ -124,21 +158,17 @@ class PPOStageConfig(StageBase):
 
 def _heldout(cfg, ctx, trainer) -> dict[str, float]:
     """Held-out metrics; the reward is the one PPO trained on (RM adapter and/or functions)."""
-    from alignkit.eval.views import AdapterView
     from alignkit.stages.common import heldout_evaluation
 
-    peft = trainer.model.peft
+    pair = PolicyPair.of(trainer.model.peft)
     custom = None if cfg.heldout.rewards else trainer.scoring
-    return heldout_evaluation(
-        cfg, ctx, AdapterView(peft, "default"), AdapterView(peft, "ref"), trainer.tokenizer, custom
-    )
+    return heldout_evaluation(cfg, ctx, pair.policy, pair.reference, trainer.tokenizer, custom)
 
 
 def run(cfg: PPOStageConfig, ctx: StageContext) -> StageResult:
     from alignkit.stages.ppo_loop import PPOTrainer
 
-    if ctx.parent is None or ctx.parent.kind == "reward_model":
-        raise UserError(f"{ctx.where}: PPO starts from a policy stage (set `from: sft`)")
+    ctx.require_policy_parent("ppo", required=True)
     if cfg.reward_model is None and not cfg.rewards:
         raise UserError(f"{ctx.where}: give reward_model (a reward_model stage) and/or rewards")
     if cfg.prompts_per_step % cfg.minibatches:
@@ -151,10 +181,7 @@ def run(cfg: PPOStageConfig, ctx: StageContext) -> StageResult:
             continue
         field = "reward_model" if key == REWARD else "heldout_reward_model"
         rm = ctx.finished_stage(name, field, ("reward_model",))
-        if (
-            rm.record["base_model"]["name"] == ctx.model.name
-            and rm.record["adapter_type"] == "lora"
-        ):
+        if rm.base.name == ctx.model.name and rm.adapter_type == "lora":
             reward_dirs[key] = rm.dir  # an adapter on PPO's own base
         elif key == REWARD:  # another base (or fully fine-tuned): loaded on its own
             cfg = cfg.model_copy(update={"rewards": [*cfg.rewards, str(rm.dir)]})
@@ -174,4 +201,4 @@ def run(cfg: PPOStageConfig, ctx: StageContext) -> StageResult:
         from alignkit.models import save_stage_model
 
         save_stage_model(trainer.model.peft, trainer.tokenizer, ctx.out_dir)
-    return StageResult(metrics=metrics, adapter_type="lora", outputs={"weights": "adapter"})
+    return StageResult(metrics=metrics, adapter_type="lora", outputs={"weights": ADAPTER_DIR})

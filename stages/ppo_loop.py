@@ -13,10 +13,11 @@ import torch
 from tqdm.auto import tqdm
 
 from alignkit.finite import NonFiniteError, nonfinite_names, stop_message
+from alignkit.handoff import PolicyPair, StageOutput
 from alignkit.health import HealthStop
-from alignkit.rundir import STAGE_FILE
 from alignkit.stages import ppo_core as core
 from alignkit.stages.ppo_model import (
+    POLICY,
     REFERENCE,
     REWARD,
     VALUE,
@@ -72,27 +73,24 @@ class PPOTrainer:
             ctx.model, ctx.parent.dir, cfg.value_adapter, reward_dirs
         )
         self.model.to(self.accelerator.device)
+        reward_stages = {name: StageOutput.read(rm_dir) for name, rm_dir in reward_dirs.items()}
         self.scoring = Scoring(
             cfg,
             {
                 name: RewardModelScorer(
                     SharedBaseRewardModel(self.model, self.tokenizer.pad_token_id, name),
                     self.tokenizer,
-                    max_length=json.loads((rm_dir / STAGE_FILE).read_text())["outputs"].get(
-                        "max_length", 1024
-                    ),
+                    max_length=rm.record["outputs"].get("max_length", 1024),
                 )
-                for name, rm_dir in reward_dirs.items()
+                for name, rm in reward_stages.items()
             },
             resolve_rewards(cfg.rewards) if cfg.rewards else None,
             self._gather,
         )
         # what the training RM's sanity probe found (rewards/sanity.py), for the health check
         self.rm_flagged = (
-            json.loads((reward_dirs[REWARD] / STAGE_FILE).read_text())["metrics"].get(
-                "rm_probe/flagged", 0.0
-            )
-            if REWARD in reward_dirs
+            reward_stages[REWARD].record["metrics"].get("rm_probe/flagged", 0.0)
+            if REWARD in reward_stages
             else 0.0
         )
         optimizer = torch.optim.AdamW(
@@ -111,13 +109,10 @@ class PPOTrainer:
                 self.model.peft, self.tokenizer, batch_size=cfg.rollout.batch_size
             )
         self.synced_step: int | None = None  # the policy step the vLLM engine serves
-        from alignkit.eval.views import AdapterView
         from alignkit.stages.common import health_monitor
 
-        peft = self.model.peft
-        self.health = health_monitor(
-            cfg, ctx, AdapterView(peft, "default"), AdapterView(peft, REFERENCE), self.tokenizer
-        )
+        pair = PolicyPair.of(self.model.peft)
+        self.health = health_monitor(cfg, ctx, pair.policy, pair.reference, self.tokenizer)
         self.kl = core.AdaptiveKLController(
             cfg.kl_coef, cfg.kl_target, cfg.kl_horizon, cfg.kl_overshoot_gain
         )
@@ -329,7 +324,7 @@ class PPOTrainer:
             root = root / f"rank-{self.rank}"
         target = root / f"step-{self.step}"
         shutil.rmtree(target, ignore_errors=True)
-        self.model.peft.save_pretrained(str(target), selected_adapters=["default"])
+        self.model.peft.save_pretrained(str(target), selected_adapters=[POLICY])
         for old in root.glob("step-*"):
             if old != target:
                 shutil.rmtree(old, ignore_errors=True)
@@ -426,7 +421,7 @@ class PPOTrainer:
         tmp.mkdir(parents=True)
         peft = self.model.peft
         state = {
-            "policy": get_peft_model_state_dict(peft, adapter_name="default"),
+            "policy": get_peft_model_state_dict(peft, adapter_name=POLICY),
             "value": get_peft_model_state_dict(peft, adapter_name=VALUE),
             "value_head": self.model.value_head.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -448,7 +443,7 @@ class PPOTrainer:
 
         # tensors, numbers and dicts only: a crafted checkpoint cannot run code on resume
         state = torch.load(path / "state.pt", weights_only=True)
-        set_peft_model_state_dict(self.model.peft, state["policy"], adapter_name="default")
+        set_peft_model_state_dict(self.model.peft, state["policy"], adapter_name=POLICY)
         set_peft_model_state_dict(self.model.peft, state["value"], adapter_name=VALUE)
         self.model.value_head.load_state_dict(state["value_head"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -17,8 +17,9 @@ from torch import nn
 
 from alignkit.config import AdapterSpec, ModelSpec
 from alignkit.errors import UserError
+from alignkit.handoff import ADAPTER_DIR, POLICY_ADAPTER, REFERENCE_ADAPTER
 
-POLICY, REFERENCE, VALUE, REWARD = "default", "ref", "value", "reward"
+POLICY, REFERENCE, VALUE, REWARD = POLICY_ADAPTER, REFERENCE_ADAPTER, "value", "reward"
 HELDOUT_REWARD = "heldout_reward"  # a second RM that only watches (never trained on)
 
 
@@ -117,15 +118,15 @@ def build_ppo_model(
 
     from alignkit.models import load_base, load_tokenizer, peft_config
 
-    if not (sft_dir / "adapter").is_dir():
+    if not (sft_dir / ADAPTER_DIR).is_dir():
         raise UserError(f"PPO needs a LoRA policy stage to start from; {sft_dir} has no adapter/")
     tokenizer = load_tokenizer(sft_dir, spec)
     base = load_base(spec, tokenizer)
     base.requires_grad_(False)
     model = PeftModel.from_pretrained(
-        base, str(sft_dir / "adapter"), adapter_name=POLICY, is_trainable=True
+        base, str(sft_dir / ADAPTER_DIR), adapter_name=POLICY, is_trainable=True
     )
-    model.load_adapter(str(sft_dir / "adapter"), adapter_name=REFERENCE, is_trainable=False)
+    model.load_adapter(str(sft_dir / ADAPTER_DIR), adapter_name=REFERENCE, is_trainable=False)
     model.add_adapter(VALUE, peft_config(value_adapter))
     hidden = base.config.get_text_config().hidden_size
     value_head = nn.Linear(hidden, 1, bias=False)
@@ -150,11 +151,11 @@ def _add_reward_adapter(model, name: str, rm_dir: Path, like: AdapterSpec, hidde
 
     from alignkit.models import peft_config
 
-    rm_state = load_file(str(rm_dir / "adapter" / "adapter_model.safetensors"))
+    rm_state = load_file(str(rm_dir / ADAPTER_DIR / "adapter_model.safetensors"))
     head_key = next((k for k in rm_state if k.endswith("score.weight")), None)
     if head_key is None:
         raise UserError(f"{rm_dir}: the reward adapter has no saved score head")
-    rm_config = json.loads((rm_dir / "adapter" / "adapter_config.json").read_text())
+    rm_config = json.loads((rm_dir / ADAPTER_DIR / "adapter_config.json").read_text())
     lora = like.model_copy(
         update={
             "type": "lora",

@@ -17,6 +17,7 @@ from pydantic import Field, model_validator
 
 from alignkit.config import AdapterSpec, DataSpec, StageBase, Strict
 from alignkit.errors import UserError
+from alignkit.handoff import ADAPTER_DIR
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.rewards.sanity import probe_reward_model
 from alignkit.rundir import write_json_atomic
@@ -42,6 +43,7 @@ class MixSpec(Strict):
     source: str | None = None
     """Or any preference source (file, Hub dataset, builtin)."""
     split: str | None = "train"
+    """Split of a Hub or builtin ``source``."""
     weight: float = Field(1.0, gt=0)
     """Copies of these rows in the training data: 2 doubles them, 0.5 keeps a seeded half."""
     eval_size: int = Field(128, ge=0)
@@ -193,11 +195,11 @@ def load_reward_model_for_training(spec, adapter: AdapterSpec, sft_dir: Path | N
     # continue the SFT adapter: same LoRA weights, re-targeted at the classifier, head added
     from safetensors.torch import load_file
 
-    config = PeftConfig.from_pretrained(str(sft_dir / "adapter"))
+    config = PeftConfig.from_pretrained(str(sft_dir / ADAPTER_DIR))
     config.task_type = "SEQ_CLS"
     config.inference_mode = False
     config.modules_to_save = sorted({*(config.modules_to_save or []), head})
-    state = load_file(str(sft_dir / "adapter" / "adapter_model.safetensors"))
+    state = load_file(str(sft_dir / ADAPTER_DIR / "adapter_model.safetensors"))
     for pname, p in getattr(model, head).named_parameters():  # the new head starts as initialised
         state[f"base_model.model.{head}.{pname}"] = p.detach().clone()
     if spec.quantization != "none":
@@ -206,7 +208,7 @@ def load_reward_model_for_training(spec, adapter: AdapterSpec, sft_dir: Path | N
     result = set_peft_model_state_dict(model, state)
     if result.unexpected_keys:
         raise UserError(
-            f"{sft_dir}/adapter does not fit the reward model: {result.unexpected_keys[:3]}"
+            f"{sft_dir / ADAPTER_DIR} does not fit the reward model: {result.unexpected_keys[:3]}"
         )
     return model, tokenizer
 

@@ -36,7 +36,7 @@ from alignkit.rollouts import ModelSource
 from alignkit.rollouts.best_of_n import PREFERENCES_FILE, PairMode, write_preferences
 from alignkit.rollouts.job import RolloutJobConfig, run_rollout_job
 from alignkit.rollouts.shards import read_rollouts
-from alignkit.rollouts.types import SamplingConfig
+from alignkit.rollouts.types import EngineName, SamplingConfig
 
 ROLLOUTS_DIR = "rollouts"
 #: A rollout stage has no trainer checkpoints. This marker tells the runner that an interrupted
@@ -61,7 +61,9 @@ class RolloutStageConfig(StageBase):
     """``best_worst``: one pair per prompt; ``all``: every two samples whose labels differ."""
     min_margin: float = Field(0.0, ge=0)
     """A pair's labels must differ by more than this (ties say nothing)."""
-    engine: Literal["hf", "vllm"] = "hf"
+    engine: EngineName = "hf"
+    """``hf``: transformers ``generate`` (any device); ``vllm``: the vLLM engine (CUDA, the
+    ``vllm`` extra)."""
     batch_size: int = Field(64, ge=1)
     """HF engine: sequences (prompts x samples) per forward."""
     chunk_prompts: int | None = Field(None, ge=1)

@@ -13,14 +13,10 @@ from typing import ClassVar, Literal
 
 from alignkit.config import AdapterSpec, DataSpec, HeldoutSpec, StageBase
 from alignkit.errors import UserError
+from alignkit.handoff import PolicyPair
 from alignkit.pipeline import StageContext, StageResult
-from alignkit.training import (
-    make_trl_trainer,
-    save_trained,
-    snapshot_adapter,
-    train_and_evaluate,
-    trl_args,
-)
+from alignkit.stages import policy
+from alignkit.training import make_trl_trainer, trl_args
 
 
 class SFTStageConfig(StageBase):
@@ -48,7 +44,6 @@ def run(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
 
     from alignkit.data.sft import load_sft
     from alignkit.data.split import train_eval_rows
-    from alignkit.models import count_parameters, load_policy, torch_dtype
 
     torch.manual_seed(ctx.seed)
     # 1. data first: a bad row stops the stage before any model is loaded
@@ -57,11 +52,7 @@ def run(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
         raise UserError(f"{ctx.where}.data: no training rows left")
 
     # 2. model: base (+ the parent's adapter, trainable, or a new adapter)
-    adapter = cfg.adapter or ctx.adapter
-    model, tokenizer = load_policy(ctx.model, adapter, ctx.parent.dir if ctx.parent else None)
-    saved = snapshot_adapter(model, ctx.model.quantization != "none", torch_dtype(ctx.model))
-    trainable, total = count_parameters(model)
-    ctx.console.print(f"trainable parameters: {trainable:,} of {total:,} ({adapter.type})")
+    model, tokenizer, adapter, saved = policy.start_policy(cfg, ctx, "sft")
 
     # 3. data in the form TRL trains on, with the loss mask we want
     fmt = _trl_format(train_rows, tokenizer, cfg.loss_on)
@@ -94,36 +85,26 @@ def run(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
         eval_dataset=eval_ds,
         processing_class=tokenizer,
     )
+    # the reference is the base (adapters disabled), or a fresh base for full fine-tuning
+    built = policy.PolicyTrainer(
+        trainer,
+        tokenizer,
+        PolicyPair.of(trainer.model, base_is_reference=True),
+        adapter.type,
+        {"train_rows": float(len(train_rows)), "eval_rows": float(len(eval_rows))},
+        evaluate=eval_ds is not None,
+        reference_is_base=True,
+    )
 
     # 5. held-out NLL of the untrained model, then train (resuming an interrupted attempt)
-    metrics = train_and_evaluate(trainer, ctx, evaluate=eval_ds is not None)
+    metrics = policy.train(cfg, ctx, built)
     if eval_ds is not None:
         metrics["heldout_nll_base"] = metrics["before_eval_loss"]
         metrics["heldout_nll"] = metrics["eval_loss"]
         metrics["heldout_ppl"] = math.exp(min(metrics["eval_loss"], 50.0))
-    metrics["train_rows"], metrics["eval_rows"] = float(len(train_rows)), float(len(eval_rows))
-    metrics.update(_heldout(cfg, ctx, trainer.model, tokenizer))
 
-    # 7. save the trained adapter (or full model) and the tokenizer with its chat template
-    sub = save_trained(trainer, tokenizer, ctx, adapter.type)
-    return StageResult(metrics=metrics, adapter_type=adapter.type, outputs={"weights": sub})
-
-
-def _heldout(cfg, ctx, model, tokenizer) -> dict[str, float]:
-    """Policy vs its reference: the base (adapters disabled), or a fresh base for full FT."""
-    from peft import PeftModel
-
-    from alignkit.eval.views import AdapterView
-    from alignkit.models import load_base
-    from alignkit.stages.common import heldout_evaluation
-
-    if isinstance(model, PeftModel):
-        reference = AdapterView.base_of(model)
-    elif cfg.heldout.enabled:
-        reference = AdapterView(load_base(ctx.model, tokenizer).to(model.device))
-    else:
-        return {}
-    return heldout_evaluation(cfg, ctx, AdapterView(model), reference, tokenizer)
+    # 6. held-out samples against the base; save the adapter (or full model) and the tokenizer
+    return policy.finish(cfg, ctx, built, metrics)
 
 
 def _trl_format(rows: list[dict], tokenizer, loss_on: str) -> str:

@@ -13,14 +13,10 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from alignkit.config import AdapterSpec, DataSpec, HeldoutSpec, StageBase
+from alignkit.handoff import PolicyPair
 from alignkit.pipeline import StageContext, StageResult
-from alignkit.training import (
-    make_trl_trainer,
-    save_trained,
-    snapshot_adapter,
-    train_and_evaluate,
-    trl_args,
-)
+from alignkit.stages import policy
+from alignkit.training import make_trl_trainer, trl_args
 
 
 class _ReferenceFree(StageBase):
@@ -30,9 +26,14 @@ class _ReferenceFree(StageBase):
     data: DataSpec
     """Preference pairs (any format the preference loader detects)."""
     adapter: AdapterSpec | None = None
+    """Adapter for a stage without a parent (a parent's adapter is continued)."""
     beta: float = Field(0.1, gt=0)
+    """The method's loss scale (each kind documents and defaults its own)."""
     max_length: int = 1024
+    """Prompt + completion tokens; longer pairs are truncated."""
     heldout: HeldoutSpec = HeldoutSpec()
+    """Sample the trained policy and the policy it started from on held-out prompts (gold
+    reward, KL): no reference is trained against, so the starting policy is the yardstick."""
 
 
 class SimPOStageConfig(_ReferenceFree):
@@ -52,20 +53,22 @@ class ORPOStageConfig(_ReferenceFree):
 
 
 def run(cfg: _ReferenceFree, ctx: StageContext) -> StageResult:
+    built = build_trainer(cfg, ctx)
+    return policy.finish(cfg, ctx, built, policy.train(cfg, ctx, built))
+
+
+def build_trainer(cfg: _ReferenceFree, ctx: StageContext) -> policy.PolicyTrainer:
+    """Data, policy and TRL's CPOTrainer (SimPO) or ORPOTrainer. No reference is trained
+    against: the held-out KL is measured to the policy the stage started from."""
     import torch
     from datasets import Dataset
 
     from alignkit.data.preference import load_preference
     from alignkit.data.split import train_eval_rows
-    from alignkit.models import load_policy, torch_dtype
-    from alignkit.stages.common import heldout_evaluation
 
     torch.manual_seed(ctx.seed)
     train_rows, eval_rows = train_eval_rows(cfg.data, load_preference, ctx.seed)
-    parent_dir = ctx.parent.dir if ctx.parent else None
-    adapter = cfg.adapter or ctx.adapter
-    model, tokenizer = load_policy(ctx.model, adapter, parent_dir)
-    saved = snapshot_adapter(model, ctx.model.quantization != "none", torch_dtype(ctx.model))
+    model, tokenizer, adapter, saved = policy.start_policy(cfg, ctx, cfg.kind)
 
     def dataset(rows):
         keep = ("prompt", "chosen", "rejected")
@@ -95,24 +98,6 @@ def run(cfg: _ReferenceFree, ctx: StageContext) -> StageResult:
         eval_dataset=dataset(eval_rows),
         processing_class=tokenizer,
     )
-    metrics = train_and_evaluate(trainer, ctx, evaluate=bool(eval_rows))
-    metrics["train_rows"], metrics["eval_rows"] = float(len(train_rows)), float(len(eval_rows))
-
-    from peft import PeftModel
-
-    from alignkit.eval.views import AdapterView
-
-    # no reference is trained against; the held-out KL is measured to the starting policy
-    model = trainer.model
-    if isinstance(model, PeftModel):
-        if parent_dir is not None and (parent_dir / "adapter").is_dir():
-            model.load_adapter(
-                str(parent_dir / "adapter"), adapter_name="start", is_trainable=False
-            )
-            reference = AdapterView(model, "start")
-        else:
-            reference = AdapterView.base_of(model)
-        policy = AdapterView(model, "default")
-        metrics.update(heldout_evaluation(cfg, ctx, policy, reference, tokenizer))
-    sub = save_trained(trainer, tokenizer, ctx, adapter.type)
-    return StageResult(metrics=metrics, adapter_type=adapter.type, outputs={"weights": sub})
+    counts = {"train_rows": float(len(train_rows)), "eval_rows": float(len(eval_rows))}
+    pair = PolicyPair.of(trainer.model)  # no reference: finish() loads the starting policy
+    return policy.PolicyTrainer(trainer, tokenizer, pair, adapter.type, counts, bool(eval_rows))

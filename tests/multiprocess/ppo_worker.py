@@ -14,7 +14,8 @@ from accelerate import PartialState
 from rich.console import Console
 
 from alignkit.config import AdapterSpec, ModelSpec
-from alignkit.pipeline import ParentOutput, StageContext
+from alignkit.handoff import StageOutput
+from alignkit.pipeline import StageContext
 from alignkit.rundir import RunDir
 from alignkit.stages.ppo import PPOStageConfig
 from alignkit.stages.ppo_loop import PPOTrainer
@@ -30,7 +31,7 @@ cfg = PPOStageConfig(
 )  # fmt: skip
 ctx = StageContext(
     name="ppo", model=ModelSpec(), adapter=AdapterSpec(), seed=0, out_dir=out / "stage",
-    parent=ParentOutput("sft", "sft", run_dir.stage_dir("sft"), run_dir.stage_json("sft")),
+    parent=StageOutput("sft", "sft", run_dir.stage_dir("sft"), run_dir.stage_json("sft")),
     resume_from=None, console=Console(quiet=True), is_main=state.is_main_process,
 )  # fmt: skip
 ctx.out_dir.mkdir(parents=True, exist_ok=True)

@@ -8,8 +8,9 @@ from rich.console import Console
 from trl.trainer.utils import use_adapter
 
 from alignkit.config import AdapterSpec, DataSpec, ModelSpec, validate_pipeline
+from alignkit.handoff import StageOutput
 from alignkit.models import load_stage_model
-from alignkit.pipeline import ParentOutput, StageContext, run_pipeline
+from alignkit.pipeline import StageContext, run_pipeline
 from alignkit.rundir import RunDir
 from alignkit.stages import REGISTRY, stage_kinds
 from alignkit.stages.dpo import DPOStageConfig, build_trainer
@@ -45,7 +46,7 @@ def test_dpo_starts_at_sft_and_only_the_policy_adapter_moves(sft_stage, tmp_path
         adapter=AdapterSpec(r=8, alpha=16),
         seed=0,
         out_dir=tmp_path,
-        parent=ParentOutput("sft", "sft", rd.stage_dir("sft"), rd.stage_json("sft")),
+        parent=StageOutput("sft", "sft", rd.stage_dir("sft"), rd.stage_json("sft")),
         resume_from=None,
         console=Console(quiet=True),
     )

@@ -6,8 +6,9 @@ from rich.console import Console
 
 from alignkit.config import AdapterSpec, ModelSpec, validate_pipeline
 from alignkit.errors import UserError
+from alignkit.handoff import StageOutput
 from alignkit.models import load_stage_model
-from alignkit.pipeline import ParentOutput, StageContext, run_pipeline
+from alignkit.pipeline import StageContext, run_pipeline
 from alignkit.rewards.reward_model import RewardModelScorer
 from alignkit.rundir import RunDir
 from alignkit.stages import REGISTRY, stage_kinds
@@ -50,7 +51,7 @@ def make(rd, out_dir, resume=None, spec=None, heldout=None, **over):
     cfg = PPOStageConfig(**{**fields, **over})
     ctx = StageContext(
         name="ppo", model=spec or ModelSpec(), adapter=AdapterSpec(), seed=0, out_dir=out_dir,
-        parent=ParentOutput("sft", "sft", rd.stage_dir("sft"), rd.stage_json("sft")),
+        parent=StageOutput("sft", "sft", rd.stage_dir("sft"), rd.stage_json("sft")),
         resume_from=resume, console=Console(quiet=True),
     )  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,122 @@
+"""Start, train and finish a policy stage on a TRL trainer: the steps SFT, DPO, SimPO/ORPO and
+GRPO/RLOO share, written once.
+
+A policy stage reads top to bottom::
+
+    model, tokenizer, adapter, saved = start_policy(cfg, ctx, "dpo")   # parent checked, loaded
+    trainer = make_trl_trainer(...)                                    # the stage's own part
+    built = PolicyTrainer(trainer, tokenizer, PolicyPair.of(trainer.model), adapter.type, ...)
+    return finish(cfg, ctx, built, train(cfg, ctx, built))
+
+:func:`train` adds the health checks and trains (resuming an interrupted attempt); :func:`finish`
+runs the held-out evaluation against the reference and saves the policy. A new policy stage on
+a TRL trainer needs its config, its build step and a registry line, nothing more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from alignkit import models  # through the module: tests swap its functions
+from alignkit.config import AdapterSpec
+from alignkit.handoff import REFERENCE_ADAPTER, AdapterView, PolicyPair
+from alignkit.pipeline import StageContext, StageResult
+from alignkit.stages.common import health_callback, health_monitor, heldout_evaluation
+from alignkit.training import save_trained, snapshot_adapter, train_and_evaluate, weights_sharded
+
+
+class PolicyTrainer(NamedTuple):
+    """What a policy stage's build step returns for :func:`train` and :func:`finish` (a tuple
+    that starts ``trainer, tokenizer``, so a test can unpack and wrap the build step).
+
+    The stage's config must have ``data`` and ``heldout`` (:class:`~alignkit.config.HeldoutSpec`),
+    and ``health`` (:class:`~alignkit.health.HealthSpec`) when ``health_logs`` is set."""
+
+    trainer: Any
+    """A TRL trainer built with :func:`alignkit.training.make_trl_trainer`."""
+    tokenizer: Any
+    """Saved with the policy (its chat template travels with it)."""
+    pair: PolicyPair
+    """The policy and the reference as the trainer holds them (see :meth:`PolicyPair.of`)."""
+    adapter_type: str
+    """Recorded in stage.json; decides ``adapter/`` or ``model/`` (full fine-tuning)."""
+    counts: dict[str, float]
+    """Data sizes recorded as metrics (``train_rows``/``eval_rows``, or ``train_prompts``)."""
+    evaluate: bool = False
+    """The trainer has an eval set: evaluated before training (``before_*``) and after."""
+    health_logs: dict[str, str] | None = None
+    """TRL log keys -> health values (``common.DPO_LOGS``); ``None``: no health checks."""
+    heldout_reward: Callable[..., list[float]] | None = None
+    """The reward the stage trained on: the held-out evaluation's, unless ``heldout.rewards``
+    names others."""
+    reference_is_base: bool = False
+    """The held-out reference is the base model even after a parent stage (SFT: the base is
+    what supervised training is judged against); otherwise it is the policy the stage started
+    from, when the trainer holds no reference."""
+
+
+def start_policy(cfg, ctx: StageContext, kind: str):
+    """The policy a stage trains, before its trainer is built: the parent's adapter (or full
+    model) loaded trainable, or a new adapter from ``cfg.adapter`` (else the pipeline's) without
+    a parent. Returns (model, tokenizer, adapter spec, the adapter snapshot for
+    :func:`~alignkit.training.make_trl_trainer`). A parent that is no policy is refused."""
+    parent = ctx.require_policy_parent(kind)
+    adapter = cfg.adapter or ctx.adapter
+    if parent is not None:  # the parent's adapter is continued, whatever this stage's says
+        adapter = AdapterSpec(type=parent.record.get("adapter_type", adapter.type))
+    model, tokenizer = models.load_policy(ctx.model, adapter, parent.dir if parent else None)
+    saved = snapshot_adapter(model, ctx.model.quantization != "none", models.torch_dtype(ctx.model))
+    trainable, total = models.count_parameters(model)
+    ctx.console.print(f"trainable parameters: {trainable:,} of {total:,} ({adapter.type})")
+    return model, tokenizer, adapter, saved
+
+
+def train(cfg, ctx: StageContext, built: PolicyTrainer) -> dict[str, float]:
+    """Train with the stage's health checks, evaluating before and after when there is an eval
+    set; returns the trainer's metrics (its own names)."""
+    if built.health_logs is not None:
+        pair = built.pair
+        check = health_monitor(cfg, ctx, pair.policy, pair.reference, built.tokenizer)
+        for callback in health_callback(check, cfg.health.every, built.health_logs):
+            built.trainer.add_callback(callback)
+    return train_and_evaluate(built.trainer, ctx, evaluate=built.evaluate)
+
+
+def finish(cfg, ctx: StageContext, built: PolicyTrainer, metrics: dict[str, float]) -> StageResult:
+    """Record the data sizes, evaluate the policy against its reference on held-out prompts,
+    save the policy (gathered from every rank when sharded, written by the main process) and
+    return the stage's result. A training metric the held-out
+    evaluation also reports (GRPO's ``reward``, the last batch's) is kept as ``train_<name>``."""
+    metrics.update(built.counts)
+    heldout = _heldout(cfg, ctx, built)
+    for key in heldout.keys() & metrics.keys():
+        metrics[f"train_{key}"] = metrics.pop(key)
+    metrics.update(heldout)
+    sub = save_trained(built.trainer, built.tokenizer, ctx, built.adapter_type)
+    return StageResult(metrics=metrics, adapter_type=built.adapter_type, outputs={"weights": sub})
+
+
+def _heldout(cfg, ctx: StageContext, built: PolicyTrainer) -> dict[str, float]:
+    if not cfg.heldout.enabled or not (ctx.is_main or weights_sharded()):  # sharded: all join
+        return {}
+    reference = built.pair.reference or _starting_policy(ctx, built)
+    reward = None if cfg.heldout.rewards else built.heldout_reward
+    return heldout_evaluation(cfg, ctx, built.pair.policy, reference, built.tokenizer, reward)
+
+
+def _starting_policy(ctx: StageContext, built: PolicyTrainer) -> AdapterView:
+    """The reference when the trainer holds none (SimPO, ORPO, GRPO at ``beta: 0``, full-FT
+    SFT): the policy the stage started from, on the same base when it is an adapter."""
+    model = built.trainer.model
+    start = None if built.reference_is_base else ctx.parent
+    if hasattr(model, "peft_config"):
+        if start is None or start.adapter_dir is None:
+            return AdapterView.base_of(model)
+        model.load_adapter(str(start.adapter_dir), adapter_name=REFERENCE_ADAPTER)
+        return AdapterView(model, REFERENCE_ADAPTER)
+    if start is not None:
+        frozen = models.load_stage_model(start.dir, ctx.model)[0]
+    else:
+        frozen = models.load_base(ctx.model, built.tokenizer)
+    return AdapterView(frozen.to(model.device))

@@ -1,0 +1,73 @@
+"""Stage configs: a ``train:`` key never silently overrides a typed field, DPO's loss types are
+TRL's, and every field says what it does."""
+
+import ast
+import dataclasses
+import inspect
+import re
+import textwrap
+import typing
+
+import pytest
+from pydantic import BaseModel
+from trl import DPOConfig
+
+from alignkit.config import validate_pipeline
+from alignkit.errors import UserError
+from alignkit.stages import stage_kinds
+from alignkit.stages.dpo import LOSS_TYPES
+
+
+def test_dpo_loss_types_are_the_ones_trl_documents():
+    (field,) = [f for f in dataclasses.fields(DPOConfig) if f.name == "loss_type"]
+    documented = field.metadata["help"].split("Possible values are:")[1].split(". ")[0]
+    assert tuple(re.findall(r"`'(\w+)'`", documented)) == LOSS_TYPES
+
+
+@pytest.mark.parametrize(
+    ("kind", "extra", "key", "value"),
+    [
+        ("dpo", {"data": {"source": "builtin:preference"}}, "beta", 0.3),
+        ("sft", {"data": {"source": "builtin:sft"}}, "max_length", 64),
+        ("orpo", {"data": {"source": "builtin:preference"}}, "beta", 0.2),
+        ("grpo", {"data": {"source": "builtin:prompts"}, "rewards": ["gold"]}, "temperature", 0.7),
+    ],
+)
+def test_a_train_key_duplicating_a_stage_field_is_refused_naming_the_field(kind, extra, key, value):
+    stage = {"name": kind, "kind": kind, **extra, "train": {key: value, "max_steps": 1}}
+    raw = {"stages": [{"name": "sft", "kind": "sft", "data": {"source": "builtin:sft"}}, stage]}
+    if kind == "sft":
+        raw["stages"] = [stage]
+    with pytest.raises(UserError) as e:
+        validate_pipeline(raw, stage_kinds())
+    assert f"({kind}): 'train.{key}' is set by this stage's '{key}'" in str(e.value)
+    assert f"set {key}: {value!r} on the stage instead" in str(e.value)
+
+
+def config_models(cls, seen=None) -> set[type]:
+    """``cls``, its bases and every config block its fields hold, from our own modules."""
+    seen = set() if seen is None else seen
+    for klass in cls.__mro__:
+        if issubclass(klass, BaseModel) and klass.__module__.startswith("alignkit"):
+            if klass in seen:
+                continue
+            seen.add(klass)
+            for field in klass.model_fields.values():
+                for inner in (field.annotation, *typing.get_args(field.annotation)):
+                    if isinstance(inner, type) and issubclass(inner, BaseModel):
+                        config_models(inner, seen)
+    return seen
+
+
+def test_every_field_of_every_stage_config_is_documented():
+    undocumented = []
+    for stage_cls in stage_kinds().values():
+        for klass in config_models(stage_cls):
+            body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+            for node, after in zip(body, [*body[1:], None], strict=True):
+                if not isinstance(node, ast.AnnAssign) or "ClassVar" in ast.unparse(node):
+                    continue
+                documented = isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                if not documented and node.target.id != "kind":
+                    undocumented.append(f"{klass.__name__}.{node.target.id}")
+    assert not sorted(set(undocumented)), sorted(set(undocumented))
