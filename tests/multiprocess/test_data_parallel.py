@@ -94,7 +94,7 @@ def test_reward_model_and_simpo_on_two_processes_train_one_model_each(tmp_path):
     raw["stages"][1:] = [
         {"name": "rm", "kind": "reward_model", "max_length": 64, "data": pref, "train": train},
         {"name": "simpo", "kind": "simpo", "from": "sft", "max_length": 64, "data": pref,
-         "train": train, "heldout": {"enabled": False}, "health": {"enabled": False}},
+         "train": train, "heldout": {"enabled": False}},
     ]  # fmt: skip
     two = launch(2, 4, tmp_path / "two", raw)
     for stage in ("rm", "simpo"):
