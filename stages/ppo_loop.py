@@ -1,98 +1,58 @@
-"""The PPO loop: rollouts → scores → KL → GAE → clipped updates, with checkpoints and resume."""
+"""The PPO loop, read top to bottom: setup (data, model, scoring, optimizer, accelerator,
+rollout engine, resume) → per step: rollout → score → advantages → update → log and health →
+checkpoint. Rollouts live in :mod:`alignkit.stages.ppo_rollout`, checkpoints in
+:mod:`alignkit.stages.ppo_checkpoint`, the maths in :mod:`alignkit.stages.ppo_core`."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from alignkit.data.prompts import load_prompts
 from alignkit.finite import NonFiniteError, nonfinite_names, stop_message
 from alignkit.handoff import PolicyPair, StageOutput
 from alignkit.health import HealthStop
+from alignkit.rewards.registry import resolve_rewards
+from alignkit.rewards.reward_model import RewardModelScorer
+from alignkit.rollouts.types import RolloutBatch, SamplingConfig
 from alignkit.stages import ppo_core as core
+from alignkit.stages.common import health_monitor
+from alignkit.stages.ppo_checkpoint import load_checkpoint, save_checkpoint
 from alignkit.stages.ppo_model import (
-    POLICY,
     REFERENCE,
     REWARD,
     VALUE,
     SharedBaseRewardModel,
     build_ppo_model,
 )
+from alignkit.stages.ppo_rollout import ROLLOUT_ADAPTER, PolicyRollouts, pack, prompts_for
 from alignkit.stages.ppo_scores import Scoring
 
-ROLLOUT_ADAPTER = "rollout-adapter"  # the policy as the vLLM engine last received it
-
-
-def make_vllm_engine(cfg, ctx):
-    """A vLLM engine on the run's base and tokenizer; the policy adapter arrives per step."""
-    from alignkit.models import ADAPTER_DIR, resolve_model_path
-    from alignkit.rollouts.source import ModelSource
-    from alignkit.rollouts.vllm import VLLMConfig, VLLMEngine
-
-    rollout, parent = cfg.rollout, ctx.parent.dir
-    source = ModelSource(
-        ctx.model, resolve_model_path(ctx.model), str(parent), parent / ADAPTER_DIR
-    )
-    config = VLLMConfig(
-        gpu_memory_utilization=rollout.gpu_memory_utilization,
-        tensor_parallel_size=rollout.tensor_parallel_size,
-        enable_sleep_mode=rollout.sleep,
-        max_lora_rank=rollout.max_lora_rank,
-        max_model_len=rollout.max_model_len,
-        seed=ctx.seed,
-    )
-    return VLLMEngine(source, config)
+__all__ = ["ROLLOUT_ADAPTER", "PPOTrainer"]
 
 
 class PPOTrainer:
+    # --- setup ------------------------------------------------------------------------------
     def __init__(self, cfg, ctx, reward_dirs: dict[str, Path]):
-        from accelerate import Accelerator
-
-        from alignkit.data.prompts import load_prompts
-        from alignkit.rewards.registry import resolve_rewards
-        from alignkit.rewards.reward_model import RewardModelScorer
-        from alignkit.rollouts.hf import HFEngine
-
+        """Everything the loop needs, built in a fixed order (the seeded RNG draws depend on
+        it): accelerator → prompts → model (four adapters) → scoring → optimizer (prepared) →
+        rollout engine → health monitor → KL controller → the checkpoint to resume from."""
         self.cfg, self.ctx = cfg, ctx
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         torch.manual_seed(ctx.seed)
-        data = cfg.data
-        self.prompts = load_prompts(
-            data.source, data.split, data.on_bad_rows, data.max_bad_fraction
-        ).rows
-        if data.max_rows is not None:
-            self.prompts = self.prompts[: data.max_rows]
+        self.prompts = self._load_prompts()
         self.model, self.tokenizer = build_ppo_model(
             ctx.model, ctx.parent.dir, cfg.value_adapter, reward_dirs
         )
         self.model.to(self.accelerator.device)
-        reward_stages = {name: StageOutput.read(rm_dir) for name, rm_dir in reward_dirs.items()}
-        self.scoring = Scoring(
-            cfg,
-            {
-                name: RewardModelScorer(
-                    SharedBaseRewardModel(self.model, self.tokenizer.pad_token_id, name),
-                    self.tokenizer,
-                    max_length=rm.record["outputs"].get("max_length", 1024),
-                )
-                for name, rm in reward_stages.items()
-            },
-            resolve_rewards(cfg.rewards) if cfg.rewards else None,
-            self._gather,
-        )
-        # what the training RM's sanity probe found (rewards/sanity.py), for the health check
-        self.rm_flagged = (
-            reward_stages[REWARD].record["metrics"].get("rm_probe/flagged", 0.0)
-            if REWARD in reward_stages
-            else 0.0
-        )
+        self.scoring, self.rm_flagged = self._build_scoring(reward_dirs)
         optimizer = torch.optim.AdamW(
             [
                 {"params": self.model.policy_parameters(), "lr": cfg.learning_rate},
@@ -102,29 +62,49 @@ class PPOTrainer:
         # the policy/value forward of the update runs through the wrapper (DDP under torchrun or
         # accelerate launch; the model itself on one process): its gradients are averaged
         self.wrapped, self.optimizer = self.accelerator.prepare(self.model, optimizer)
-        if cfg.rollout.engine == "vllm":
-            self.engine = make_vllm_engine(cfg, ctx)
-        else:
-            self.engine = HFEngine(
-                self.model.peft, self.tokenizer, batch_size=cfg.rollout.batch_size
-            )
-        self.synced_step: int | None = None  # the policy step the vLLM engine serves
-        from alignkit.stages.common import health_monitor
-
+        self.rollouts = PolicyRollouts(cfg, ctx, self.model, self.tokenizer, self.rank, self.world)
         pair = PolicyPair.of(self.model.peft)
         self.health = health_monitor(cfg, ctx, pair.policy, pair.reference, self.tokenizer)
         self.kl = core.AdaptiveKLController(
             cfg.kl_coef, cfg.kl_target, cfg.kl_horizon, cfg.kl_overshoot_gain
         )
         self.step = 0
-        self._recent = None
+        self._recent = None  # a few of the last step's sequences, for the check before a save
         self.last_checkpoint: str | None = None
         if ctx.resume_from is not None:
             self._load(ctx.resume_from)
 
+    def _load_prompts(self) -> list[dict]:
+        data = self.cfg.data
+        rows = load_prompts(data.source, data.split, data.on_bad_rows, data.max_bad_fraction).rows
+        return rows if data.max_rows is None else rows[: data.max_rows]
+
+    def _build_scoring(self, reward_dirs: dict[str, Path]) -> tuple[Scoring, float]:
+        """The scoring of rollouts (reward adapters on the shared base and/or reward functions)
+        and what the training RM's sanity probe flagged (rewards/sanity.py), for the health
+        check."""
+        cfg = self.cfg
+        reward_stages = {name: StageOutput.read(rm_dir) for name, rm_dir in reward_dirs.items()}
+        scorers = {
+            name: RewardModelScorer(
+                SharedBaseRewardModel(self.model, self.tokenizer.pad_token_id, name),
+                self.tokenizer,
+                max_length=rm.record["outputs"].get("max_length", 1024),
+            )
+            for name, rm in reward_stages.items()
+        }
+        functions = resolve_rewards(cfg.rewards) if cfg.rewards else None
+        scoring = Scoring(cfg, scorers, functions, self._gather)
+        flagged = (
+            reward_stages[REWARD].record["metrics"].get("rm_probe/flagged", 0.0)
+            if REWARD in reward_stages
+            else 0.0
+        )
+        return scoring, flagged
+
     # --- the loop ---------------------------------------------------------------------------
     def train(self) -> dict[str, float]:
-        history: list[dict] = []
+        """Run the remaining steps; the mean of the last ten steps' statistics."""
         if self.health is not None and not self.health.monitor.has_baseline:
             self._health_check({"rm_flagged": self.rm_flagged})
         bar = tqdm(
@@ -134,67 +114,41 @@ class PPOTrainer:
             desc="ppo",
             disable=not self.ctx.is_main,
         )
+        history: list[dict] = []
         for step in bar:
             self.step = step + 1
             t0 = time.time()
             exp = self._experience(step)
-            t_gen = exp.gen_seconds
             stats = self._mean_over_ranks({**self._update(exp), **exp.stats})
-            stats.update(gen_seconds=t_gen, step_seconds=time.time() - t0)
-            stats["gen_tokens_per_s"] = exp.stats["completion_tokens"] / max(t_gen, 1e-9)
-            stats["train_tokens_per_s"] = (
-                self.cfg.ppo_epochs
-                * exp.stats["train_tokens"]
-                / max(time.time() - t0 - t_gen, 1e-9)
-            )
+            self._add_timings(stats, exp, t0)
             if self.cfg.adaptive_kl:  # every rank: the KL of all ranks' samples
                 self.kl.update(stats["kl"], len(exp.scores) * self.world)
-            record = {"step": self.step, **{k: float(v) for k, v in stats.items()}}
-            history.append(record)
-            if self.ctx.is_main:
-                with self.ctx.metrics_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
+            history.append(self._log(stats))
             bar.set_postfix(reward=f"{stats['score_mean']:.3f}", kl=f"{stats['kl']:.2f}")
             if self.health is not None and self.step % self.cfg.health.every == 0:
-                trained = {"reward": stats["score_mean"]}
-                if "heldout_rm_score" in stats:
-                    trained["heldout_reward"] = stats["heldout_rm_score"]
-                self._health_check(trained)  # before saving
+                self._health_check(self._trained(stats))  # before saving
             if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
                 self._save()
-        shutil.rmtree(self.ctx.out_dir / ROLLOUT_ADAPTER, ignore_errors=True)
-        if self.ctx.is_main and self.ctx.metrics_path.exists():  # the whole run, resumes included
-            history = [json.loads(x) for x in self.ctx.metrics_path.read_text().splitlines()]
-        last = history[-min(10, len(history)) :] if history else []
-        summary = {
-            k: sum(r[k] for r in last) / len(last) for k in (last[0] if last else {}) if k != "step"
-        }
-        summary["global_step"] = float(self.step)
-        return summary
+        self.rollouts.close()
+        return self._summary(history)
 
     @torch.no_grad()
     def _experience(self, step: int) -> core.Experience:
-        from alignkit.rollouts.types import SamplingConfig
-
-        cfg, model = self.cfg, self.model
+        """Rollout → score → log-probs, reference log-probs and values → KL-penalised rewards →
+        GAE advantages (whitened over every rank's tokens)."""
+        cfg = self.cfg
         prompts = self._prompts_for(step)
         t0 = time.time()
-        sampling = SamplingConfig(
-            n=1, temperature=cfg.temperature, top_k=0, top_p=1.0,
-            max_new_tokens=cfg.max_new_tokens,
-            seed=self.ctx.seed * 100003 + step + 7919 * self.rank,
-        )  # fmt: skip
-        batch = self._generate(prompts, sampling)
+        batch = self._rollout(prompts, step)
         gen_seconds = time.time() - t0
-        ids, attn, pos, cmask, P = self._pack(batch.prompt_ids, batch.completion_ids)
-        self._recent = (ids[:4], attn[:4], pos[:4], P)  # for the check before a checkpoint
+        ids, attn, pos, cmask, P = pack(
+            batch.prompt_ids, batch.completion_ids, self.tokenizer.pad_token_id,
+            self.accelerator.device,
+        )  # fmt: skip
+        self._recent = (ids[:4], attn[:4], pos[:4], P)
         scores_raw = self.scoring.raw(prompts, batch).to(self.accelerator.device)
         scores = self.scoring.shape(scores_raw, batch.finish_reason)
-        model.eval()
-        old_logp = self._logprobs(model.logits(ids, attn, pos), ids, P)
-        with model.role(REFERENCE):
-            ref_logp = self._logprobs(model.logits(ids, attn, pos), ids, P)
-        values = self._values(ids, attn, pos, P)
+        old_logp, ref_logp, values = self._evaluate(ids, attn, pos, P)
         kl = core.kl_estimate(old_logp, ref_logp, cfg.kl_estimator) * cmask
         rewards = core.token_rewards(scores, kl, cmask, self.kl.value)
         all_sum = self._all_sum if self.world > 1 else None
@@ -218,6 +172,30 @@ class PPOTrainer:
             ids, attn, pos, cmask, P, old_logp, values, advantages, returns, scores, stats,
             gen_seconds,
         )  # fmt: skip
+
+    def _prompts_for(self, step: int) -> list:
+        cfg, ctx = self.cfg, self.ctx
+        return prompts_for(
+            self.prompts, step, cfg.prompts_per_step, self.rank, self.world, ctx.seed
+        )
+
+    def _rollout(self, prompts: list, step: int) -> RolloutBatch:
+        """One completion per prompt from the policy, seeded per run, step and rank."""
+        sampling = SamplingConfig(
+            n=1, temperature=self.cfg.temperature, top_k=0, top_p=1.0,
+            max_new_tokens=self.cfg.max_new_tokens,
+            seed=self.ctx.seed * 100003 + step + 7919 * self.rank,
+        )  # fmt: skip
+        return self.rollouts.generate(prompts, sampling, self.step)
+
+    def _evaluate(self, ids, attn, pos, P):
+        """The sampling policy's and the reference's log-probs and the values, each [B, T]."""
+        model = self.model
+        model.eval()
+        old_logp = self._logprobs(model.logits(ids, attn, pos), ids, P)
+        with model.role(REFERENCE):
+            ref_logp = self._logprobs(model.logits(ids, attn, pos), ids, P)
+        return old_logp, ref_logp, self._values(ids, attn, pos, P)
 
     def _update(self, exp: core.Experience) -> dict[str, float]:
         """``ppo_epochs`` passes of clipped policy and value updates over minibatches; each
@@ -270,6 +248,42 @@ class PPOTrainer:
                  "value_clip_fraction": vclip}  # fmt: skip
         return {"loss": loss, **{k: torch.as_tensor(v).detach() for k, v in parts.items()}}
 
+    # --- log, health, summary ---------------------------------------------------------------
+    def _add_timings(self, stats: dict[str, float], exp: core.Experience, t0: float) -> None:
+        t_gen = exp.gen_seconds
+        stats.update(gen_seconds=t_gen, step_seconds=time.time() - t0)
+        stats["gen_tokens_per_s"] = exp.stats["completion_tokens"] / max(t_gen, 1e-9)
+        stats["train_tokens_per_s"] = (
+            self.cfg.ppo_epochs * exp.stats["train_tokens"] / max(time.time() - t0 - t_gen, 1e-9)
+        )
+
+    def _log(self, stats: dict[str, float]) -> dict[str, float]:
+        """The step's record, appended to metrics.jsonl by the main process."""
+        record = {"step": self.step, **{k: float(v) for k, v in stats.items()}}
+        if self.ctx.is_main:
+            with self.ctx.metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        return record
+
+    @staticmethod
+    def _trained(stats: dict[str, float]) -> dict[str, float]:
+        """What the health check compares with its baseline."""
+        trained = {"reward": stats["score_mean"]}
+        if "heldout_rm_score" in stats:
+            trained["heldout_reward"] = stats["heldout_rm_score"]
+        return trained
+
+    def _summary(self, history: list[dict]) -> dict[str, float]:
+        """Mean of the last ten steps of the whole run (resumes included) and the step."""
+        if self.ctx.is_main and self.ctx.metrics_path.exists():
+            history = [json.loads(x) for x in self.ctx.metrics_path.read_text().splitlines()]
+        last = history[-min(10, len(history)) :] if history else []
+        summary = {
+            k: sum(r[k] for r in last) / len(last) for k in (last[0] if last else {}) if k != "step"
+        }
+        summary["global_step"] = float(self.step)
+        return summary
+
     # --- across ranks -----------------------------------------------------------------------
     def _all_sum(self, t: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(t.clone(), "sum")
@@ -302,68 +316,7 @@ class PPOTrainer:
         if stop is not None:
             raise stop
 
-    # --- pieces -----------------------------------------------------------------------------
-    def _generate(self, prompts, sampling):
-        """HF generates with the live policy; vLLM first gets the policy adapter as of now."""
-        if self.cfg.rollout.engine != "vllm":
-            return self.engine.generate(prompts, sampling)
-        if self.cfg.rollout.sleep:
-            self.engine.wake_up()
-        if self.synced_step != self.step:
-            self.engine.update_adapter(self._export_policy())
-            self.synced_step = self.step
-        batch = self.engine.generate(prompts, sampling)
-        if self.cfg.rollout.sleep:
-            self.engine.sleep(level=1)
-        return batch
-
-    def _export_policy(self) -> Path:
-        """Save the policy adapter (alone) where vLLM reads it; the previous copy is replaced."""
-        root = self.ctx.out_dir / ROLLOUT_ADAPTER
-        if self.world > 1:  # one engine per rank, each with its own copy
-            root = root / f"rank-{self.rank}"
-        target = root / f"step-{self.step}"
-        shutil.rmtree(target, ignore_errors=True)
-        self.model.peft.save_pretrained(str(target), selected_adapters=[POLICY])
-        for old in root.glob("step-*"):
-            if old != target:
-                shutil.rmtree(old, ignore_errors=True)
-        return target
-
-    def _prompts_for(self, step: int) -> list:
-        """This rank's prompts of one step: a seeded permutation per pass over the data
-        (resume-safe); rank r takes the r-th block of ``prompts_per_step`` of the step's
-        ``prompts_per_step x world size``."""
-        k, n = self.cfg.prompts_per_step, len(self.prompts)
-        first = (step * self.world + self.rank) * k
-        out = []
-        for j in range(first, first + k):
-            epoch, i = divmod(j, n)
-            order = torch.randperm(
-                n, generator=torch.Generator().manual_seed(self.ctx.seed + epoch)
-            )
-            out.append(self.prompts[order[i]]["prompt"])
-        return out
-
-    def _pack(self, prompt_ids, completion_ids):
-        """[B, P+T] ids: prompts left-padded to P, completions right-padded to T."""
-        pad = self.tokenizer.pad_token_id
-        P = max(len(p) for p in prompt_ids)
-        T = max(len(c) for c in completion_ids)
-        B = len(completion_ids)
-        ids = torch.full((B, P + T), pad, dtype=torch.long)
-        attn = torch.zeros((B, P + T), dtype=torch.long)
-        cmask = torch.zeros((B, T))
-        for b in range(B):
-            p, c = prompt_ids[b], completion_ids[b]
-            ids[b, P - len(p) : P] = torch.tensor(p)
-            ids[b, P : P + len(c)] = torch.tensor(c)
-            attn[b, P - len(p) : P + len(c)] = 1
-            cmask[b, : len(c)] = 1
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        dev = self.accelerator.device
-        return ids.to(dev), attn.to(dev), pos.to(dev), cmask.to(dev), P
-
+    # --- model forwards and finiteness ------------------------------------------------------
     def _completion(self, logits, P, ids):
         T = ids.shape[1] - P
         return logits[:, P - 1 : P - 1 + T].float() / self.cfg.temperature
@@ -409,46 +362,14 @@ class PPOTrainer:
 
     # --- checkpoints ------------------------------------------------------------------------
     def _save(self) -> None:
-        from peft import get_peft_model_state_dict
-
         self._check_weights()  # every rank: the same weights, and a raise must stop them all
         if not self.ctx.is_main:
             return
-        root = self.ctx.checkpoint_dir
-        final = root / f"checkpoint-{self.step}"
-        tmp = root / f".checkpoint-{self.step}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        peft = self.model.peft
-        state = {
-            "policy": get_peft_model_state_dict(peft, adapter_name=POLICY),
-            "value": get_peft_model_state_dict(peft, adapter_name=VALUE),
-            "value_head": self.model.value_head.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "kl_coef": self.kl.value,
-            **self.scoring.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "step": self.step,
-        }
-        torch.save(state, tmp / "state.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({"global_step": self.step}))
-        os.replace(tmp, final)
-        self.last_checkpoint = final.name
-        kept = sorted(root.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        for old in kept[: -self.cfg.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+        self.last_checkpoint = save_checkpoint(
+            self.ctx.checkpoint_dir, self.step, self.model, self.optimizer, self.kl,
+            self.scoring, self.cfg.keep_checkpoints,
+        )  # fmt: skip
 
     def _load(self, path: Path) -> None:
-        from peft import set_peft_model_state_dict
-
-        # tensors, numbers and dicts only: a crafted checkpoint cannot run code on resume
-        state = torch.load(path / "state.pt", weights_only=True)
-        set_peft_model_state_dict(self.model.peft, state["policy"], adapter_name=POLICY)
-        set_peft_model_state_dict(self.model.peft, state["value"], adapter_name=VALUE)
-        self.model.value_head.load_state_dict(state["value_head"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.kl.value = state["kl_coef"]
-        self.scoring.load_state_dict(state)
-        torch.set_rng_state(state["torch_rng"])
-        self.step = state["step"]
+        self.step = load_checkpoint(path, self.model, self.optimizer, self.kl, self.scoring)
         self.last_checkpoint = path.name
