@@ -19,7 +19,7 @@ import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -106,6 +106,74 @@ class DataSpec(Strict):
     """With ``skip``: fail when more than this fraction of rows is bad."""
 
 
+#: Sampling knobs, each defined once; every config that samples reuses them (and keeps its own
+#: default: PPO samples 40 tokens, a comparison 128).
+Samples = Annotated[int, Field(ge=1)]
+"""Samples per prompt."""
+Temperature = Annotated[float, Field(ge=0)]
+"""Sampling temperature; 0 means greedy decoding."""
+PolicyTemperature = Annotated[float, Field(gt=0)]
+"""Sampling temperature where log-probs are divided by it (RL updates, KL): never 0."""
+TopP = Annotated[float, Field(gt=0, le=1)]
+"""Nucleus sampling; 1 keeps every token."""
+MaxNewTokens = Annotated[int, Field(ge=1)]
+"""New tokens per completion; one cut here ends with finish reason ``length``."""
+
+
+class SamplingSpec(Strict):
+    """How to sample: what every rollout engine is asked for (``engine.generate(prompts,
+    spec)``). The defaults are the RL defaults: the model's own distribution. Configs that
+    sample hold their knobs as fields of the types above and hand the engine one of these
+    (:meth:`policy`)."""
+
+    n: Samples = 1
+    """Samples per prompt."""
+    temperature: Temperature = 1.0
+    """0 means greedy decoding."""
+    top_p: TopP = 1.0
+    """Nucleus sampling; 1 keeps every token."""
+    top_k: int = Field(0, ge=0)
+    """0 keeps every token. (HF ``generate`` would otherwise apply its default top-k of 50.)"""
+    max_new_tokens: MaxNewTokens = 128
+    """New tokens per completion; one cut here ends with finish reason ``length``."""
+    stop: list[str] = []
+    """Stop strings: the completion text ends before the first one."""
+    stop_token_ids: list[int] = []
+    """Extra stop tokens besides the tokenizer's EOS (kept in ``completion_ids``)."""
+    seed: int | None = 0
+    """Same seed, prompts and engine settings -> same samples. ``None``: not reproducible."""
+    logprobs: bool = False
+    """Record the log-prob of every sampled token under the distribution it was sampled from
+    (after temperature, top-k and top-p; with greedy decoding, the model's own distribution)."""
+    ignore_eos: bool = False
+    """Keep generating past EOS up to ``max_new_tokens`` (benchmarks only)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> SamplingSpec:
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @classmethod
+    def policy(
+        cls, n: int, temperature: float, max_new_tokens: int, seed: int | None, top_p: float = 1.0
+    ) -> SamplingSpec:
+        """A policy's own distribution at ``temperature`` (top-k off; top-p off unless given):
+        what RL rollouts, held-out evaluation, the health probe and comparisons sample."""
+        return cls(
+            n=n,
+            temperature=temperature,
+            top_k=0,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+        )
+
+
 class HeldoutSpec(Strict):
     """Held-out evaluation after a policy stage: sample the policy and its reference on the same
     prompts, score both, and estimate KL(policy || reference) from the policy's samples."""
@@ -118,17 +186,24 @@ class HeldoutSpec(Strict):
     """Split of a Hub or builtin prompt source."""
     num_prompts: int = Field(64, gt=0)
     """Evaluate on the first this many prompts."""
-    samples_per_prompt: int = Field(2, gt=0)
+    samples_per_prompt: Samples = 2
     """Samples per prompt from each model."""
-    max_new_tokens: int = Field(40, gt=0)
+    max_new_tokens: MaxNewTokens = 40
     """New tokens per sample."""
-    temperature: float = Field(1.0, gt=0)
+    temperature: PolicyTemperature = 1.0
     """Sampling temperature of both models (top-k and top-p off: their own distributions)."""
     rewards: list[str] = []
     """Reward specs to score with (``gold``, a rule, ``module:function``, an RM stage dir);
     ``gold`` is added for builtin data. Recorded as ``reward``/``reward_ref`` (weighted sum)."""
     seed: int = 1234
     """Sampling seed: policy and reference sample with the same one, so runs compare."""
+
+    @property
+    def sampling(self) -> SamplingSpec:
+        """What the policy and the reference each sample."""
+        return SamplingSpec.policy(
+            self.samples_per_prompt, self.temperature, self.max_new_tokens, self.seed
+        )
 
 
 class StageBase(Strict):

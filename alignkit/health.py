@@ -41,7 +41,7 @@ from pydantic import Field
 from rich.console import Console
 from rich.markup import escape
 
-from alignkit.config import Strict
+from alignkit.config import MaxNewTokens, Samples, Strict
 from alignkit.errors import UserError
 from alignkit.rundir import read_json_or_none, write_json_atomic
 
@@ -61,9 +61,9 @@ class HealthSpec(Strict):
     """Steps between checks (each samples ``sample_prompts`` prompts)."""
     sample_prompts: int = Field(8, gt=0)
     """Prompts the probe samples at each check (the same ones every time)."""
-    samples_per_prompt: int = Field(2, gt=0)
+    samples_per_prompt: Samples = 2
     """Completions per probe prompt."""
-    max_new_tokens: int = Field(40, gt=0)
+    max_new_tokens: MaxNewTokens = 40
     """New tokens per probe completion."""
     prompts: str | None = None
     """Prompt source; default: the held-out prompts of the stage (``heldout.prompts``, the

@@ -102,14 +102,14 @@ def best_of_n_rows(run_dir: Path, scorers: dict, prompts: int = 128) -> list[dic
     """Best-of-n by each RM over the same SFT samples (n = 16 per held-out prompt)."""
     from alignkit.builtin.task import gold_reward
     from alignkit.builtin.task import prompts as builtin_prompts
-    from alignkit.rollouts import load_engine, model_source
-    from alignkit.rollouts.types import SamplingConfig
+    from alignkit.rollouts import make_engine, model_source
+    from alignkit.rollouts.types import SamplingSpec
 
-    engine = load_engine("hf", model_source(stage=run_dir / "sft"), batch_size=256)
+    engine = make_engine("hf", model_source(stage=run_dir / "sft"), batch_size=256)
     rows_in = builtin_prompts("test", prompts)
     messages = [[{"role": "user", "content": r["prompt"]}] for r in rows_in]
     n_max = max(BEST_OF)
-    batch = engine.generate(messages, SamplingConfig(n=n_max, max_new_tokens=40, seed=7))
+    batch = engine.generate(messages, SamplingSpec(n=n_max, max_new_tokens=40, seed=7))
     flat_prompts = [r["prompt"] for r in rows_in for _ in range(n_max)]
     gold = gold_reward(flat_prompts, batch.completion_text)
     rows = []

@@ -107,18 +107,18 @@ def model_paths(model: str, weights: str) -> tuple[str, str | None]:
 
 def run_one(args) -> dict:
     """One (engine, model, weights) measurement, in this process."""
-    from alignkit.rollouts import load_engine, model_source
-    from alignkit.rollouts.types import SamplingConfig
+    from alignkit.rollouts import make_engine, model_source
+    from alignkit.rollouts.types import SamplingSpec
     from alignkit.rollouts.vllm import VLLMConfig
 
     path, adapter = model_paths(args.model, args.weights)
     source = model_source(model=path, adapter=adapter)
     vllm = VLLMConfig(gpu_memory_utilization=args.gpu_memory_utilization)
-    engine = load_engine(args.engine, source, batch_size=args.batch_size, vllm=vllm)
+    engine = make_engine(args.engine, source, batch_size=args.batch_size, vllm=vllm)
     vocab = engine.tokenizer.vocab_size
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(5, vocab, (args.prompts, args.prompt_len), generator=gen).tolist()
-    cfg = SamplingConfig(max_new_tokens=args.new_tokens, ignore_eos=True, seed=0)
+    cfg = SamplingSpec(max_new_tokens=args.new_tokens, ignore_eos=True, seed=0)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()

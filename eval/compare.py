@@ -24,13 +24,21 @@ from typing import Literal
 from pydantic import Field, ValidationError, model_validator
 from rich.console import Console
 
-from alignkit.config import Strict, read_yaml
+from alignkit.config import (
+    MaxNewTokens,
+    Samples,
+    SamplingSpec,
+    Strict,
+    Temperature,
+    TopP,
+    read_yaml,
+)
 from alignkit.errors import UserError
 from alignkit.eval import scoring
 from alignkit.eval.cache import GenerationCache
 from alignkit.handoff import StageOutput
 from alignkit.rollouts.source import ModelSource, model_source
-from alignkit.rollouts.types import EngineName, SamplingConfig, encode_prompts
+from alignkit.rollouts.types import EngineName, encode_prompts
 from alignkit.rollouts.vllm import VLLMConfig
 from alignkit.rundir import STAGE_FILE
 
@@ -52,11 +60,11 @@ class CompareConfig(Strict):
     rewards: list[str] = Field(min_length=1)
     """``gold``, a rule, ``module:function`` or a reward-model dir; each reported on its own."""
     out: str
-    n: int = Field(4, ge=1)
+    n: Samples = 4
     """Samples per prompt and model."""
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: int = Field(128, ge=1)
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    max_new_tokens: MaxNewTokens = 128
     seed: int = 0
     engine: EngineName = "hf"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -82,14 +90,9 @@ class CompareConfig(Strict):
         return self
 
     @property
-    def sampling(self) -> SamplingConfig:
-        return SamplingConfig(
-            n=self.n,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=0,
-            max_new_tokens=self.max_new_tokens,
-            seed=self.seed,
+    def sampling(self) -> SamplingSpec:
+        return SamplingSpec.policy(
+            self.n, self.temperature, self.max_new_tokens, self.seed, top_p=self.top_p
         )
 
 

@@ -18,6 +18,7 @@ from alignkit.config import HeldoutSpec
 from alignkit.eval.logprobs import sequence_logprobs
 from alignkit.eval.stats import bootstrap_mean_ci
 from alignkit.handoff import AdapterView
+from alignkit.rollouts import make_engine
 
 RewardFn = Callable[..., list[float]]
 
@@ -101,19 +102,9 @@ def evaluate_policy(
 
 def sample(view: AdapterView, tokenizer, prompts: list, spec: HeldoutSpec, batch_size: int = 64):
     """``spec.samples_per_prompt`` samples per prompt from ``view`` (a RolloutBatch)."""
-    from alignkit.rollouts.hf import HFEngine
-    from alignkit.rollouts.types import SamplingConfig
-
-    cfg = SamplingConfig(
-        n=spec.samples_per_prompt,
-        temperature=spec.temperature,
-        top_k=0,
-        top_p=1.0,
-        max_new_tokens=spec.max_new_tokens,
-        seed=spec.seed,
-    )
     with view.active() as model:
-        return HFEngine(model, tokenizer, batch_size=batch_size).generate(prompts, cfg)
+        engine = make_engine("hf", model=model, tokenizer=tokenizer, batch_size=batch_size)
+        return engine.generate(prompts, spec.sampling)
 
 
 def _score(fn: RewardFn, rows: list[dict], batch) -> np.ndarray:

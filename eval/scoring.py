@@ -195,9 +195,9 @@ class _Loaded:
 
     def engine(self):
         if self._engine is None:
-            from alignkit.rollouts import load_engine
+            from alignkit.rollouts import make_engine
 
-            self._engine = load_engine(
+            self._engine = make_engine(
                 self.cfg.engine,
                 self.entry.source,
                 batch_size=self.cfg.batch_size,
@@ -207,13 +207,14 @@ class _Loaded:
 
     def model(self):
         if self._model is None:
+            from alignkit.rollouts import make_engine
             from alignkit.rollouts.hf import HFEngine
 
             if isinstance(self._engine, HFEngine):
                 self._model = self._engine.model
             else:
                 self.close()
-                self._model = HFEngine.from_source(self.entry.source).model
+                self._model = make_engine("hf", self.entry.source).model
         return self._model
 
     def close(self) -> None:

@@ -8,7 +8,7 @@ What it guards against (see ``../shared/notes/builtin-task-facts.md``):
 - ``generate`` fills every unset option from the model's ``generation_config.json`` and then
   from global defaults (top-k 50; Qwen's instruct configs add repetition_penalty 1.05,
   top-k 20, ...). For the duration of a call the model gets a blank generation config, so it
-  samples exactly what :class:`SamplingConfig` says.
+  samples exactly what :class:`SamplingSpec` says.
 - Temperature, top-k and top-p run as our own processors, followed by a recorder, so the
   recorded log-probs are those of the distribution actually sampled from.
 - The completion is cut at the first EOS / stop token (kept) or stop string; what ``generate``
@@ -31,7 +31,7 @@ from transformers import (
 )
 
 from alignkit.rollouts.source import ModelSource
-from alignkit.rollouts.types import Prompt, RolloutBatch, SamplingConfig, encode_prompts
+from alignkit.rollouts.types import Prompt, RolloutBatch, SamplingSpec, encode_prompts
 
 
 class HFEngine:
@@ -60,7 +60,7 @@ class HFEngine:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def generate(self, prompts: Sequence[Prompt], cfg: SamplingConfig) -> RolloutBatch:
+    def generate(self, prompts: Sequence[Prompt], cfg: SamplingSpec) -> RolloutBatch:
         prompt_ids = encode_prompts(self.tokenizer, prompts)
         order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
         per_batch = max(1, self.batch_size // cfg.n)
@@ -87,7 +87,7 @@ class HFEngine:
         )
 
     @torch.no_grad()
-    def _generate_batch(self, batch: list[list[int]], cfg: SamplingConfig) -> list[tuple]:
+    def _generate_batch(self, batch: list[list[int]], cfg: SamplingSpec) -> list[tuple]:
         """One ``generate`` call: ``(ids, text, finish_reason, logprobs)`` per sample, prompt-major."""
         pad = self.tokenizer.pad_token_id
         batch = [p for p in batch for _ in range(cfg.n)]  # prompt-major, as num_return_sequences
@@ -133,7 +133,7 @@ class HFEngine:
         return rows
 
 
-def _warpers(cfg: SamplingConfig) -> list[LogitsProcessor]:
+def _warpers(cfg: SamplingSpec) -> list[LogitsProcessor]:
     if cfg.greedy:
         return []
     warpers: list[LogitsProcessor] = []

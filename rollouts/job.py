@@ -34,10 +34,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from alignkit.config import Strict
 from alignkit.errors import UserError
-from alignkit.rollouts import ModelSource, load_engine, model_source
+from alignkit.rollouts import ModelSource, make_engine, model_source
 from alignkit.rollouts.best_of_n import write_preferences
 from alignkit.rollouts.shards import ShardWriter, read_rollouts, repair_torn_tail, shard_paths
-from alignkit.rollouts.types import EngineName, SamplingConfig
+from alignkit.rollouts.types import EngineName, SamplingSpec
 from alignkit.rollouts.vllm import VLLMConfig
 
 JOB_FILE = "job.json"
@@ -64,7 +64,7 @@ class RolloutJobConfig(Strict):
     engine: EngineName = "hf"
     rewards: list[str] = []
     """Reward specs (``gold``, a rule, ``module:function``, an RM dir), each with ``*WEIGHT``."""
-    sampling: SamplingConfig = SamplingConfig()
+    sampling: SamplingSpec = SamplingSpec()
     best_of_n: bool = False
     """Also write ``preferences.jsonl``: best vs worst sample per prompt by ``reward``."""
     chunk_prompts: int | None = Field(None, ge=1)
@@ -133,7 +133,7 @@ def run_rollout_job(
     if todo:
         if source is None:
             source = model_source(cfg.model, cfg.adapter, cfg.stage, cfg.dtype, cfg.quantization)
-        engine = load_engine(cfg.engine, source, batch_size=cfg.batch_size, vllm=cfg.vllm)
+        engine = make_engine(cfg.engine, source, batch_size=cfg.batch_size, vllm=cfg.vllm)
         with ShardWriter(out, cfg.rows_per_shard) as writer, _progress(console) as progress:
             task = progress.add_task(
                 "rollouts", total=len(rows), completed=len(rows) - len(todo), tokps=0.0
@@ -151,7 +151,7 @@ def run_rollout_job(
     return _finish(out, cfg, rows, stats, console)
 
 
-def _generate_chunk(engine, chunk, sampling: SamplingConfig, rewards) -> list[dict]:
+def _generate_chunk(engine, chunk, sampling: SamplingSpec, rewards) -> list[dict]:
     """Rows for one chunk. Prompts missing the same sample indices share an engine call (on
     a fresh job: all of them; after a torn write: the one prompt that was cut short)."""
     groups: dict[tuple[int, ...], list[dict]] = {}

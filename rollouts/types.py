@@ -15,9 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from pydantic import Field, model_validator
-
-from alignkit.config import Strict
+from alignkit.config import SamplingSpec
 from alignkit.errors import UserError
 
 Messages = list[dict]
@@ -27,40 +25,9 @@ FinishReason = Literal["stop", "length"]
 EngineName = Literal["hf", "vllm"]
 
 
-class SamplingConfig(Strict):
-    """How to sample. The defaults are the RL defaults: the model's own distribution."""
-
-    n: int = Field(1, ge=1)
-    """Samples per prompt."""
-    temperature: float = Field(1.0, ge=0)
-    """0 means greedy decoding."""
-    top_p: float = Field(1.0, gt=0, le=1)
-    """Nucleus sampling; 1 keeps every token."""
-    top_k: int = Field(0, ge=0)
-    """0 keeps every token. (HF ``generate`` would otherwise apply its default top-k of 50.)"""
-    max_new_tokens: int = Field(128, ge=1)
-    """New tokens per completion; one cut here ends with finish reason ``length``."""
-    stop: list[str] = []
-    """Stop strings: the completion text ends before the first one."""
-    stop_token_ids: list[int] = []
-    """Extra stop tokens besides the tokenizer's EOS (kept in ``completion_ids``)."""
-    seed: int | None = 0
-    """Same seed, prompts and engine settings -> same samples. ``None``: not reproducible."""
-    logprobs: bool = False
-    """Record the log-prob of every sampled token under the distribution it was sampled from
-    (after temperature, top-k and top-p; with greedy decoding, the model's own distribution)."""
-    ignore_eos: bool = False
-    """Keep generating past EOS up to ``max_new_tokens`` (benchmarks only)."""
-
-    @model_validator(mode="after")
-    def _check(self) -> SamplingConfig:
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must not be empty")
-        return self
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
+#: The engines' sampling settings: the one :class:`~alignkit.config.SamplingSpec` (the core
+#: defines it so that its held-out and health blocks can hand it out too).
+SamplingConfig = SamplingSpec
 
 
 @dataclass

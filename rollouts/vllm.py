@@ -24,22 +24,33 @@ import json
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
 from alignkit.config import Strict
 from alignkit.errors import UserError
 from alignkit.rollouts.source import ModelSource
-from alignkit.rollouts.types import Prompt, RolloutBatch, SamplingConfig, encode_prompts
+from alignkit.rollouts.types import Prompt, RolloutBatch, SamplingSpec, encode_prompts
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's LoRAConfig.max_lora_rank choices
 
 
+#: vLLM settings that other configs expose under their own defaults (a training stage leaves
+#: most of the GPU to training); defined once here.
+GpuMemoryUtilization = Annotated[float, Field(gt=0, le=1)]
+"""Share of the GPU vLLM may take (weights + KV cache); lower it to leave room for training."""
+TensorParallelSize = Annotated[int, Field(ge=1)]
+"""GPUs one engine shards the model over."""
+
+
 class VLLMConfig(Strict):
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    """The vLLM engine's settings: rollout jobs and comparisons take them as their ``vllm:``
+    block; a PPO stage builds them from its ``rollout:`` block."""
+
+    gpu_memory_utilization: GpuMemoryUtilization = 0.9
     """Share of the GPU vLLM may take (weights + KV cache); lower it to leave room for training."""
-    tensor_parallel_size: int = Field(1, ge=1)
+    tensor_parallel_size: TensorParallelSize = 1
     max_model_len: int | None = None
     """Prompt + completion tokens; default the model's own limit."""
     max_num_seqs: int = Field(256, ge=1)
@@ -158,7 +169,7 @@ def _import_vllm():
 
 
 class VLLMEngine:
-    """``generate(prompts, SamplingConfig) -> RolloutBatch`` on a ``vllm.LLM``."""
+    """``generate(prompts, SamplingSpec) -> RolloutBatch`` on a ``vllm.LLM``."""
 
     def __init__(self, source: ModelSource, config: VLLMConfig | None = None):
         import torch
@@ -242,7 +253,7 @@ class VLLMEngine:
         self.llm.wake_up()
         self.llm.reset_prefix_cache()
 
-    def generate(self, prompts: Sequence[Prompt], cfg: SamplingConfig) -> RolloutBatch:
+    def generate(self, prompts: Sequence[Prompt], cfg: SamplingSpec) -> RolloutBatch:
         from vllm import SamplingParams
 
         prompt_ids = encode_prompts(self.tokenizer, prompts)

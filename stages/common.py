@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 
-from pydantic import Field
-
 from alignkit.config import Strict
 from alignkit.errors import UserError
 from alignkit.rollouts.types import EngineName
+from alignkit.rollouts.vllm import GpuMemoryUtilization, TensorParallelSize
 
 
 class RolloutSpec(Strict):
@@ -17,9 +16,9 @@ class RolloutSpec(Strict):
     engine: EngineName = "hf"
     """``hf``: transformers ``generate`` (any device). ``vllm``: a vLLM engine on the same GPU as
     training (the ``vllm`` extra, CUDA only)."""
-    gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
+    gpu_memory_utilization: GpuMemoryUtilization = 0.3
     """vLLM's share of the GPU (weights + KV cache); the rest is left to training."""
-    tensor_parallel_size: int = Field(1, ge=1)
+    tensor_parallel_size: TensorParallelSize = 1
     """vLLM: GPUs one engine shards the model over."""
 
 

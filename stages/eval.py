@@ -18,7 +18,14 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from alignkit.config import BUILTIN_MODEL, StageBase, did_you_mean
+from alignkit.config import (
+    BUILTIN_MODEL,
+    MaxNewTokens,
+    Samples,
+    StageBase,
+    Temperature,
+    did_you_mean,
+)
 from alignkit.errors import UserError
 from alignkit.handoff import StageOutput, run_stages
 from alignkit.pipeline import StageContext, StageResult
@@ -44,13 +51,13 @@ class EvalStageConfig(StageBase):
     rewards: list[str] = []
     """Reward specs as ``alignkit compare --reward`` takes them; the name of a reward_model
     stage of this run works too. Default on ``builtin:tiny``: ``gold``."""
-    n: int = Field(4, ge=1)
+    n: Samples = 4
     """Samples per prompt and model."""
     max_prompts: int = Field(128, ge=1)
     """Compare on the first this many prompts."""
-    max_new_tokens: int = Field(48, ge=1)
+    max_new_tokens: MaxNewTokens = 48
     """New tokens per sample."""
-    temperature: float = Field(1.0, ge=0)
+    temperature: Temperature = 1.0
     """Sampling temperature, the same for every model (top-k and top-p off)."""
     engine: EngineName = "hf"
     """Generation engine: ``hf`` (any device) or ``vllm`` (CUDA, the ``vllm`` extra)."""

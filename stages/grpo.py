@@ -18,7 +18,15 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from alignkit.config import AdapterSpec, DataSpec, HeldoutSpec, StageBase
+from alignkit.config import (
+    AdapterSpec,
+    DataSpec,
+    HeldoutSpec,
+    MaxNewTokens,
+    PolicyTemperature,
+    SamplingSpec,
+    StageBase,
+)
 from alignkit.errors import UserError
 from alignkit.handoff import PolicyPair, StageOutput, find_stage, run_stages
 from alignkit.health import HealthSpec
@@ -65,9 +73,9 @@ class OnlineRLConfig(StageBase):
     0.04 is the GRPO paper's value. It is a light leash: raise it for a smaller KL."""
     num_generations: int = Field(8, ge=2)
     """Completions sampled per prompt (the group the advantages are computed within)."""
-    max_completion_length: int = Field(256, gt=0)
+    max_completion_length: MaxNewTokens = 256
     """New tokens per completion; longer ones are cut (and count as not finished)."""
-    temperature: float = Field(1.0, gt=0)
+    temperature: PolicyTemperature = 1.0
     """Sampling temperature; top-k and top-p are off (on-policy samples, unbiased KL)."""
     rollout: RolloutSpec = RolloutSpec()
     """Where completions are sampled: the policy itself (``hf``) or vLLM colocated with it."""
@@ -135,6 +143,9 @@ def build_trainer(cfg: OnlineRLConfig, ctx: StageContext):
 
     # 3. trainer
     vllm = cfg.rollout.engine == "vllm"
+    own = SamplingSpec.policy(
+        cfg.num_generations, cfg.temperature, cfg.max_completion_length, ctx.seed
+    )
     try:
         args = trl_args(
             config_cls,
@@ -146,9 +157,9 @@ def build_trainer(cfg: OnlineRLConfig, ctx: StageContext):
             num_generations=cfg.num_generations,
             per_device_train_batch_size=cfg.num_generations,
             max_completion_length=cfg.max_completion_length,
-            temperature=cfg.temperature,
-            top_k=0,  # HF generate samples top-50 unless told otherwise: not the policy
-            top_p=1.0,
+            temperature=own.temperature,
+            top_k=own.top_k,  # HF generate samples top-50 unless told otherwise: not the policy
+            top_p=own.top_p,
             reward_weights=weights,
             disable_dropout=True,  # sampling and training forwards must agree for the ratios
             use_vllm=vllm,

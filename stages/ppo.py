@@ -15,11 +15,20 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from alignkit.config import AdapterSpec, DataSpec, HeldoutSpec, StageBase
+from alignkit.config import (
+    AdapterSpec,
+    DataSpec,
+    HeldoutSpec,
+    MaxNewTokens,
+    PolicyTemperature,
+    SamplingSpec,
+    StageBase,
+)
 from alignkit.errors import UserError
 from alignkit.handoff import ADAPTER_DIR, PolicyPair
 from alignkit.health import HealthSpec
 from alignkit.pipeline import StageContext, StageResult
+from alignkit.rollouts.vllm import VLLMConfig
 from alignkit.stages.common import RolloutSpec, check_vllm
 from alignkit.stages.ppo_model import HELDOUT_REWARD, REWARD
 
@@ -39,6 +48,17 @@ class PPORolloutSpec(RolloutSpec):
     """vLLM: default the policy adapter's rank."""
     max_model_len: int | None = None
     """vLLM: prompt + completion tokens; default the model's own limit."""
+
+    def vllm_config(self, seed: int) -> VLLMConfig:
+        """The vLLM engine's settings these fields stand for."""
+        return VLLMConfig(
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            tensor_parallel_size=self.tensor_parallel_size,
+            enable_sleep_mode=self.sleep,
+            max_lora_rank=self.max_lora_rank,
+            max_model_len=self.max_model_len,
+            seed=seed,
+        )
 
 
 class PPOStageConfig(StageBase):
@@ -121,9 +141,9 @@ class PPOStageConfig(StageBase):
     whiten_rewards: bool = False
     """Scale per-token rewards to unit variance (not shifted) before GAE; advantages are always
     whitened."""
-    max_new_tokens: int = Field(40, gt=0)
+    max_new_tokens: MaxNewTokens = 40
     """New tokens per completion; a completion cut here has no EOS (see missing_eos_penalty)."""
-    temperature: float = Field(1.0, gt=0)
+    temperature: PolicyTemperature = 1.0
     """Sampling temperature; top-k and top-p are off (on-policy samples), and the training
     log-probs use the same temperature."""
     checkpoint_every: int = Field(20, gt=0)
@@ -148,6 +168,10 @@ class PPOStageConfig(StageBase):
 
     def uses_stages(self) -> list[str]:
         return [s for s in (self.reward_model, self.heldout_reward_model) if s]
+
+    def sampling(self, seed: int) -> SamplingSpec:
+        """One completion per prompt from the policy's own distribution."""
+        return SamplingSpec.policy(1, self.temperature, self.max_new_tokens, seed)
 
     @property
     def eos_penalty(self) -> float:

@@ -20,7 +20,7 @@ from alignkit.handoff import PolicyPair, StageOutput
 from alignkit.health import HealthStop
 from alignkit.rewards.registry import resolve_rewards
 from alignkit.rewards.reward_model import RewardModelScorer
-from alignkit.rollouts.types import RolloutBatch, SamplingConfig
+from alignkit.rollouts.types import RolloutBatch
 from alignkit.stages import ppo_core as core
 from alignkit.stages.common import health_monitor
 from alignkit.stages.ppo_checkpoint import load_checkpoint, save_checkpoint
@@ -181,11 +181,7 @@ class PPOTrainer:
 
     def _rollout(self, prompts: list, step: int) -> RolloutBatch:
         """One completion per prompt from the policy, seeded per run, step and rank."""
-        sampling = SamplingConfig(
-            n=1, temperature=self.cfg.temperature, top_k=0, top_p=1.0,
-            max_new_tokens=self.cfg.max_new_tokens,
-            seed=self.ctx.seed * 100003 + step + 7919 * self.rank,
-        )  # fmt: skip
+        sampling = self.cfg.sampling(self.ctx.seed * 100003 + step + 7919 * self.rank)
         return self.rollouts.generate(prompts, sampling, self.step)
 
     def _evaluate(self, ids, attn, pos, P):

@@ -10,31 +10,12 @@ from pathlib import Path
 import torch
 
 from alignkit.models import ADAPTER_DIR, resolve_model_path
-from alignkit.rollouts.hf import HFEngine
+from alignkit.rollouts import make_engine
 from alignkit.rollouts.source import ModelSource
-from alignkit.rollouts.types import RolloutBatch, SamplingConfig
+from alignkit.rollouts.types import RolloutBatch, SamplingSpec
 from alignkit.stages.ppo_model import POLICY
 
 ROLLOUT_ADAPTER = "rollout-adapter"  # the policy as the vLLM engine last received it
-
-
-def make_vllm_engine(cfg, ctx):
-    """A vLLM engine on the run's base and tokenizer; the policy adapter arrives per step."""
-    from alignkit.rollouts.vllm import VLLMConfig, VLLMEngine  # vllm is optional: lazily
-
-    rollout, parent = cfg.rollout, ctx.parent.dir
-    source = ModelSource(
-        ctx.model, resolve_model_path(ctx.model), str(parent), parent / ADAPTER_DIR
-    )
-    config = VLLMConfig(
-        gpu_memory_utilization=rollout.gpu_memory_utilization,
-        tensor_parallel_size=rollout.tensor_parallel_size,
-        enable_sleep_mode=rollout.sleep,
-        max_lora_rank=rollout.max_lora_rank,
-        max_model_len=rollout.max_model_len,
-        seed=ctx.seed,
-    )
-    return VLLMEngine(source, config)
 
 
 class PolicyRollouts:
@@ -44,13 +25,19 @@ class PolicyRollouts:
     def __init__(self, cfg, ctx, model, tokenizer, rank: int, world: int):
         self.cfg, self.ctx, self.model, self.rank, self.world = cfg, ctx, model, rank, world
         self.vllm = cfg.rollout.engine == "vllm"
-        if self.vllm:
-            self.engine = make_vllm_engine(cfg, ctx)
+        if self.vllm:  # the run's base and the SFT adapter; the policy adapter comes per step
+            parent = ctx.parent.dir
+            source = ModelSource(
+                ctx.model, resolve_model_path(ctx.model), str(parent), parent / ADAPTER_DIR
+            )
+            self.engine = make_engine("vllm", source, vllm=cfg.rollout.vllm_config(ctx.seed))
         else:
-            self.engine = HFEngine(model.peft, tokenizer, batch_size=cfg.rollout.batch_size)
+            self.engine = make_engine(
+                "hf", model=model.peft, tokenizer=tokenizer, batch_size=cfg.rollout.batch_size
+            )
         self.synced_step: int | None = None  # the policy step the vLLM engine serves
 
-    def generate(self, prompts: list, sampling: SamplingConfig, step: int) -> RolloutBatch:
+    def generate(self, prompts: list, sampling: SamplingSpec, step: int) -> RolloutBatch:
         """Completions of the policy after ``step`` updates."""
         if not self.vllm:
             return self.engine.generate(prompts, sampling)

@@ -36,7 +36,7 @@ from alignkit.rollouts import ModelSource
 from alignkit.rollouts.best_of_n import PREFERENCES_FILE, PairMode, write_preferences
 from alignkit.rollouts.job import RolloutJobConfig, run_rollout_job
 from alignkit.rollouts.shards import read_rollouts
-from alignkit.rollouts.types import EngineName, SamplingConfig
+from alignkit.rollouts.types import EngineName, SamplingSpec
 
 ROLLOUTS_DIR = "rollouts"
 #: A rollout stage has no trainer checkpoints. This marker tells the runner that an interrupted
@@ -50,7 +50,7 @@ class RolloutStageConfig(StageBase):
 
     data: DataSpec
     """Prompts (any prompt source); ``max_rows`` caps how many are sampled."""
-    sampling: SamplingConfig = SamplingConfig(n=4, max_new_tokens=128)
+    sampling: SamplingSpec = SamplingSpec(n=4, max_new_tokens=128)
     """n samples per prompt (at least 2 to compare), at the policy's own distribution."""
     labeller: list[str] = []
     """Reward specs that rank the samples (``gold``, a reward_model stage name, a rule,
