@@ -51,16 +51,20 @@ def save_checkpoint(
     return final.name
 
 
-def load_checkpoint(
-    path: Path,
+def read_checkpoint(path: Path) -> dict:
+    """The state :func:`save_checkpoint` wrote in ``path``."""
+    # tensors, numbers and dicts only: a crafted checkpoint cannot run code on resume
+    return torch.load(path / "state.pt", weights_only=True)
+
+
+def restore_checkpoint(
+    state: dict,
     model: PPOModel,
     optimizer: torch.optim.Optimizer,
     kl: AdaptiveKLController,
     scoring: Scoring,
 ) -> int:
-    """Restore everything :func:`save_checkpoint` wrote (and the RNG); the step it was at."""
-    # tensors, numbers and dicts only: a crafted checkpoint cannot run code on resume
-    state = torch.load(path / "state.pt", weights_only=True)
+    """Put a checkpoint's state back (the RNG too); the step it was at."""
     set_peft_model_state_dict(model.peft, state["policy"], adapter_name=POLICY)
     set_peft_model_state_dict(model.peft, state["value"], adapter_name=VALUE)
     model.value_head.load_state_dict(state["value_head"])

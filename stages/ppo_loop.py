@@ -23,7 +23,7 @@ from alignkit.rewards.reward_model import RewardModelScorer
 from alignkit.rollouts.types import RolloutBatch
 from alignkit.stages import ppo_core as core
 from alignkit.stages.common import health_monitor
-from alignkit.stages.ppo_checkpoint import load_checkpoint, save_checkpoint
+from alignkit.stages.ppo_checkpoint import read_checkpoint, restore_checkpoint, save_checkpoint
 from alignkit.stages.ppo_model import (
     REFERENCE,
     REWARD,
@@ -367,5 +367,6 @@ class PPOTrainer:
         )  # fmt: skip
 
     def _load(self, path: Path) -> None:
-        self.step = load_checkpoint(path, self.model, self.optimizer, self.kl, self.scoring)
+        state = read_checkpoint(path)  # first: nothing is touched unless it loads safely
+        self.step = restore_checkpoint(state, self.model, self.optimizer, self.kl, self.scoring)
         self.last_checkpoint = path.name
