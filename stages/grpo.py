@@ -143,7 +143,7 @@ def build_trainer(cfg: OnlineRLConfig, ctx: StageContext):
 
     # 3. trainer
     vllm = cfg.rollout.engine == "vllm"
-    own = SamplingSpec.policy(
+    on_policy = SamplingSpec.policy(
         cfg.num_generations, cfg.temperature, cfg.max_completion_length, ctx.seed
     )
     try:
@@ -157,9 +157,9 @@ def build_trainer(cfg: OnlineRLConfig, ctx: StageContext):
             num_generations=cfg.num_generations,
             per_device_train_batch_size=cfg.num_generations,
             max_completion_length=cfg.max_completion_length,
-            temperature=own.temperature,
-            top_k=own.top_k,  # HF generate samples top-50 unless told otherwise: not the policy
-            top_p=own.top_p,
+            temperature=on_policy.temperature,
+            top_k=on_policy.top_k,  # HF generate samples top-50 unless told otherwise: not the policy
+            top_p=on_policy.top_p,
             reward_weights=weights,
             disable_dropout=True,  # sampling and training forwards must agree for the ratios
             use_vllm=vllm,
