@@ -19,7 +19,6 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from alignkit.errors import UserError
 
@@ -167,64 +166,23 @@ def status(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the manifest with each stage's metrics")
     ] = False,
+    wide: Annotated[
+        bool | None,
+        typer.Option("--wide/--narrow", help="Every column (default: when the terminal has room)"),
+    ] = None,
+    watch: Annotated[
+        bool, typer.Option("--watch", help="Redraw every 2 s while the run's process is alive")
+    ] = False,
 ) -> None:
-    """Show a run's stages, their status, key metrics and outputs."""
-    from alignkit.rundir import RunDir
+    """Show a run's stages, their status, key metrics and health."""
+    from alignkit import status as view
 
-    rd = RunDir(run_dir)
-    manifest = rd.manifest()
-    if manifest is None:
-        raise UserError(f"{run_dir}: no manifest.json here; is this a run directory?")
-    for entry in manifest["stages"]:
-        record = rd.stage_json(entry["name"])
-        if record is not None and record.get("config_hash") == entry["config_hash"]:
-            entry["status"] = "complete"
-            entry["metrics"] = record.get("metrics", {})
-            if "health" in record:
-                entry["health"] = record["health"]
-            entry["path"] = str(rd.stage_dir(entry["name"]))
-        elif entry["status"] == "complete":
-            entry["status"] = "stale"
-        if rd.state(entry["name"]).checkpoint is not None and entry["status"] != "complete":
-            entry["checkpoint"] = str(rd.state(entry["name"]).checkpoint)
     if as_json:
-        print(json.dumps(manifest, indent=2))
-        return
-    from alignkit.pipeline import HEADLINE_KEYS
-
-    table = Table(title=f"{manifest['run']}  ({run_dir})", show_edge=False)
-    for col in ("stage", "kind", "from", "status", "key metrics", "health", "output"):
-        table.add_column(col)
-    colors = {"complete": "green", "running": "yellow", "failed": "red", "stale": "magenta"}
-    for e in manifest["stages"]:
-        m = e.get("metrics") or {}
-        key = ", ".join(f"{k}={m[k]:.4g}" for k in HEADLINE_KEYS if k in m)
-        st = e["status"]
-        table.add_row(
-            e["name"],
-            e["kind"],
-            e.get("parent") or "-",
-            f"[{colors.get(st, 'white')}]{st}[/]",
-            key,
-            _health_cell(e.get("health")),
-            e.get("path") or e.get("checkpoint") or "-",
-        )
-    console.print(table)
-    for e in manifest["stages"]:
-        for trip in (e.get("health") or {}).get("trips", []):
-            console.print(
-                f"[yellow]health[/] {escape(e['name'])} step {trip['step']}: "
-                f"{escape(trip['message'])}"
-            )
-
-
-def _health_cell(health: dict | None) -> str:
-    if not health:
-        return "-"
-    trips = health.get("trips", [])
-    if not trips:
-        return f"[green]ok[/] ({health.get('checks', 0)} checks)"
-    return "[yellow]" + ", ".join(f"{t['check']}@{t['step']}" for t in trips) + "[/]"
+        print(json.dumps(view.load_status(run_dir), indent=2))
+    elif watch:
+        view.watch(run_dir, console, wide)
+    else:
+        view.show(run_dir, console, wide)
 
 
 @data_app.command("check")
