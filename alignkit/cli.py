@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import sys
 import warnings
 from pathlib import Path
@@ -20,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from alignkit import interrupts
 from alignkit.errors import UserError
 
 app = typer.Typer(
@@ -323,15 +323,9 @@ def _abort_kinds() -> tuple[type, ...]:
     return tuple(kinds)
 
 
-def _terminate(signum, frame) -> None:
-    """SIGTERM (a scheduler's stop, ``kill``) ends the run like Ctrl-C: the stage is marked
-    interrupted and its checkpoints kept for a resume."""
-    raise KeyboardInterrupt
-
-
 def main() -> None:
     _quiet_libraries()
-    signal.signal(signal.SIGTERM, _terminate)
+    interrupts.install()  # SIGTERM like Ctrl-C, and never lost in a finalizer
     try:
         code = app(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
@@ -341,6 +335,7 @@ def main() -> None:
     except (typer.Exit, SystemExit) as e:
         sys.exit(getattr(e, "exit_code", getattr(e, "code", 0)))
     except _abort_kinds():
+        interrupts.acknowledge()
         err_console.print("interrupted; re-run the same command to resume")
         sys.exit(130)
     except _usage_errors() as e:  # a mistyped command or option: usage, not a traceback

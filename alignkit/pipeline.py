@@ -20,7 +20,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from alignkit import __version__
+from alignkit import __version__, interrupts
 from alignkit.config import (
     AdapterSpec,
     ModelSpec,
@@ -253,6 +253,8 @@ def _run_stage(cfg, registry, rd: RunDir, d: Decision, manifest, entry, state, c
         if state.is_main_process:
             check_saved_weights(out_dir, ctx.where)  # NaN/inf never completes a stage
     except BaseException as e:
+        if isinstance(e, KeyboardInterrupt):
+            interrupts.acknowledge()  # being handled: no second one inside the handler
         _record_failure(rd, manifest, entry, out_dir, e, console)
         raise
     record = _stage_record(cfg, d, result, parent, started)
