@@ -47,6 +47,14 @@ def test_both_ranks_hold_the_same_trained_adapter(runs, stage):
         assert torch.allclose(rank0[name], rank1[name], atol=1e-6), name
 
 
+def assert_one_model(root: Path, stage: str) -> None:
+    """Both ranks ended ``stage`` holding the same trained tensors."""
+    rank0, rank1 = (torch.load(root / f"{stage}-rank{r}.pt") for r in (0, 1))
+    assert rank0 and rank0.keys() == rank1.keys()
+    for name in rank0:
+        assert torch.allclose(rank0[name], rank1[name], atol=1e-6), (stage, name)
+
+
 def test_grpo_on_two_processes_trains_one_policy(tmp_path):
     raw = pipeline(8)
     raw["stages"][1] = {
@@ -58,10 +66,7 @@ def test_grpo_on_two_processes_trains_one_policy(tmp_path):
                   "logging_steps": 1, "save_steps": 1},
     }  # fmt: skip
     two = launch(2, 8, tmp_path / "two", raw)
-    rank0, rank1 = (torch.load(two / f"grpo-rank{r}.pt") for r in (0, 1))
-    assert rank0 and rank0.keys() == rank1.keys()
-    for name in rank0:
-        assert torch.allclose(rank0[name], rank1[name], atol=1e-6), name
+    assert_one_model(two, "grpo")
     step(two, "grpo", 2)  # one metrics row per step: rank 0 wrote
     record = json.loads((two / "run" / "grpo" / "stage.json").read_text())
     assert record["health"]["checks"] == 3 and "gold_reward" in record["metrics"]
@@ -77,10 +82,7 @@ def test_rloo_on_two_processes_trains_one_policy(tmp_path):
                   "logging_steps": 1, "save_steps": 1},
     }  # fmt: skip
     two = launch(2, 8, tmp_path / "two", raw)
-    rank0, rank1 = (torch.load(two / f"rloo-rank{r}.pt") for r in (0, 1))
-    assert rank0 and rank0.keys() == rank1.keys()
-    for name in rank0:
-        assert torch.allclose(rank0[name], rank1[name], atol=1e-6), name
+    assert_one_model(two, "rloo")
     step(two, "rloo", 2)
     assert "gold_reward" in json.loads((two / "run" / "rloo" / "stage.json").read_text())["metrics"]
 
@@ -98,10 +100,7 @@ def test_reward_model_and_simpo_on_two_processes_train_one_model_each(tmp_path):
     ]  # fmt: skip
     two = launch(2, 4, tmp_path / "two", raw)
     for stage in ("rm", "simpo"):
-        rank0, rank1 = (torch.load(two / f"{stage}-rank{r}.pt") for r in (0, 1))
-        assert rank0 and rank0.keys() == rank1.keys()
-        for name in rank0:
-            assert torch.allclose(rank0[name], rank1[name], atol=1e-6), (stage, name)
+        assert_one_model(two, stage)
         step(two, stage, 2)  # one metrics row per step: rank 0 wrote
 
 
