@@ -32,6 +32,7 @@ from alignkit.config import (
 from alignkit.errors import UserError
 from alignkit.handoff import StageOutput, find_stage
 from alignkit.rundir import RunDir, checkpoint_step, read_json_or_none, trim_logs_to_step
+from alignkit.tracking import NO_TRACKING, StageTracker, check_trackers, open_stage_tracker
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,9 @@ class StageContext:
     """Latest trainer checkpoint of an interrupted attempt, to resume from."""
     console: Console
     is_main: bool = True
+    tracker: StageTracker = NO_TRACKING
+    """The run's experiment trackers, opened for this stage (does nothing when tracking is off
+    and on every rank but the main one)."""
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -202,6 +206,7 @@ def run_pipeline(
     from accelerate import PartialState
 
     console = console or Console()
+    check_trackers(cfg.run.report_to)
     state = PartialState(cpu=not _cuda())
     rd = RunDir(run_dir, is_main=state.is_main_process)
     with rd.lock():
@@ -248,15 +253,19 @@ def _run_stage(cfg, registry, rd: RunDir, d: Decision, manifest, entry, state, c
     if state.is_main_process:
         console.rule(f"[bold]{d.stage.name}[/] ({d.stage.kind}): {d.action}")
     started = time.time()
+    ctx.tracker = _open_tracker(cfg, rd, d.stage, state.is_main_process)
     try:
         result = registry[d.stage.kind].run(d.stage, ctx)
         if state.is_main_process:
             check_saved_weights(out_dir, ctx.where)  # NaN/inf never completes a stage
+        ctx.tracker.final(result.metrics, int(result.metrics.get("global_step", 0)))
     except BaseException as e:
         if isinstance(e, KeyboardInterrupt):
             interrupts.acknowledge()  # being handled: no second one inside the handler
         _record_failure(rd, manifest, entry, out_dir, e, console)
         raise
+    finally:
+        ctx.tracker.close()
     record = _stage_record(cfg, d, result, parent, started)
     record["resumed_from"] = resume.name if resume else None
     record.update(_health(out_dir))
@@ -269,6 +278,19 @@ def _run_stage(cfg, registry, rd: RunDir, d: Decision, manifest, entry, state, c
         console.print(
             f"[green]✓[/] {d.stage.name} complete in {time.time() - started:.0f}s  {summary}"
         )
+
+
+def _open_tracker(cfg: PipelineConfig, rd: RunDir, stage: StageBase, is_main: bool):
+    return open_stage_tracker(
+        cfg.run.report_to,
+        cfg.run.tracking_dir,
+        rd.path,
+        cfg.run.name,
+        stage.name,
+        stage.kind,
+        redact(stage.model_dump(mode="json", by_alias=True)),
+        is_main,
+    )
 
 
 def _record_failure(rd: RunDir, manifest, entry, out_dir: Path, error, console) -> None:

@@ -1,0 +1,167 @@
+"""``run.report_to``: a tiny pipeline (sft -> reward_model -> dpo and ppo) logs every stage to the
+run's trackers under its name; read back with each tracker's own reader."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from alignkit.config import validate_pipeline
+from alignkit.errors import UserError
+from alignkit.pipeline import run_pipeline
+from alignkit.stages import REGISTRY, stage_kinds
+
+HAS = {name: importlib.util.find_spec(name) is not None for name in ("wandb", "mlflow")}
+STAGES = ("sft", "rm", "dpo", "ppo")
+
+PREF = {"source": "builtin:preference", "split": "train", "eval_split": "test", "max_rows": 32,
+        "max_eval_rows": 8}  # fmt: skip
+HELDOUT = {"num_prompts": 2, "samples_per_prompt": 1, "max_new_tokens": 8}
+HEALTH = {"every": 1, "sample_prompts": 2, "samples_per_prompt": 1, "max_new_tokens": 8,
+          "max_kl": 1e-6}  # fmt: skip  (trips at the first check after step 0: a trip to log
+
+
+def train(steps: int = 2) -> dict:
+    return {"max_steps": steps, "per_device_train_batch_size": 8, "logging_steps": 1,
+            "save_steps": 50}  # fmt: skip
+
+
+def tracked_pipeline(run_dir, report_to: list[str]) -> dict:
+    return {
+        "run": {"name": "tracked", "dir": str(run_dir), "seed": 0, "report_to": report_to},
+        "model": {"name": "builtin:tiny"},
+        "adapter": {"type": "lora", "r": 4, "alpha": 8},
+        "stages": [
+            {"name": "sft", "kind": "sft", "max_length": 48, "heldout": HELDOUT, "train": train(),
+             "data": {"source": "builtin:sft", "split": "train", "eval_split": "test",
+                      "max_rows": 32, "max_eval_rows": 8}},
+            {"name": "rm", "kind": "reward_model", "data": PREF, "max_length": 48,
+             "train": train()},
+            {"name": "dpo", "kind": "dpo", "from": "sft", "data": PREF, "max_length": 48,
+             "heldout": HELDOUT, "health": HEALTH, "train": train()},
+            {"name": "ppo", "kind": "ppo", "from": "sft", "reward_model": "rm", "steps": 2,
+             "data": {"source": "builtin:prompts", "split": "train", "max_rows": 16},
+             "prompts_per_step": 4, "minibatches": 2, "ppo_epochs": 1, "max_new_tokens": 8,
+             "heldout": HELDOUT, "health": HEALTH},
+        ],
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tracked_run(tmp_path_factory):
+    """One run logging to TensorBoard and to W&B (offline) and MLflow (file store) when their
+    packages are installed."""
+    run_dir = tmp_path_factory.mktemp("tracked")
+    report_to = ["tensorboard"] + [name for name, present in HAS.items() if present]
+    mp = pytest.MonkeyPatch()
+    mp.setenv("WANDB_MODE", "offline")
+    mp.setenv("WANDB_SILENT", "true")
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    try:
+        cfg = validate_pipeline(tracked_pipeline(run_dir, report_to), stage_kinds())
+        run_pipeline(cfg, REGISTRY, run_dir)
+    finally:
+        mp.undo()
+    return run_dir
+
+
+def test_tensorboard_has_every_stage_under_its_name(tracked_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root = tracked_run / "tracking" / "tensorboard"
+    assert sorted(p.name for p in root.iterdir()) == sorted(STAGES)
+    tags = {}
+    for stage in STAGES:
+        events = EventAccumulator(str(root / stage), size_guidance={"tensors": 0})
+        events.Reload()
+        tags[stage] = set(events.Tags()["scalars"]), set(events.Tags()["tensors"]), events
+    # the TRL stages through transformers' TensorBoard callback: training and eval logs
+    assert {"train/loss", "eval/loss"} <= tags["sft"][0]
+    assert {"train/loss", "train/rewards/margins"} <= tags["dpo"][0]
+    assert "train/loss" in tags["rm"][0]
+    # our PPO: the same metrics as its metrics.jsonl, every step
+    ppo_scalars, ppo_text, ppo_events = tags["ppo"]
+    rows = [json.loads(x) for x in (tracked_run / "ppo" / "metrics.jsonl").read_text().split()]
+    for key in ("score_mean", "kl", "policy_loss", "value_loss", "kl_coef"):
+        logged = ppo_events.Scalars(f"train/{key}")
+        assert [e.step for e in logged] == [r["step"] for r in rows]
+        assert [e.value for e in logged] == pytest.approx([r[key] for r in rows], rel=1e-5)
+    # health checks as scalars and trips as text; the probe's samples as text; final metrics
+    for stage in ("dpo", "ppo"):
+        scalars, text, _ = tags[stage]
+        assert {"health/kl", "health/length", "health/trip/kl_limit"} <= scalars
+        assert {"health/trips/text_summary", "samples/text_summary"} <= text
+        assert {"final/gold_reward", "final/kl_ref", "final/gold_reward_gain_ci_low"} <= scalars
+    assert "final/heldout_nll" in tags["sft"][0]
+    assert "final/heldout_pairwise_accuracy" in tags["rm"][0]
+    stage_json = json.loads((tracked_run / "ppo" / "stage.json").read_text())
+    final = ppo_events.Scalars("final/gold_reward")[-1].value
+    assert final == pytest.approx(stage_json["metrics"]["gold_reward"], rel=1e-6)
+
+
+@pytest.mark.skipif(not HAS["wandb"], reason="wandb is not installed (pip install wandb)")
+def test_wandb_offline_runs_are_grouped_by_run_and_named_by_stage(tracked_run):
+    from wandb.proto import wandb_internal_pb2
+    from wandb.sdk.internal import datastore
+
+    runs = {}
+    for path in (tracked_run / "tracking" / "wandb").glob("offline-run-*/run-*.wandb"):
+        store = datastore.DataStore()
+        store.open_for_scan(str(path))
+        info, history = None, []
+        while (data := store.scan_data()) is not None:
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(data)
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                info = record.run
+            elif kind == "history":
+                history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                                for i in record.history.item})  # fmt: skip
+        runs[info.display_name] = (info.run_group, info.job_type, history)
+    assert sorted(runs) == sorted(STAGES)
+    assert {group for group, _, _ in runs.values()} == {"tracked"}
+    assert runs["rm"][1] == "reward_model"
+    logged = {k for row in runs["ppo"][2] for k in row}
+    assert {"train/score_mean", "train/kl", "health/kl", "final/gold_reward"} <= logged
+    assert "train/loss" in {k for row in runs["dpo"][2] for k in row}
+
+
+@pytest.mark.skipif(not HAS["mlflow"], reason="mlflow is not installed (pip install mlflow-skinny)")
+def test_mlflow_file_store_has_one_parent_run_and_a_nested_run_per_stage(tracked_run):
+    from mlflow import MlflowClient
+
+    client = MlflowClient((tracked_run / "tracking" / "mlruns").resolve().as_uri())
+    experiment = client.get_experiment_by_name("tracked")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    stages = {r.info.run_name: r for r in runs if r not in parents}
+    assert sorted(stages) == sorted(STAGES)
+    assert {r.data.tags["mlflow.parentRunId"] for r in stages.values()} == {
+        parents[0].info.run_id
+    }
+    ppo = stages["ppo"]
+    history = client.get_metric_history(ppo.info.run_id, "train/score_mean")
+    assert [m.step for m in history] == [1, 2]
+    assert {"health/kl", "final/gold_reward"} <= set(ppo.data.metrics)
+    assert "train/loss" in stages["sft"].data.metrics or "loss" in stages["sft"].data.metrics
+
+
+def test_report_to_accepts_one_name_or_none_and_refuses_others(tmp_path):
+    raw = tracked_pipeline(tmp_path, [])
+    for given, expected in (("tensorboard", ["tensorboard"]), ("none", []), ([], [])):
+        raw["run"]["report_to"] = given
+        assert validate_pipeline(raw, stage_kinds()).run.report_to == expected
+    raw["run"]["report_to"] = ["tensorbord"]
+    with pytest.raises(UserError, match="report_to"):
+        validate_pipeline(raw, stage_kinds())
+
+
+def test_a_stage_cannot_be_named_like_the_tracking_dir(tmp_path):
+    raw = tracked_pipeline(tmp_path, [])
+    raw["stages"][0]["name"] = "tracking"
+    with pytest.raises(UserError, match="taken by the run directory"):
+        validate_pipeline(raw, stage_kinds())
