@@ -7,8 +7,9 @@ under its own name, only by the main process.
   ``job_type`` = its kind; files under ``<tracking_dir>/wandb`` (``WANDB_MODE=offline`` works;
   ``WANDB_PROJECT`` names the project, default ``alignkit``).
 - **MLflow**: experiment = the pipeline run's name, one parent run per run directory, one
-  nested run per stage; ``MLFLOW_TRACKING_URI`` when set, else a local file store
-  (``file://<tracking_dir>/mlruns``).
+  nested run per stage; ``MLFLOW_TRACKING_URI`` when set (e.g. ``sqlite:///mlflow.db`` or a
+  server), else a local file store (``file://<tracking_dir>/mlruns``, which MLflow 3 keeps in
+  maintenance mode: we set its opt-in ``MLFLOW_ALLOW_FILE_STORE``).
 
 What is logged: a TRL stage's trainer logs through transformers' own integration callbacks,
 bound to the stage's open tracker run (``train/loss``, ``eval/loss``, ... as transformers names
@@ -203,7 +204,10 @@ class _MLflow:
         import mlflow
 
         self.mlflow = mlflow
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or (root / "mlruns").resolve().as_uri()
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if uri is None:  # a file store in the run: MLflow 3 wants this opt-in for one
+            uri = (root / "mlruns").resolve().as_uri()
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         mlflow.set_tracking_uri(uri)
         experiment = mlflow.set_experiment(run_name)
         while mlflow.active_run() is not None:  # a run left open by a failed stage

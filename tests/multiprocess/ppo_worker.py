@@ -2,7 +2,8 @@
 
 ``argv``: the run directory holding finished ``sft`` and ``rm`` stages, and an output folder.
 Each rank writes ``rank<R>.json`` (its first step's prompts and whitened advantages with their
-mask) and ``rank<R>.pt`` (its policy and value tensors after two steps).
+mask) and ``rank<R>.pt`` (its policy and value tensors after two steps); rank 0 logs to
+TensorBoard under ``tracking/``.
 """
 
 import json
@@ -20,6 +21,7 @@ from alignkit.rundir import RunDir
 from alignkit.stages.ppo import PPOStageConfig
 from alignkit.stages.ppo_loop import PPOTrainer
 from alignkit.stages.ppo_model import REWARD
+from alignkit.tracking import open_stage_tracker
 
 run_dir, out = RunDir(sys.argv[1]), Path(sys.argv[2])
 state = PartialState(cpu=True)
@@ -34,6 +36,8 @@ ctx = StageContext(
     parent=StageOutput("sft", "sft", run_dir.stage_dir("sft"), run_dir.stage_json("sft")),
     resume_from=None, console=Console(quiet=True), is_main=state.is_main_process,
 )  # fmt: skip
+ctx.tracker = open_stage_tracker(["tensorboard"], str(out / "tracking"), run_dir.path, "ppo-ddp",
+                                 "ppo", "ppo", {}, state.is_main_process)  # fmt: skip
 ctx.out_dir.mkdir(parents=True, exist_ok=True)
 trainer = PPOTrainer(cfg, ctx, {REWARD: run_dir.stage_dir("rm")})
 rank = state.process_index
@@ -46,6 +50,7 @@ record = {
 }
 (out / f"rank{rank}.json").write_text(json.dumps(record))
 trainer.train()
+ctx.tracker.close()
 tensors = {
     n: p.detach().clone()
     for n, p in trainer.model.named_parameters()
