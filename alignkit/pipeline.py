@@ -347,11 +347,13 @@ def _cuda() -> bool:
 def _manifest(cfg: PipelineConfig, rd: RunDir, decisions: list[Decision]) -> dict:
     old = {s["name"]: s for s in (rd.manifest() or {}).get("stages", [])}
     stages = []
+    names = {d.stage.name for d in decisions}
     for d in decisions:
         entry = {
             "name": d.stage.name,
             "kind": d.stage.kind,
             "parent": d.parent.name if d.parent else None,
+            "uses": [n for n in d.stage.uses_stages() if n in names],
             "config_hash": d.hash,
             "output": d.stage.name,
             "status": "complete" if d.action == "skip" else "pending",
