@@ -9,7 +9,9 @@ under its own name, only by the main process.
 - **MLflow**: experiment = the pipeline run's name, one parent run per run directory, one
   nested run per stage; ``MLFLOW_TRACKING_URI`` when set (e.g. ``sqlite:///mlflow.db`` or a
   server), else a local file store (``file://<tracking_dir>/mlruns``, which MLflow 3 keeps in
-  maintenance mode: we set its opt-in ``MLFLOW_ALLOW_FILE_STORE``).
+  maintenance mode: we set its opt-in ``MLFLOW_ALLOW_FILE_STORE``). Metric names keep our
+  prefix and write the rest with '.' for '/' (``final/ppo.gold.win_rate``): the file store
+  cannot hold both ``a/b`` and ``a/b/c``.
 
 What is logged: a TRL stage's trainer logs through transformers' own integration callbacks,
 bound to the stage's open tracker run (``train/loss``, ``eval/loss``, ... as transformers names
@@ -232,8 +234,15 @@ class _MLflow:
         return run.info.run_id
 
     def scalars(self, values: dict[str, float], step: int) -> None:
-        clean = {re.sub(r"[^0-9A-Za-z_\-. :/]", "_", k): v for k, v in values.items()}
-        self.mlflow.log_metrics(clean, step=step)
+        self.mlflow.log_metrics({self.metric_name(k): v for k, v in values.items()}, step=step)
+
+    @staticmethod
+    def metric_name(key: str) -> str:
+        """Our prefix, then the rest with '/' as '.': the file store keeps a metric as a file at
+        its name's path, so ``x/win_rate`` beside ``x/win_rate/ci_low`` could not both exist."""
+        prefix, _, rest = key.partition("/")
+        name = f"{prefix}/{rest.replace('/', '.')}" if rest else prefix
+        return re.sub(r"[^0-9A-Za-z_\-. :/]", "_", name)
 
     summary = scalars
 

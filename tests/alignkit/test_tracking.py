@@ -1,5 +1,6 @@
-"""``run.report_to``: a tiny pipeline (sft -> reward_model -> dpo and ppo) logs every stage to the
-run's trackers under its name; read back with each tracker's own reader."""
+"""``run.report_to``: a tiny pipeline (sft -> reward_model -> dpo and ppo -> compare, the
+``tracked_run`` fixture) logs every stage to the run's trackers under its name; read back with
+each tracker's own reader."""
 
 from __future__ import annotations
 
@@ -11,66 +12,10 @@ import pytest
 
 from alignkit.config import validate_pipeline
 from alignkit.errors import UserError
-from alignkit.pipeline import run_pipeline
-from alignkit.stages import REGISTRY, stage_kinds
+from alignkit.stages import stage_kinds
 
 HAS = {name: importlib.util.find_spec(name) is not None for name in ("wandb", "mlflow")}
-STAGES = ("sft", "rm", "dpo", "ppo")
-
-PREF = {"source": "builtin:preference", "split": "train", "eval_split": "test", "max_rows": 32,
-        "max_eval_rows": 8}  # fmt: skip
-HELDOUT = {"num_prompts": 2, "samples_per_prompt": 1, "max_new_tokens": 8}
-HEALTH = {
-    "every": 1,
-    "sample_prompts": 2,
-    "samples_per_prompt": 1,
-    "max_new_tokens": 8,
-    "max_kl": 1e-6,
-}  # fmt: skip  (trips at the first check after step 0: a trip to log
-
-
-def train(steps: int = 2) -> dict:
-    return {"max_steps": steps, "per_device_train_batch_size": 8, "logging_steps": 1,
-            "save_steps": 50}  # fmt: skip
-
-
-def tracked_pipeline(run_dir, report_to: list[str]) -> dict:
-    return {
-        "run": {"name": "tracked", "dir": str(run_dir), "seed": 0, "report_to": report_to},
-        "model": {"name": "builtin:tiny"},
-        "adapter": {"type": "lora", "r": 4, "alpha": 8},
-        "stages": [
-            {"name": "sft", "kind": "sft", "max_length": 48, "heldout": HELDOUT, "train": train(),
-             "data": {"source": "builtin:sft", "split": "train", "eval_split": "test",
-                      "max_rows": 32, "max_eval_rows": 8}},
-            {"name": "rm", "kind": "reward_model", "data": PREF, "max_length": 48,
-             "train": train()},
-            {"name": "dpo", "kind": "dpo", "from": "sft", "data": PREF, "max_length": 48,
-             "heldout": HELDOUT, "health": HEALTH, "train": train()},
-            {"name": "ppo", "kind": "ppo", "from": "sft", "reward_model": "rm", "steps": 2,
-             "data": {"source": "builtin:prompts", "split": "train", "max_rows": 16},
-             "prompts_per_step": 4, "minibatches": 2, "ppo_epochs": 1, "max_new_tokens": 8,
-             "heldout": HELDOUT, "health": HEALTH},
-        ],
-    }  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def tracked_run(tmp_path_factory):
-    """One run logging to TensorBoard and to W&B (offline) and MLflow (file store) when their
-    packages are installed."""
-    run_dir = tmp_path_factory.mktemp("tracked")
-    report_to = ["tensorboard"] + [name for name, present in HAS.items() if present]
-    mp = pytest.MonkeyPatch()
-    mp.setenv("WANDB_MODE", "offline")
-    mp.setenv("WANDB_SILENT", "true")
-    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-    try:
-        cfg = validate_pipeline(tracked_pipeline(run_dir, report_to), stage_kinds())
-        run_pipeline(cfg, REGISTRY, run_dir)
-    finally:
-        mp.undo()
-    return run_dir
+STAGES = ("sft", "rm", "dpo", "ppo", "compare")
 
 
 def test_tensorboard_has_every_stage_under_its_name(tracked_run):
@@ -101,6 +46,7 @@ def test_tensorboard_has_every_stage_under_its_name(tracked_run):
         assert {"health/trips/text_summary", "samples/text_summary"} <= text
         assert {"final/gold_reward", "final/kl_ref", "final/gold_reward_gain_ci_low"} <= scalars
     assert "final/heldout_nll" in tags["sft"][0]
+    assert {"final/ppo/gold/win_rate", "final/ppo/kl"} <= tags["compare"][0]  # the comparison
     assert "final/heldout_pairwise_accuracy" in tags["rm"][0]
     stage_json = json.loads((tracked_run / "ppo" / "stage.json").read_text())
     final = ppo_events.Scalars("final/gold_reward")[-1].value
@@ -165,12 +111,15 @@ def test_mlflow_file_store_has_one_parent_run_and_a_nested_run_per_stage(tracked
     ppo = stages["ppo"]
     history = client.get_metric_history(ppo.info.run_id, "train/score_mean")
     assert [m.step for m in history] == [1, 2]
-    assert {"health/kl", "final/gold_reward"} <= set(ppo.data.metrics)
+    assert {"health/kl", "health/trip.kl_limit", "final/gold_reward"} <= set(ppo.data.metrics)
+    assert {"final/ppo.gold.win_rate", "final/ppo.gold.win_rate.ci_low"} <= set(
+        stages["compare"].data.metrics
+    )
     assert {"loss", "eval_loss", "final/heldout_nll"} <= set(stages["sft"].data.metrics)
 
 
-def test_report_to_accepts_one_name_or_none_and_refuses_others(tmp_path):
-    raw = tracked_pipeline(tmp_path, [])
+def test_report_to_accepts_one_name_or_none_and_refuses_others(tmp_path, tiny_pipeline_cfg):
+    raw = tiny_pipeline_cfg(tmp_path)
     for given, expected in (("tensorboard", ["tensorboard"]), ("none", []), ([], [])):
         raw["run"]["report_to"] = given
         assert validate_pipeline(raw, stage_kinds()).run.report_to == expected
@@ -179,8 +128,8 @@ def test_report_to_accepts_one_name_or_none_and_refuses_others(tmp_path):
         validate_pipeline(raw, stage_kinds())
 
 
-def test_a_stage_cannot_be_named_like_the_tracking_dir(tmp_path):
-    raw = tracked_pipeline(tmp_path, [])
+def test_a_stage_cannot_be_named_like_the_tracking_dir(tmp_path, tiny_pipeline_cfg):
+    raw = tiny_pipeline_cfg(tmp_path)
     raw["stages"][0]["name"] = "tracking"
     with pytest.raises(UserError, match="taken by the run directory"):
         validate_pipeline(raw, stage_kinds())
