@@ -23,7 +23,7 @@ STATUS_COLORS = {
     "stale": ("#f3e8fd", "#9334e6"),
     "pending": ("#f1f3f4", "#80868b"),
 }
-BOX_W, BOX_H, GAP_X, GAP_Y = 180, 62, 60, 22
+BOX_W, BOX_H, GAP_X, GAP_Y = 180, 62, 60, 40
 
 #: Panels of the curves figure: title -> does a metric name belong to it
 PANELS = (
@@ -72,13 +72,16 @@ def chain_svg(stages: list[dict], edges: list[tuple[str, str, bool]]) -> str:
         'markerHeight="7" orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" '
         'fill="#5f6368"/></marker></defs>',
     ]
+    below = 0
     for a, b, is_parent in edges:
         if a not in pos or b not in pos:
             continue
         (x1, y1), (x2, y2) = pos[a], pos[b]
         if x2 - x1 > BOX_W + GAP_X and y1 == y2:  # past the boxes between: below them
+            dip = 4 / 3 * (10 + 8 * (below % 3))  # each its own depth in the gap
+            below += 1
             sx, sy, ex, ey = x1 + BOX_W / 2, y1 + BOX_H, x2 + BOX_W / 3, y2 + BOX_H
-            path = f"M{sx},{sy} C{sx},{sy + 24} {ex},{ey + 24} {ex},{ey + 2}"
+            path = f"M{sx},{sy} C{sx},{sy + dip} {ex},{ey + dip} {ex},{ey + 2}"
         elif x2 > x1:  # left to right: from the right edge to the left edge
             sx, sy, ex, ey = x1 + BOX_W, y1 + BOX_H / 2, x2, y2 + BOX_H / 2
             mid = (sx + ex) / 2
