@@ -253,7 +253,7 @@ def _run_stage(cfg, registry, rd: RunDir, d: Decision, manifest, entry, state, c
     if state.is_main_process:
         console.rule(f"[bold]{d.stage.name}[/] ({d.stage.kind}): {d.action}")
     started = time.time()
-    ctx.tracker = _open_tracker(cfg, rd, d.stage, state.is_main_process)
+    ctx.tracker = _open_tracker(cfg, rd, d, state.is_main_process)
     try:
         result = registry[d.stage.kind].run(d.stage, ctx)
         if state.is_main_process:
@@ -280,16 +280,17 @@ def _run_stage(cfg, registry, rd: RunDir, d: Decision, manifest, entry, state, c
         )
 
 
-def _open_tracker(cfg: PipelineConfig, rd: RunDir, stage: StageBase, is_main: bool):
+def _open_tracker(cfg: PipelineConfig, rd: RunDir, d: Decision, is_main: bool):
     return open_stage_tracker(
         cfg.run.report_to,
         cfg.run.tracking_dir,
         rd.path,
         cfg.run.name,
-        stage.name,
-        stage.kind,
-        redact(stage.model_dump(mode="json", by_alias=True)),
+        d.stage.name,
+        d.stage.kind,
+        redact(d.stage.model_dump(mode="json", by_alias=True)),
         is_main,
+        checkpoint_step(d.resume_from) if d.resume_from is not None else None,
     )
 
 

@@ -108,9 +108,12 @@ def open_stage_tracker(
     kind: str,
     config: dict,
     is_main: bool,
+    resume_step: int | None = None,
 ) -> StageTracker:
     """The stage's tracker: every backend of ``report_to`` opened for this stage on the main
-    process; a tracker that does nothing elsewhere."""
+    process; a tracker that does nothing elsewhere. ``resume_step``: the checkpoint an
+    interrupted stage resumes from; TensorBoard drops what the first attempt logged after it
+    (those steps run again)."""
     if not report_to or not is_main:
         return StageTracker()
     root = tracking_dir(run_dir, configured_dir)
@@ -119,7 +122,7 @@ def open_stage_tracker(
     try:
         for name in report_to:
             cls = {"tensorboard": _TensorBoard, "wandb": _WandB, "mlflow": _MLflow}[name]
-            opened.append(cls(root, run_name, stage, kind, config))
+            opened.append(cls(root, run_name, stage, kind, config, resume_step))
     except BaseException:
         StageTracker(opened).close()
         raise
@@ -127,10 +130,12 @@ def open_stage_tracker(
 
 
 class _TensorBoard:
-    def __init__(self, root: Path, run_name: str, stage: str, kind: str, config: dict):
+    def __init__(self, root, run_name, stage, kind, config, resume_step):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(root / "tensorboard" / stage))
+        log_dir = str(root / "tensorboard" / stage)
+        purge = None if resume_step is None else resume_step + 1  # steps after the checkpoint
+        self.writer = SummaryWriter(log_dir=log_dir, purge_step=purge)
         self.writer.add_text("config", _code(json.dumps(config, indent=2, default=str)), 0)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
@@ -158,7 +163,7 @@ class _TensorBoard:
 
 
 class _WandB:
-    def __init__(self, root: Path, run_name: str, stage: str, kind: str, config: dict):
+    def __init__(self, root, run_name, stage, kind, config, resume_step):
         import wandb
 
         self.wandb = wandb
@@ -202,7 +207,7 @@ class _WandB:
 class _MLflow:
     PARENT_FILE = "mlflow_parent.json"
 
-    def __init__(self, root: Path, run_name: str, stage: str, kind: str, config: dict):
+    def __init__(self, root, run_name, stage, kind, config, resume_step):
         import mlflow
 
         self.mlflow = mlflow

@@ -133,3 +133,24 @@ def test_a_stage_cannot_be_named_like_the_tracking_dir(tmp_path, tiny_pipeline_c
     raw["stages"][0]["name"] = "tracking"
     with pytest.raises(UserError, match="taken by the run directory"):
         validate_pipeline(raw, stage_kinds())
+
+
+def test_a_resumed_stage_replaces_what_tensorboard_got_after_its_checkpoint(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from alignkit.tracking import open_stage_tracker
+
+    def attempt(first_step: int, value: float, resume_step: int | None) -> None:
+        tracker = open_stage_tracker(["tensorboard"], None, tmp_path, "r", "ppo", "ppo", {},
+                                     True, resume_step)  # fmt: skip
+        for step in range(first_step, 5):
+            tracker.log({"kl": value}, step)
+        tracker.close()
+
+    attempt(1, 0.0, None)  # killed after step 4; its last checkpoint was step 2
+    attempt(3, 1.0, 2)  # resumed from checkpoint-2: steps 3 and 4 run again
+    events = EventAccumulator(str(tmp_path / "tracking" / "tensorboard" / "ppo"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/kl")] == [
+        (1, 0.0), (2, 0.0), (3, 1.0), (4, 1.0)
+    ]  # fmt: skip
