@@ -258,14 +258,12 @@ def _run_stage(cfg, registry, rd: RunDir, d: Decision, manifest, entry, state, c
         result = registry[d.stage.kind].run(d.stage, ctx)
         if state.is_main_process:
             check_saved_weights(out_dir, ctx.where)  # NaN/inf never completes a stage
-        ctx.tracker.final(result.metrics, int(result.metrics.get("global_step", 0)))
     except BaseException as e:
         if isinstance(e, KeyboardInterrupt):
             interrupts.acknowledge()  # being handled: no second one inside the handler
         _record_failure(rd, manifest, entry, out_dir, e, console)
+        _close_tracker(ctx.tracker)
         raise
-    finally:
-        ctx.tracker.close()
     record = _stage_record(cfg, d, result, parent, started)
     record["resumed_from"] = resume.name if resume else None
     record.update(_health(out_dir))
@@ -273,6 +271,8 @@ def _run_stage(cfg, registry, rd: RunDir, d: Decision, manifest, entry, state, c
     rd.finish_stage(d.stage.name, record)
     entry.update(status="complete", finished=_now(), metrics=result.metrics)
     rd.write_manifest(manifest)
+    ctx.tracker.final(result.metrics, int(result.metrics.get("global_step", 0)))
+    ctx.tracker.close()
     if state.is_main_process:
         summary = ", ".join(f"{k}={v:.4g}" for k, v in _headline(result.metrics).items())
         console.print(
@@ -292,6 +292,14 @@ def _open_tracker(cfg: PipelineConfig, rd: RunDir, d: Decision, is_main: bool):
         is_main,
         checkpoint_step(d.resume_from) if d.resume_from is not None else None,
     )
+
+
+def _close_tracker(tracker: StageTracker) -> None:
+    """Close a failed stage's trackers; a tracker's own error must not hide the stage's."""
+    try:
+        tracker.close()
+    except Exception as e:  # noqa: BLE001
+        log.warning("could not close the stage's trackers: %s", e)
 
 
 def _record_failure(rd: RunDir, manifest, entry, out_dir: Path, error, console) -> None:

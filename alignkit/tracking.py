@@ -39,6 +39,13 @@ from alignkit.rundir import TRACKING_DIR, read_json_or_none, write_json_atomic
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
 
+HINTS = {
+    "tensorboard": "check that the tracking dir is writable",
+    "wandb": "log in with `wandb login`, or set WANDB_MODE=offline",
+    "mlflow": "check MLFLOW_TRACKING_URI",
+}
+
+
 def tracking_dir(run_dir: Path, configured: str | None) -> Path:
     return Path(configured) if configured else Path(run_dir) / TRACKING_DIR
 
@@ -119,13 +126,16 @@ def open_stage_tracker(
     root = tracking_dir(run_dir, configured_dir)
     root.mkdir(parents=True, exist_ok=True)
     opened: list = []
-    try:
-        for name in report_to:
-            cls = {"tensorboard": _TensorBoard, "wandb": _WandB, "mlflow": _MLflow}[name]
+    for name in report_to:
+        cls = {"tensorboard": _TensorBoard, "wandb": _WandB, "mlflow": _MLflow}[name]
+        try:
             opened.append(cls(root, run_name, stage, kind, config, resume_step))
-    except BaseException:
-        StageTracker(opened).close()
-        raise
+        except Exception as e:
+            StageTracker(opened).close()
+            raise UserError(
+                f"run.report_to: {name} could not start a run for stage {stage!r}: {e} "
+                f"({HINTS[name]}; or remove {name} from run.report_to)"
+            ) from e
     return StageTracker(opened)
 
 

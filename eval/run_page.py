@@ -200,6 +200,8 @@ def _heldout(metrics: dict) -> str:
 
 def _probe_samples(rows: list[dict]) -> str:
     """The health probe's samples, one ``<details>`` per check step."""
+    if not rows:
+        return ""
     steps = sorted({r["step"] for r in rows})
     if len(steps) > MAX_PROBE_STEPS:
         k = MAX_PROBE_STEPS - 1

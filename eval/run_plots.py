@@ -40,7 +40,8 @@ def duration(started: str | None, finished: str | None) -> str:
     """``1m 05s`` between two manifest timestamps, or ``""``."""
     try:
         fmt = "%Y-%m-%dT%H:%M:%S%z"
-        seconds = (datetime.strptime(finished, fmt) - datetime.strptime(started, fmt)).seconds
+        took = datetime.strptime(finished, fmt) - datetime.strptime(started, fmt)
+        seconds = int(took.total_seconds())
     except (TypeError, ValueError):
         return ""
     minutes, s = divmod(seconds, 60)
