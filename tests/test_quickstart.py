@@ -78,4 +78,4 @@ def test_quickstart_grpo_beats_its_reference(tmp_path):
     stages = [s["name"] for s in json.loads((tmp_path / "manifest.json").read_text())["stages"]]
     for stage in stages:
         assert f'id="stage-{stage}"' in page and f">{stage}</text>" in page
-    assert "<script" not in page and page.count("data:image/png;base64,") >= 10
+    assert "<script" not in page and page.count("data:image/png;base64,") >= 9
