@@ -32,6 +32,7 @@ from alignkit.config import (
 from alignkit.errors import UserError
 from alignkit.handoff import StageOutput, find_stage
 from alignkit.rundir import RunDir, checkpoint_step, read_json_or_none, trim_logs_to_step
+from alignkit.tracking import NO_TRACKING, StageTracker, check_trackers, open_stage_tracker
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,9 @@ class StageContext:
     """Latest trainer checkpoint of an interrupted attempt, to resume from."""
     console: Console
     is_main: bool = True
+    tracker: StageTracker = NO_TRACKING
+    """The run's experiment trackers, opened for this stage (does nothing when tracking is off
+    and on every rank but the main one)."""
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -202,6 +206,7 @@ def run_pipeline(
     from accelerate import PartialState
 
     console = console or Console()
+    check_trackers(cfg.run.report_to)
     state = PartialState(cpu=not _cuda())
     rd = RunDir(run_dir, is_main=state.is_main_process)
     with rd.lock():
@@ -266,6 +271,7 @@ def _run_stage(cfg, registry, rd: RunDir, d: Decision, manifest, entry, state, c
     if state.is_main_process:
         console.rule(f"[bold]{d.stage.name}[/] ({d.stage.kind}): {d.action}")
     started = time.time()
+    ctx.tracker = _open_tracker(cfg, rd, d, state.is_main_process)
     try:
         result = registry[d.stage.kind].run(d.stage, ctx)
         if state.is_main_process:
@@ -274,6 +280,7 @@ def _run_stage(cfg, registry, rd: RunDir, d: Decision, manifest, entry, state, c
         if isinstance(e, KeyboardInterrupt):
             interrupts.acknowledge()  # being handled: no second one inside the handler
         _record_failure(rd, manifest, entry, out_dir, e, console)
+        _close_tracker(ctx.tracker)
         raise
     record = _stage_record(cfg, d, result, parent, started)
     record["resumed_from"] = resume.name if resume else None
@@ -284,11 +291,35 @@ def _run_stage(cfg, registry, rd: RunDir, d: Decision, manifest, entry, state, c
     rd.finish_stage(d.stage.name, record)
     entry.update(status="complete", finished=_now(), seconds=seconds, metrics=result.metrics)
     rd.write_manifest(manifest)
+    ctx.tracker.final(result.metrics, int(result.metrics.get("global_step", 0)))
+    ctx.tracker.close()
     if state.is_main_process:
         summary = ", ".join(f"{k}={v:.4g}" for k, v in _headline(result.metrics).items())
         console.print(
             f"[green]✓[/] {d.stage.name} complete in {time.time() - started:.0f}s  {summary}"
         )
+
+
+def _open_tracker(cfg: PipelineConfig, rd: RunDir, d: Decision, is_main: bool):
+    return open_stage_tracker(
+        cfg.run.report_to,
+        cfg.run.tracking_dir,
+        rd.path,
+        cfg.run.name,
+        d.stage.name,
+        d.stage.kind,
+        redact(d.stage.model_dump(mode="json", by_alias=True)),
+        is_main,
+        checkpoint_step(d.resume_from) if d.resume_from is not None else None,
+    )
+
+
+def _close_tracker(tracker: StageTracker) -> None:
+    """Close a failed stage's trackers; a tracker's own error must not hide the stage's."""
+    try:
+        tracker.close()
+    except Exception as e:  # noqa: BLE001
+        log.warning("could not close the stage's trackers: %s", e)
 
 
 def _record_failure(rd: RunDir, manifest, entry, out_dir: Path, error, console) -> None:
@@ -345,11 +376,13 @@ def _cuda() -> bool:
 def _manifest(cfg: PipelineConfig, rd: RunDir, decisions: list[Decision]) -> dict:
     old = {s["name"]: s for s in (rd.manifest() or {}).get("stages", [])}
     stages = []
+    names = {d.stage.name for d in decisions}
     for d in decisions:
         entry = {
             "name": d.stage.name,
             "kind": d.stage.kind,
             "parent": d.parent.name if d.parent else None,
+            "uses": [n for n in d.stage.uses_stages() if n in names],
             "config_hash": d.hash,
             "output": d.stage.name,
             "status": "complete" if d.action == "skip" else "pending",

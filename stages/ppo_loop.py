@@ -229,11 +229,13 @@ class PPOTrainer:
         )
 
     def _log(self, stats: dict[str, float]) -> dict[str, float]:
-        """The step's record, appended to metrics.jsonl by the main process."""
+        """The step's record, appended to metrics.jsonl and sent to the run's trackers
+        (``train/<name>``) by the main process."""
         record = {"step": self.step, **{k: float(v) for k, v in stats.items()}}
         if self.ctx.is_main:
             with self.ctx.metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            self.ctx.tracker.log(stats, self.step)
         return record
 
     @staticmethod
