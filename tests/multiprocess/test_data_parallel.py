@@ -185,7 +185,7 @@ def test_ppo_ranks_sample_different_prompts_and_end_with_one_policy(ppo_ranks):
 def test_ppo_update_averages_policy_and_value_gradients_over_ranks(ppo_ranks):
     """The update back-propagates the policy and the value in separate passes (one pass's
     activations at a time); the gradients the optimizer sees are still the mean of the ranks'."""
-    records, _ = ppo_ranks
+    records, _, _ = ppo_ranks
     for r in records:
         assert r["update_grad_rank_spread"] > 0  # the ranks' own gradients differ
         assert r["update_grad_error"] < 1e-5
