@@ -96,6 +96,9 @@ class StageResult:
     metrics: dict[str, float]
     adapter_type: str
     outputs: dict[str, str] = field(default_factory=dict)
+    early_stopping: dict[str, Any] | None = None
+    """Recorded in stage.json when the stage stopped early (see
+    :func:`alignkit.training.early_stopping_record`)."""
 
 
 @dataclass(frozen=True)
@@ -259,6 +262,8 @@ def _run_stage(cfg, registry, rd: RunDir, d: Decision, manifest, entry, state, c
         raise
     record = _stage_record(cfg, d, result, parent, started)
     record["resumed_from"] = resume.name if resume else None
+    if result.early_stopping is not None:
+        record["early_stopping"] = result.early_stopping
     record.update(_health(out_dir))
     state.wait_for_everyone()
     rd.finish_stage(d.stage.name, record)
