@@ -76,8 +76,9 @@ class AdaLoraSpec(Strict):
     ``init_r``; after a warm-up the least important singular triplets are pruned (cubic schedule)
     until the average rank is the adapter's ``r``, then the ranks stay fixed to the end."""
 
-    init_r: int = Field(12, gt=0)
-    """Starting rank of every adapted module (``r`` is the average rank at the end)."""
+    init_r: int | None = Field(None, gt=0)
+    """Starting rank of every adapted module (``r`` is the average rank at the end); default
+    ``1.5 * r``, peft's own ratio (12 for 8)."""
     tinit: float = Field(0.1, ge=0, lt=1)
     """Share of the training steps before pruning starts (warm-up at ``init_r``)."""
     tfinal: float = Field(0.2, ge=0, lt=1)
@@ -137,9 +138,16 @@ class AdapterSpec(Strict):
             raise ValueError(f"init_lora_weights applies to type: lora, not {self.type!r}")
         if self.loraplus_ratio is not None and self.type != "lora":
             raise ValueError(f"loraplus_ratio applies to type: lora, not {self.type!r}")
-        if self.type == "adalora" and self.adalora.init_r < self.r:
+        init_r = self.adalora.init_r
+        if self.type == "adalora" and init_r is not None and init_r < self.r:
             raise ValueError(f"adalora.init_r ({self.adalora.init_r}) must be >= r ({self.r})")
         return self
+
+    @property
+    def saved_type(self) -> str:
+        """The adapter type a stage saves (and stage.json records): AdaLoRA is saved as the LoRA
+        adapter it amounts to (see :func:`alignkit.adapters.save_adalora_as_lora`)."""
+        return "lora" if self.type == "adalora" else self.type
 
     @property
     def changes_base_weights(self) -> bool:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from alignkit.adapters import INITIAL_ADAPTER_DIR
+from alignkit.adapters import INITIAL_ADAPTER_DIR, save_adalora_as_lora
 from alignkit.config import BUILTIN_MODEL, AdapterSpec, ModelSpec
 from alignkit.errors import UserError
 from alignkit.handoff import (
@@ -195,7 +195,7 @@ def peft_config(adapter: AdapterSpec, task_type: str = "CAUSAL_LM"):
         spec = adapter.adalora
         return peft.AdaLoraConfig(
             target_r=adapter.r,
-            init_r=spec.init_r,
+            init_r=spec.init_r or (3 * adapter.r + 1) // 2,
             lora_alpha=adapter.alpha,
             lora_dropout=adapter.dropout,
             target_modules=adapter.target_modules,
@@ -307,7 +307,10 @@ def save_stage_model(
     """
     from peft import PeftModel
 
-    if isinstance(model, PeftModel):
+    if isinstance(model, PeftModel) and model.peft_config[POLICY_ADAPTER].peft_type == "ADALORA":
+        sub = ADAPTER_DIR
+        save_adalora_as_lora(model, out_dir / sub, state_dict)
+    elif isinstance(model, PeftModel):
         sub = ADAPTER_DIR
         initial = out_dir / INITIAL_ADAPTER_DIR
         # PiSSA/OLoRA trained on changed base weights: peft converts the adapter (rank 2r) to

@@ -71,6 +71,16 @@ def start_policy(cfg, ctx: StageContext, kind: str):
     :func:`~alignkit.training.make_trl_trainer`). A parent that is no policy is refused."""
     parent = ctx.require_policy_parent(kind)
     adapter = cfg.adapter or ctx.adapter
+    if (
+        parent is None
+        and kind != "sft"
+        and (adapter.type == "adalora" or adapter.changes_base_weights)
+    ):
+        method = "AdaLoRA" if adapter.type == "adalora" else adapter.init_lora_weights
+        raise UserError(
+            f"{ctx.where}: a new {method} adapter is created by an SFT stage; start this {kind} "
+            "stage from one (`from: sft`): it continues the saved adapter as plain LoRA"
+        )
     if parent is not None:  # the parent's adapter is continued, whatever this stage's says
         adapter = continued_adapter(parent.record.get("adapter_type", adapter.type), adapter, ctx)
     model, tokenizer = models.load_policy(ctx.model, adapter, parent.dir if parent else None)

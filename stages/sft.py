@@ -95,7 +95,7 @@ def run(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
         trainer,
         tokenizer,
         PolicyPair.of(trainer.model, base_is_reference=base),
-        adapter.type,
+        adapter.saved_type,
         {"train_rows": float(len(train_rows)), "eval_rows": float(len(eval_rows))},
         evaluate=eval_ds is not None,
         reference_is_base=True,
