@@ -97,7 +97,7 @@ class StageResult:
     adapter_type: str
     outputs: dict[str, str] = field(default_factory=dict)
     early_stopping: dict[str, Any] | None = None
-    """Recorded in stage.json when the stage stopped early (see
+    """Recorded in stage.json when the stage ran with early stopping (see
     :func:`alignkit.training.early_stopping_record`)."""
 
 

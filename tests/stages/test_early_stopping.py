@@ -98,3 +98,29 @@ def test_options_early_stopping_sets_are_refused_in_train(tiny_pipeline_cfg, tmp
     raw["stages"][0]["early_stopping"] = {"every": 2}  # the fixture sets train.save_steps
     with pytest.raises(UserError, match="'train.save_steps' is set by early_stopping"):
         validate_pipeline(raw, stage_kinds())
+
+
+def test_reward_model_and_dpo_stop_on_their_own_metrics(tmp_path, tiny_pipeline_cfg):
+    pairs = {"source": "builtin:preference", "max_rows": 32, "eval_split": "test",
+             "max_eval_rows": 8}  # fmt: skip
+    train = {"max_steps": 4, "per_device_train_batch_size": 8, "learning_rate": 1e-3}
+    raw = tiny_pipeline_cfg(tmp_path / "run")
+    raw["stages"] = [
+        {"name": "rm", "kind": "reward_model", "max_length": 64, "data": pairs, "train": train,
+         "probe": False, "early_stopping": {"metric": "accuracy", "patience": 1, "every": 1}},
+        {"name": "dpo", "kind": "dpo", "max_length": 64, "data": pairs, "train": train,
+         "health": {"enabled": False}, "heldout": {"enabled": False},
+         "early_stopping": {"metric": "eval_rewards/margins", "patience": 2, "every": 2}},
+    ]  # fmt: skip
+    run_pipeline(validate_pipeline(raw, stage_kinds()), REGISTRY, tmp_path / "run")
+    for stage, metric, evals in (
+        ("rm", "eval_accuracy", (1, 2, 3, 4)),
+        ("dpo", "eval_rewards/margins", (2, 4)),
+    ):
+        record = json.loads((tmp_path / "run" / stage / "stage.json").read_text())
+        stopped = record["early_stopping"]
+        assert stopped["metric"] == metric and stopped["greater_is_better"]
+        assert stopped["best_step"] in evals and stopped["stopped_at"] <= 4
+        assert stopped["stopped_at"] == record["metrics"]["global_step"]
+        # the stage's final evaluation is of the best checkpoint it saved
+        assert record["metrics"][metric] == pytest.approx(stopped["best_metric"])
