@@ -64,12 +64,20 @@ class AdaLoraBudget(TrainerCallback, ExportableState):
         model.peft_config[POLICY_ADAPTER].rank_pattern = self.rank_pattern
 
 
-def keep_initial_adapter(model, adapter: AdapterSpec, out_dir: Path, quantized: bool, is_main):
+def keep_initial_adapter(
+    model, adapter: AdapterSpec, out_dir: Path, *, quantized: bool, sharded: bool, is_main: bool
+) -> None:
     """After creating a PiSSA/OLoRA adapter: save it as initialised (peft's recipe: with
     ``init_lora_weights`` set to true, so loading it never decomposes the residual base again)
     for :func:`alignkit.models.save_stage_model` to convert the trained adapter against."""
     if not adapter.changes_base_weights:
         return
+    if sharded:
+        raise UserError(
+            f"adapter.init_lora_weights: {adapter.init_lora_weights} is not supported with "
+            "weights sharded across ranks (DeepSpeed ZeRO-3, FSDP): peft converts the adapter "
+            "from whole tensors; use DDP or ZeRO-2, or init_lora_weights: default"
+        )
     if quantized:
         raise UserError(
             f"adapter.init_lora_weights: {adapter.init_lora_weights} needs an unquantized base "

@@ -318,6 +318,8 @@ def save_stage_model(
         convert = (
             {"path_initial_model_for_weight_conversion": str(initial)} if initial.is_dir() else {}
         )
+        if convert:  # peft converts from the live weights: whole on every rank (never sharded:
+            state_dict = None  # keep_initial_adapter refuses that) and holding the initial one
         model.save_pretrained(
             str(out_dir / sub), selected_adapters=[POLICY_ADAPTER], state_dict=state_dict, **convert
         )

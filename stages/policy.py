@@ -86,7 +86,10 @@ def start_policy(cfg, ctx: StageContext, kind: str):
     model, tokenizer = models.load_policy(ctx.model, adapter, parent.dir if parent else None)
     quantized = ctx.model.quantization != "none"
     if parent is None:
-        keep_initial_adapter(model, adapter, ctx.out_dir, quantized, ctx.is_main)
+        keep_initial_adapter(
+            model, adapter, ctx.out_dir,
+            quantized=quantized, sharded=weights_sharded(), is_main=ctx.is_main,
+        )  # fmt: skip
     saved = snapshot_adapter(model, quantized, models.torch_dtype(ctx.model))
     trainable, total = models.count_parameters(model)
     ctx.console.print(f"trainable parameters: {trainable:,} of {total:,} ({adapter.type})")
