@@ -138,6 +138,14 @@ class AdapterSpec(Strict):
             raise ValueError(f"init_lora_weights applies to type: lora, not {self.type!r}")
         if self.loraplus_ratio is not None and self.type != "lora":
             raise ValueError(f"loraplus_ratio applies to type: lora, not {self.type!r}")
+        if self.changes_base_weights and (self.modules_to_save or self.use_dora):
+            raise ValueError(
+                f"init_lora_weights: {self.init_lora_weights} cannot be combined with "
+                "modules_to_save or use_dora: peft's conversion to the original base keeps only "
+                "the LoRA matrices"
+            )
+        if self.type == "adalora" and (self.use_dora or self.use_rslora):
+            raise ValueError("use_dora and use_rslora are LoRA options; AdaLoRA has neither")
         init_r = self.adalora.init_r
         if self.type == "adalora" and init_r is not None and init_r < self.r:
             raise ValueError(f"adalora.init_r ({self.adalora.init_r}) must be >= r ({self.r})")
