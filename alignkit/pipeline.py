@@ -100,6 +100,9 @@ class StageResult:
     metrics: dict[str, float]
     adapter_type: str
     outputs: dict[str, str] = field(default_factory=dict)
+    early_stopping: dict[str, Any] | None = None
+    """Recorded in stage.json when the stage ran with early stopping (see
+    :func:`alignkit.training.early_stopping_record`)."""
 
 
 @dataclass(frozen=True)
@@ -284,6 +287,8 @@ def _run_stage(cfg, registry, rd: RunDir, d: Decision, manifest, entry, state, c
         raise
     record = _stage_record(cfg, d, result, parent, started)
     record["resumed_from"] = resume.name if resume else None
+    if result.early_stopping is not None:
+        record["early_stopping"] = result.early_stopping
     seconds = round(time.time() - started, 1)  # this attempt's (a resumed stage: since resuming)
     record["seconds"] = seconds
     record.update(_health(out_dir))
