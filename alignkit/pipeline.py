@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -33,6 +33,9 @@ from alignkit.errors import UserError
 from alignkit.handoff import StageOutput, find_stage
 from alignkit.rundir import RunDir, checkpoint_step, read_json_or_none, trim_logs_to_step
 
+if TYPE_CHECKING:
+    from alignkit.sweep.study import TrialReport
+
 log = logging.getLogger(__name__)
 
 
@@ -49,6 +52,9 @@ class StageContext:
     """Latest trainer checkpoint of an interrupted attempt, to resume from."""
     console: Console
     is_main: bool = True
+    trial: TrialReport | None = None
+    """In a sweep's trial: where the stage reports intermediate objective values every
+    ``trial.every`` steps (:class:`alignkit.sweep.study.TrialReport`; may stop the trial)."""
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -198,7 +204,9 @@ def run_pipeline(
     registry: Mapping[str, StageKind],
     run_dir: str | Path,
     console: Console | None = None,
+    trial: TrialReport | None = None,
 ) -> list[Decision]:
+    """Plan and run the stages; ``trial``: the sweep trial the stage ``trial.stage`` reports to."""
     from accelerate import PartialState
 
     console = console or Console()
@@ -219,11 +227,15 @@ def run_pipeline(
         rd.write_manifest(manifest)
         for i, d in enumerate(decisions):
             if d.action != "skip":
-                _run_stage(cfg, registry, rd, d, manifest, manifest["stages"][i], state, console)
+                report = trial if trial is not None and trial.stage == d.stage.name else None
+                entry = manifest["stages"][i]
+                _run_stage(cfg, registry, rd, d, manifest, entry, state, console, report)
     return decisions
 
 
-def _run_stage(cfg, registry, rd: RunDir, d: Decision, manifest, entry, state, console) -> None:
+def _run_stage(
+    cfg, registry, rd: RunDir, d: Decision, manifest, entry, state, console, trial
+) -> None:
     from alignkit.finite import check_saved_weights
 
     entry.update(status="running", started=_now())
@@ -244,6 +256,7 @@ def _run_stage(cfg, registry, rd: RunDir, d: Decision, manifest, entry, state, c
         resume_from=resume,
         console=console,
         is_main=state.is_main_process,
+        trial=trial,
     )
     if state.is_main_process:
         console.rule(f"[bold]{d.stage.name}[/] ({d.stage.kind}): {d.action}")
