@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from rich.console import Console
 from rich.table import Table
@@ -33,10 +33,24 @@ from alignkit.errors import UserError
 from alignkit.handoff import StageOutput, find_stage
 from alignkit.rundir import RunDir, checkpoint_step, read_json_or_none, trim_logs_to_step
 
-if TYPE_CHECKING:
-    from alignkit.sweep.study import TrialReport
-
 log = logging.getLogger(__name__)
+
+
+class TrialReport(Protocol):
+    """Where a stage run as a sweep's trial hands intermediate objective values (implemented by
+    :class:`alignkit.sweep.study.TrialReport` on an Optuna trial)."""
+
+    stage: str
+    """The stage that reports."""
+    objective: str
+    """The metric to report, named as the stage records it."""
+
+    def due(self, step: int) -> bool:
+        """Whether the stage should evaluate and report after training step ``step``."""
+
+    def report(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Hand over the value of ``objective`` in ``metrics``; raises ``optuna.TrialPruned``
+        to stop the trial (the stage lets it propagate, like an interrupt)."""
 
 
 @dataclass
@@ -53,8 +67,8 @@ class StageContext:
     console: Console
     is_main: bool = True
     trial: TrialReport | None = None
-    """In a sweep's trial: where the stage reports intermediate objective values every
-    ``trial.every`` steps (:class:`alignkit.sweep.study.TrialReport`; may stop the trial)."""
+    """In a sweep's trial: where the stage reports intermediate objective values when
+    ``trial.due(step)`` (may stop the trial)."""
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -149,12 +149,14 @@ def test_a_poor_intermediate_value_prunes_the_trial():
     for step in (10, 20):
         first.report(0.5, step)
     study.tell(first, 0.5)
-    report = TrialReport(study.ask(), "dpo", "gold_reward_gain", 10, Console(quiet=True))
-    assert not report.due(5) and report.due(10)
-    report.report(10, {"gold_reward_gain": 0.6})  # better than the median: goes on
-    report.report(15, {"loss": 1.0})  # no objective in these metrics: nothing reported
-    with pytest.raises(optuna.TrialPruned, match="at step 20"):
-        report.report(20, {"gold_reward_gain": 0.1})
+    good = TrialReport(study.ask(), "dpo", "gold_reward_gain", 10, Console(quiet=True))
+    assert not good.due(5) and good.due(10) and good.due(20)
+    good.report(10, {"gold_reward_gain": 0.6})  # better than the median: goes on
+    good.report(20, {"loss": 1.0})  # no objective in these metrics: nothing reported
+    assert good.trial.user_attrs["last_step"] == 10
+    poor = TrialReport(study.ask(), "dpo", "gold_reward_gain", 10, Console(quiet=True))
+    with pytest.raises(optuna.TrialPruned, match="at step 10"):
+        poor.report(10, {"gold_reward_gain": 0.1})
 
 
 def test_a_killed_processes_trial_is_retried_with_its_values(tmp_path):
