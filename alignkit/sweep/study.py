@@ -200,7 +200,7 @@ def open_study(optuna, spec: SweepSpec, cfg: PipelineConfig, sweep_dir: Path):
             engine_kwargs=engine,
             heartbeat_interval=spec.heartbeat_seconds,
             grace_period=3 * spec.heartbeat_seconds,
-            failed_trial_callback=lambda study, t: _retry(study, t, spec),
+            heartbeat_stale_trial_callback=lambda study, t: _retry(study, t, spec),
         )
     except ImportError as e:  # a PostgreSQL/MySQL URL without its driver
         raise UserError(f"sweep.storage: {url.split(':')[0]} needs a driver: {e}") from None
@@ -214,16 +214,17 @@ def open_study(optuna, spec: SweepSpec, cfg: PipelineConfig, sweep_dir: Path):
         "none": optuna.pruners.NopPruner,
     }[spec.pruner.type]()
     name = spec.study_name or f"{cfg.run.name}-{spec.stage}"
-    try:
-        return optuna.create_study(
-            storage=storage,
-            study_name=name,
-            direction=spec.direction,
-            pruner=pruner,
-            load_if_exists=True,
+    study = optuna.create_study(
+        storage=storage, study_name=name, direction=spec.direction, pruner=pruner,
+        load_if_exists=True,
+    )  # fmt: skip
+    stored = study.direction.name.lower()
+    if stored != spec.direction:  # Optuna loads an existing study as it was stored
+        raise UserError(
+            f"sweep: study {name!r} in {url} was created to {stored} its objective, not to "
+            f"{spec.direction}; set sweep.study_name to start another study"
         )
-    except ValueError as e:  # e.g. the stored study optimises in the other direction
-        raise UserError(f"sweep: study {name!r} in {url}: {e}") from None
+    return study
 
 
 def _sampler(optuna, spec: SweepSpec, seed: int):
