@@ -34,12 +34,11 @@ def trial_rows(study, spec: SweepSpec) -> list[dict]:
         row = {
             "trial": t.number,
             "dir": t.user_attrs.get("dir", ""),
-            "state": t.state.name.lower()
-            + (" (killed)" if t.user_attrs.get("interrupted") else ""),
+            "state": "killed" if t.user_attrs.get("interrupted") else t.state.name.lower(),
             **{p: t.params.get(p) for p in spec.params},
             spec.objective: t.value if t.value is not None else _last_intermediate(t),
             "last_step": t.user_attrs.get("last_step"),
-            "seconds": round(seconds, 1) if seconds is not None else None,
+            "seconds": round(seconds) if seconds is not None else None,
         }
         row.update({f"metric:{k}": v for k, v in sorted(metrics.items()) if k != spec.objective})
         rows.append(row)
@@ -95,9 +94,11 @@ def _table(rows: list[dict], spec: SweepSpec) -> Table:
         *(f"metric:{m}" for m in CONTEXT_METRICS), "last_step", "seconds",
     ]  # fmt: skip
     shown = [c for c in shown if any(r.get(c) is not None for r in rows)]
-    table = Table(title=f"sweep: {spec.objective} ({spec.direction})", show_edge=False)
+    title = f"sweep: value = {spec.objective} ({spec.direction})"
+    table = Table(title=title, show_edge=False)
     for col in shown:
-        header = HEADERS.get(col, col.removeprefix("metric:").rsplit(".", 1)[-1])
+        header = "value" if col == spec.objective else HEADERS.get(col, col.rsplit(".", 1)[-1])
+        header = header.removeprefix("metric:")
         table.add_column(header, justify="right", no_wrap=True)
     for r in rows:
         table.add_row(*(_cell(r.get(c)) for c in shown))

@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import socket
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,6 +196,7 @@ def open_study(optuna, spec: SweepSpec, cfg: PipelineConfig, sweep_dir: Path):
     url = spec.storage or f"sqlite:///{(sweep_dir / 'study.db').resolve()}"
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
     try:
+        warnings.filterwarnings("ignore", "Argument ``heartbeat_interval``", category=Warning)
         storage = optuna.storages.RDBStorage(
             url,
             engine_kwargs=engine,

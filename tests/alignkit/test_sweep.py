@@ -98,6 +98,10 @@ def test_a_killed_sweep_resumes_without_repeating_finished_trials(tmp_path, tiny
     for t in trials:  # a killed attempt was retried with the same values under the same dir
         if t.state.name == "FAIL":
             assert t.user_attrs.get("interrupted")
+            assert (
+                f"{t.number},{t.user_attrs['dir']},killed"
+                in (run / "sweep" / "report" / "trials.csv").read_text()
+            )
             retry = next(r for r in trials if r.user_attrs.get("retry_of") == t.number)
             assert retry.params == t.params and retry.user_attrs["dir"] == t.user_attrs["dir"]
     for t in ended:  # every trial is the swept stage of its own run directory
@@ -113,4 +117,4 @@ def test_a_killed_sweep_resumes_without_repeating_finished_trials(tmp_path, tiny
     best = load_pipeline(report / "best.yaml", stage_kinds())
     assert best.sweep is None and best.run.dir == str(run)
     assert best.stage("dpo").beta == study.best_params["stages.dpo.beta"]
-    assert "sweep: gold_reward_gain (maximize)" in (tmp_path / "second.log").read_text()
+    assert "sweep: value = gold_reward_gain (maximize)" in (tmp_path / "second.log").read_text()
