@@ -126,10 +126,10 @@ def run_sweep(
     study.sampler = _sampler(optuna, spec, seed)
 
     def objective(trial) -> float:
-        values = {p: d.suggest(trial, p) for p, d in spec.params.items()}
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         trial_dir = sweep_dir / f"trial-{root_number(trial):04d}"
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # for retries
         trial.set_user_attr("dir", trial_dir.name)
+        values = {p: d.suggest(trial, p) for p, d in spec.params.items()}
         shown = ", ".join(f"{p.rsplit('.', 1)[-1]}={_fmt(v)}" for p, v in values.items())
         console.rule(f"[bold]sweep trial {trial.number}[/] ({trial_dir.name}): {shown}")
         _link_upstream(trial_dir, run_dir, upstream)
