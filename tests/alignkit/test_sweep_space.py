@@ -212,3 +212,13 @@ def test_sweep_block_is_deep_copied_not_shared():
     before = copy.deepcopy(raw)
     load_sweep(raw, stage_kinds(), "cfg")
     assert raw == before
+
+
+def test_the_shipped_sweep_config_is_valid():
+    from pathlib import Path
+
+    from alignkit.config import read_pipeline
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "sweep-dpo.yaml"
+    spec = load_sweep(read_pipeline(path), stage_kinds(), str(path))
+    assert spec.stage == "dpo" and spec.trials >= 12 and spec.pruner.type != "none"
