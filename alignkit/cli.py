@@ -107,6 +107,24 @@ def report(
 
 
 @app.command()
+def sweep(
+    config: Annotated[Path, typer.Argument(help="Pipeline YAML with a sweep: block")],
+    set_: SetOpt = None,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="Run directory (default: run.dir or runs/<name>)")
+    ] = None,
+) -> None:
+    """Search one stage's hyperparameters on Optuna: shared upstream stages, one run per trial,
+    pruning, a resumable study; report with the best config, a table and plots."""
+    from alignkit.config import read_pipeline
+    from alignkit.stages import stage_kinds
+    from alignkit.sweep.study import run_sweep
+
+    raw = read_pipeline(config, set_)
+    run_sweep(raw, str(config), stage_kinds(), _registry(), run_dir, console)
+
+
+@app.command()
 def sft(
     config: Annotated[
         Path | None, typer.Argument(help="Pipeline YAML (its sft stages run)")

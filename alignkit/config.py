@@ -519,6 +519,9 @@ class PipelineConfig(Strict):
     model: ModelSpec = ModelSpec()
     adapter: AdapterSpec = AdapterSpec()
     stages: list[StageBase]
+    sweep: dict[str, Any] | None = None
+    """A hyperparameter search over one stage (:class:`alignkit.sweep.space.SweepSpec`), checked
+    and run by ``alignkit sweep``; ``alignkit run`` runs the pipeline as written."""
 
     def stage(self, name: str) -> StageBase:
         for s in self.stages:
@@ -556,6 +559,11 @@ def load_pipeline(
     path: str | Path, stage_kinds: StageKinds, overrides: list[str] | None = None
 ) -> PipelineConfig:
     """Read, override and validate a pipeline YAML; raise :class:`UserError` on any problem."""
+    return validate_pipeline(read_pipeline(path, overrides), stage_kinds, where=str(path))
+
+
+def read_pipeline(path: str | Path, overrides: list[str] | None = None) -> dict:
+    """The raw pipeline config of a YAML file with ``--set`` overrides applied (not validated)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
@@ -570,7 +578,7 @@ def load_pipeline(
         raise UserError(f"{path}: the top level must be a mapping (run, model, adapter, stages)")
     for item in overrides or []:
         apply_override(raw, item)
-    return validate_pipeline(raw, stage_kinds, where=str(path))
+    return raw
 
 
 def validate_pipeline(raw: dict, stage_kinds: StageKinds, where: str = "config") -> PipelineConfig:

@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from transformers import TrainerCallback
+
 from alignkit import models  # through the module: tests swap its functions
 from alignkit.adapters import INITIAL_ADAPTER_DIR, keep_initial_adapter
 from alignkit.config import AdapterSpec
@@ -27,6 +29,7 @@ from alignkit.pipeline import StageContext, StageResult
 from alignkit.stages.common import health_callback, health_monitor, heldout_evaluation
 from alignkit.training import (
     early_stopping_record,
+    evaluate_after_training,
     save_trained,
     snapshot_adapter,
     train_and_evaluate,
@@ -116,7 +119,34 @@ def train(cfg, ctx: StageContext, built: PolicyTrainer) -> dict[str, float]:
         check = health_monitor(cfg, ctx, pair.policy, pair.reference, built.tokenizer)
         for callback in health_callback(check, cfg.health.every, built.health_logs):
             built.trainer.add_callback(callback)
+    if ctx.trial is not None:  # a sweep's trial: intermediate values for Optuna's pruner
+        built.trainer.add_callback(_TrialCallback(cfg, ctx, built))
     return train_and_evaluate(built.trainer, ctx, evaluate=built.evaluate)
+
+
+class _TrialCallback(TrainerCallback):
+    """Every ``ctx.trial.every`` steps: the sweep's objective, from the trainer's latest logs if
+    it is a training metric, from ``trainer.evaluate()`` if it is an ``eval_*`` metric, else from
+    the held-out evaluation (the one :func:`finish` records), handed to the trial, which raises
+    ``optuna.TrialPruned`` out of ``train()`` when the pruner stops it. Added after the finite
+    guard (a NaN step is never reported) and runs before that step's checkpoint is saved."""
+
+    def __init__(self, cfg, ctx: StageContext, built: PolicyTrainer):
+        self.cfg, self.ctx, self.built = cfg, ctx, built
+
+    def on_step_end(self, args, state, control, **kwargs):
+        report = self.ctx.trial
+        if not report.due(state.global_step):
+            return
+        metrics: dict[str, float] = {}
+        for entry in state.log_history:
+            metrics.update(entry)
+        if report.objective not in metrics:
+            if report.objective.startswith("eval_") and self.built.evaluate:
+                metrics = evaluate_after_training(self.built.trainer)
+            else:
+                metrics = _heldout(self.cfg, self.ctx, self.built)
+        report.report(state.global_step, metrics)
 
 
 def finish(cfg, ctx: StageContext, built: PolicyTrainer, metrics: dict[str, float]) -> StageResult:

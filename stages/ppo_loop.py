@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -104,8 +105,9 @@ class PPOTrainer:
         return scoring, flagged
 
     # --- the loop ---------------------------------------------------------------------------
-    def train(self) -> dict[str, float]:
-        """Run the remaining steps; the mean of the last ten steps' statistics."""
+    def train(self, heldout: Callable[[], dict[str, float]] | None = None) -> dict[str, float]:
+        """Run the remaining steps; the mean of the last ten steps' statistics. ``heldout``:
+        the stage's held-out evaluation, for a sweep trial's intermediate values."""
         if self.health is not None and not self.health.monitor.has_baseline:
             self._health_check({"rm_flagged": self.rm_flagged})
         bar = tqdm(
@@ -128,6 +130,10 @@ class PPOTrainer:
             bar.set_postfix(reward=f"{stats['score_mean']:.3f}", kl=f"{stats['kl']:.2f}")
             if self.health is not None and self.step % self.cfg.health.every == 0:
                 self._health_check(self._trained(stats))  # before saving
+            trial = self.ctx.trial
+            if trial is not None and trial.due(self.step):  # may stop a sweep's trial here
+                metrics = stats if trial.objective in stats or heldout is None else heldout()
+                trial.report(self.step, metrics)
             if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
                 self._save()
         self.rollouts.close()
