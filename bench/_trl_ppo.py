@@ -17,9 +17,9 @@ batch, the normalisation our PPO applies (``normalize_scores: fixed``), so both 
 rewards in the same units and one ``kl_coef`` means the same (``--raw-scores``: TRL's scores as
 the RM gives them).
 
-Timing hooks only, no change to what TRL computes: the module's ``batch_generation`` and
-``forward`` are wrapped to mark when a step's generation ends and its first gradient pass
-starts, and a callback marks the step's end; generation / scoring / update per step follow.
+Timing hooks only, no change to what TRL computes: the module's ``batch_generation``,
+``forward`` and ``gc.collect`` are wrapped to mark when a step starts, when its generation ends
+and its first gradient pass starts, and how long garbage collection takes.
 """
 
 from __future__ import annotations
@@ -30,21 +30,25 @@ import os
 import resource
 import sys
 import time
+import types
 from pathlib import Path
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 
 class StepTimer:
-    """Per step: generation, scoring (reference log-probs, values, rewards, GAE) and update."""
+    """Per step (from one generation to the next, so TRL's end-of-step clean-up counts):
+    generation, scoring (reference log-probs, values, rewards, GAE) and update, and how much of
+    the step TRL spent in ``gc.collect()`` (it calls it twice per step)."""
 
     def __init__(self, module):
         self.steps: list[dict] = []
         self._marks: dict[str, float] = {}
-        generate, forward = module.batch_generation, module.forward
+        generate, forward, collect = module.batch_generation, module.forward, module.gc.collect
 
         def timed_generation(*a, **kw):
-            self._marks = {"start": time.perf_counter()}
+            self.close()
+            self._marks = {"start": time.perf_counter(), "gc": 0.0}
             out = generate(*a, **kw)
             self._marks["generated"] = time.perf_counter()
             return out
@@ -56,18 +60,32 @@ class StepTimer:
                 self._marks["update"] = time.perf_counter()
             return forward(*a, **kw)
 
-        module.batch_generation, module.forward = timed_generation, timed_forward
+        def timed_collect(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return collect(*a, **kw)
+            finally:
+                if self._marks:
+                    self._marks["gc"] += time.perf_counter() - t
 
-    def step_end(self) -> None:
+        module.batch_generation, module.forward = timed_generation, timed_forward
+        module.gc = types.SimpleNamespace(collect=timed_collect)
+
+    def close(self) -> None:
+        """End the open step (at the next generation, or when training ends)."""
         m, end = self._marks, time.perf_counter()
+        if not m:
+            return
         self.steps.append(
             {
                 "gen_seconds": m["generated"] - m["start"],
                 "score_seconds": m["update"] - m["generated"],
                 "update_seconds": end - m["update"],
                 "step_seconds": end - m["start"],
+                "gc_seconds": m["gc"],
             }
         )
+        self._marks = {}
 
 
 def normalised_score_head(model, mean: float, std: float):
@@ -173,8 +191,8 @@ def main() -> None:
         def on_log(self, _args, state, control, logs=None, **kw):
             history.append(dict(logs or {}))
 
-        def on_step_end(self, _args, state, control, **kw):
-            timer.step_end()
+        def on_train_end(self, _args, state, control, **kw):
+            timer.close()
 
     trainer = PPOTrainer(
         args=config,

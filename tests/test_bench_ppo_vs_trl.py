@@ -5,6 +5,7 @@ import csv
 import importlib.util
 import json
 import subprocess
+import time
 import types
 from pathlib import Path
 
@@ -69,19 +70,26 @@ def test_first_batch_statistics_are_the_population_std_our_ppo_normalises_with(t
 
 
 def test_step_timer_splits_each_step_at_generation_end_and_first_gradient_pass():
-    fake = types.SimpleNamespace(batch_generation=lambda: "gen", forward=lambda: "fwd")
+    fake = types.SimpleNamespace(
+        batch_generation=lambda: "gen",
+        forward=lambda: "fwd",
+        gc=types.SimpleNamespace(collect=lambda: time.sleep(0.01)),
+    )
     timer = trl_side.StepTimer(fake)
     for _ in range(2):
         assert fake.batch_generation() == "gen"
         with torch.no_grad():
             fake.forward()  # scoring: no gradient
+        fake.gc.collect()
         fake.forward()  # the update's first pass
         fake.forward()
-        timer.step_end()
+        fake.gc.collect()  # TRL's clean-up after the step still belongs to it
+    timer.close()
     assert len(timer.steps) == 2
     for st in timer.steps:
         parts = st["gen_seconds"] + st["score_seconds"] + st["update_seconds"]
         assert min(st.values()) >= 0 and parts == pytest.approx(st["step_seconds"])
+        assert st["gc_seconds"] >= 0.02 and st["update_seconds"] >= 0.01
 
 
 def _side(step_seconds: float, peak: float, gold: float) -> dict:
