@@ -133,10 +133,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{time.time() - t0:.0f} s in all; work directory {args.out}")
 
 
-def _child(args, one: str, python: str | None = None, script: Path | None = None) -> dict:
+def _child(args, one: str) -> dict:
     """Run ``--one ONE`` in a fresh process; its ``RESULT {json}`` line."""
-    cmd = [python or sys.executable, str(script or Path(__file__)), *_argv_of(args), "--one", one]
-    return _run(cmd, one, args.threads)
+    return _run(
+        [sys.executable, str(Path(__file__)), *_argv_of(args), "--one", one], one, args.threads
+    )
 
 
 def _argv_of(args) -> list[str]:
@@ -148,19 +149,26 @@ def _argv_of(args) -> list[str]:
     return out + (["--run-dir", str(args.run_dir)] if args.run_dir else [])
 
 
-def _run(cmd: list[str], what: str, threads: int = 0) -> dict:
+def _run(cmd: list[str], what: str, threads: int = 0, fatal: bool = True) -> dict:
+    """``cmd``'s ``RESULT {json}``; on failure exit with its output's tail, or (``fatal``
+    false) print the tail and return ``{"error": its last line}`` for the table."""
     env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads > 0 else {})
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        tail = (done.stderr or done.stdout)[-4000:]
-        sys.exit(f"{what} failed (exit {done.returncode}):\n{tail}")
-    return json.loads(lines[-1].removeprefix("RESULT "))
+    if done.returncode == 0 and lines:
+        return json.loads(lines[-1].removeprefix("RESULT "))
+    tail = (done.stderr or done.stdout).strip()
+    message = f"{what} failed (exit {done.returncode}):\n{tail[-4000:]}"
+    if fatal:
+        sys.exit(message)
+    print(message, file=sys.stderr)
+    return {"error": (tail.splitlines() or ["no output"])[-1]}
 
 
 def run_trl(args) -> dict:
     """TRL's side: its venv (built if absent), the merged SFT and RM, then its trainer. A venv
-    that cannot be built is reported in the table, not raised."""
+    that cannot be built, or a trainer that fails on this stack, is reported in the table (and
+    its traceback printed), not raised."""
     python = args.venv / "bin" / "python"
     reason = ensure_trl_venv(args.venv)
     if reason:
@@ -175,7 +183,10 @@ def run_trl(args) -> dict:
     out.mkdir(parents=True)
     cmd = [str(python), str(BENCH / "_trl_ppo.py"), "--inputs", str(args.out / "inputs"),
            "--settings", str(args.out / "trl_settings.json"), "--out", str(out)]  # fmt: skip
-    result = _run(cmd + (["--raw-scores"] if args.trl_raw_scores else []), "trl", args.threads)
+    cmd += ["--raw-scores"] if args.trl_raw_scores else []
+    result = _run(cmd, f"TRL {TRL_VERSION}'s trainer", args.threads, fatal=False)
+    if "error" in result:
+        return result
     result["peak_mib"] = result.get("peak_cuda_mib", result["peak_rss_mib"])
     return result
 

@@ -5,6 +5,7 @@ import csv
 import importlib.util
 import json
 import subprocess
+import sys
 import time
 import types
 from pathlib import Path
@@ -90,6 +91,20 @@ def test_step_timer_splits_each_step_at_generation_end_and_first_gradient_pass()
         parts = st["gen_seconds"] + st["score_seconds"] + st["update_seconds"]
         assert min(st.values()) >= 0 and parts == pytest.approx(st["step_seconds"])
         assert st["gc_seconds"] >= 0.02 and st["update_seconds"] >= 0.01
+
+
+def test_a_failing_side_is_reported_with_its_last_error_line(capsys):
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; print('trace', file=sys.stderr); sys.exit('ImportError: x')",
+    ]
+    assert bench._run(cmd, "trl", fatal=False) == {"error": "ImportError: x"}
+    assert "trl failed (exit 1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="ImportError: x"):
+        bench._run(cmd, "ours")
+    ok = [sys.executable, "-c", "print('noise'); print('RESULT ' + '{\"a\": 1}')"]
+    assert bench._run(ok, "eval") == {"a": 1}
 
 
 def _side(step_seconds: float, peak: float, gold: float) -> dict:
