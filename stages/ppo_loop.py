@@ -148,6 +148,7 @@ class PPOTrainer:
         t0 = time.time()
         batch = self._rollout(prompts, step)
         gen_seconds = time.time() - t0
+        t1 = time.time()
         ids, attn, pos, cmask, P = pack(
             batch.prompt_ids, batch.completion_ids, self.tokenizer.pad_token_id,
             self.accelerator.device,
@@ -174,6 +175,8 @@ class PPOTrainer:
             "eos_rate": sum(r == "stop" for r in batch.finish_reason) / len(batch),
             "completion_tokens": float(lengths.sum().item()),
             "train_tokens": float(attn.sum().item()),
+            # scoring: the reward, the policy's and the reference's log-probs, values and GAE
+            "score_seconds": time.time() - t1,
         }
         return core.Experience(
             ids, attn, pos, cmask, P, old_logp, values, advantages, returns, scores, stats,
