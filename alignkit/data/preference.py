@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     import datasets
 
 __all__ = [
+    "IdenticalPairError",
     "PreferenceData",
     "load_preference",
     "normalize_preference_row",
@@ -48,6 +49,11 @@ __all__ = [
 # marker continues the previous turn (as in Anthropic's HH-RLHF files).
 _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+class IdenticalPairError(RowError):
+    """A pair whose chosen and rejected are the same: it teaches nothing (``data clean``
+    counts these under their own rule)."""
 
 
 @dataclass
@@ -114,7 +120,7 @@ def normalize_preference_row(data: dict) -> tuple[str, dict]:
         )
     prompt, chosen_messages, rejected_messages = pair
     if chosen_messages == rejected_messages:
-        raise RowError("chosen is identical to rejected")
+        raise IdenticalPairError("chosen is identical to rejected")
     return fmt, {
         "prompt": prompt,
         "chosen": chosen_messages,
@@ -185,7 +191,7 @@ def _check_prompt_matches(prompt: object, shared: list[dict]) -> None:
 def _split_shared_prefix(chosen: list[dict], rejected: list[dict]) -> tuple[list, list, list]:
     """Prompt = the longest run of identical leading turns; the rest are the completions."""
     if chosen == rejected:
-        raise RowError("chosen is identical to rejected")
+        raise IdenticalPairError("chosen is identical to rejected")
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
