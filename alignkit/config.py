@@ -105,8 +105,9 @@ class CleanSpec(Strict):
     shingle_words: int = Field(3, ge=1)
     """Words per shingle for near duplicates."""
     decontaminate: list[str] = []
-    """Eval/test sources (any file, Hub dataset or builtin) whose text must not appear in the
-    training rows. In a stage, its held-out rows and ``heldout`` prompts are always included."""
+    """Eval/test sources (any file, Hub dataset or builtin; ``SOURCE@SPLIT``, default split
+    ``test``) whose text must not appear in the training rows. In a stage, its held-out rows and
+    ``heldout`` prompts are always included."""
     ngram: int = Field(8, ge=3)
     """Decontamination: a training turn sharing any ``ngram``-word sequence with an eval text is
     contaminated; an eval text shorter than this (3 words or more) counts when a training turn

@@ -216,6 +216,15 @@ def contamination(index: Decontaminator | None, parts: list) -> str | None:
     return None
 
 
+def eval_source(name: str) -> tuple[str, str | None]:
+    """``SOURCE`` or ``SOURCE@SPLIT`` from ``decontaminate``: a Hub or builtin eval set is read
+    from its ``test`` split unless another is named (a local file has no splits)."""
+    source, at, split = name.rpartition("@")
+    if at and split.isidentifier() and not Path(name).exists():
+        return source, split
+    return name, "test"
+
+
 def decontaminator(spec: CleanSpec, sources: Iterable[tuple[str, str | None]], extra=()):
     """The n-gram index of every text in ``sources`` ((source, split) pairs, any format) and
     ``extra`` texts; None when there is nothing to check against."""
@@ -264,7 +273,7 @@ def clean_file(
     if spec.length_unit == "tokens" and tokenizer is None and (spec.min_length or spec.max_length):
         raise UserError("length_unit: tokens needs --tokenizer MODEL (or use words)")
     report = CleanReport(source, kind, spec.model_dump(mode="json"), output=str(out))
-    decon = decontaminator(spec, [(s, None) for s in spec.decontaminate])
+    decon = decontaminator(spec, [eval_source(s) for s in spec.decontaminate])
     report.decontamination_texts = decon.texts if decon else 0
     count = token_counter(tokenizer) if spec.length_unit == "tokens" and tokenizer else word_count
     cleaner = Cleaner(spec, report, count, decon)
@@ -411,19 +420,21 @@ class _writer:
 
 def clean_rows(
     rows: list[dict], spec: CleanSpec, report: CleanReport, count: Callable[[str], int], name: str
-) -> list[dict]:
-    """Scrub and filter normalized rows (a stage's training or held-out set) in place of the
-    file command: same rules, except decontamination (:func:`decontaminate`, after the split)."""
+) -> tuple[list[dict], list[int]]:
+    """Scrub and judge normalized rows (a stage's training or held-out set) by the file
+    command's rules, except decontamination (:func:`decontaminate`, after the split). Returns
+    the kept rows and their indices in ``rows``."""
     cleaner = Cleaner(spec, report, count)
-    kept = []
+    kept, index = [], []
     for i, row in enumerate(rows):
         where = f"{name} row {i}"
         report.rows_in += 1
         row = cleaner.scrub(row, where)
         if cleaner.keep(row, where, i):
             kept.append(row)
+            index.append(i)
     report.rows_out += len(kept)
-    return kept
+    return kept, index
 
 
 def decontaminate(

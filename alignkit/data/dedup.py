@@ -11,6 +11,7 @@ verdict comes out, and only hashes and MinHash signatures are kept.
 from __future__ import annotations
 
 import hashlib
+import zlib
 
 import numpy as np
 from datasketch import MinHash, MinHashLSH
@@ -58,16 +59,20 @@ class NearDupIndex:
         self.lsh = MinHashLSH(
             threshold=threshold, num_perm=num_perm, weights=LSH_WEIGHTS, hashfunc=_band_key
         )
-        template = MinHash(num_perm=num_perm, seed=1)  # one permutation draw, reused for every row
-        self._permutations, self._scheme = template.permutations, template.scheme
+        # One MinHash, cleared per row (building one per row redoes its setup). Shingles are
+        # hashed with CRC-32: deterministic like datasketch's SHA-1 default, and C-fast; the
+        # MinHash permutations randomize it.
+        self._minhash = MinHash(num_perm=num_perm, seed=1, hashfunc=zlib.crc32)
         self._blocks: list[np.ndarray] = []  # [SIGNATURE_CHUNK, num_perm] uint32 each
         self.rows: list[int] = []  # input row number of each kept row, by LSH key
 
     def signature(self, text: str) -> MinHash:
+        """The MinHash of ``text``'s shingles; valid until the next call."""
         tokens = words(text)
         n = self.shingle_words
         shingles = {" ".join(tokens[i : i + n]) for i in range(max(1, len(tokens) - n + 1))}
-        m = MinHash(num_perm=self.num_perm, permutations=self._permutations, scheme=self._scheme)
+        m = self._minhash
+        m.clear()
         m.update_batch([s.encode("utf-8") for s in shingles])
         return m
 

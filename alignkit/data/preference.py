@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from alignkit.data.sft import check_trainable, parse_messages
@@ -64,6 +64,8 @@ class PreferenceData:
     formats: Counter
     problems: list[tuple[str, str]]
     total: int
+    fields: list[dict] = field(default_factory=list)
+    """Raw values of the ``keep_fields`` asked for, one dict per row."""
 
 
 def load_preference(
@@ -71,10 +73,13 @@ def load_preference(
     split: str | None = None,
     on_bad_rows: BadRowPolicy = "error",
     max_bad_fraction: float = 0.05,
+    keep_fields: tuple[str, ...] = (),
 ) -> PreferenceData:
     """Load and normalize preference pairs from any source; raises DataError for unusable data."""
-    result = load_checked(source, split, normalize_preference_row, on_bad_rows, max_bad_fraction)
-    return PreferenceData(result.rows, result.formats, result.problems, result.total)
+    result = load_checked(
+        source, split, normalize_preference_row, on_bad_rows, max_bad_fraction, keep_fields
+    )
+    return PreferenceData(result.rows, result.formats, result.problems, result.total, result.fields)
 
 
 def to_trl_dataset(data: PreferenceData) -> datasets.Dataset:

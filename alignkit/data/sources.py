@@ -247,9 +247,16 @@ class Normalized:
     formats: Counter = field(default_factory=Counter)
     problems: list[tuple[str, str]] = field(default_factory=list)
     total: int = 0
+    fields: list[dict] = field(default_factory=list)
+    """Per kept row, the raw values of the fields asked for (``keep_fields``), e.g. a category
+    to stratify by: normalized rows hold only what training reads."""
 
 
-def normalize_rows(rows: list[Row], normalize: Callable[[dict], tuple[str, dict]]) -> Normalized:
+def normalize_rows(
+    rows: list[Row],
+    normalize: Callable[[dict], tuple[str, dict]],
+    keep_fields: tuple[str, ...] = (),
+) -> Normalized:
     """Apply ``normalize`` (returns ``(format, example)``, raises RowError) to every row."""
     out = Normalized(total=len(rows))
     for row in rows:
@@ -261,6 +268,8 @@ def normalize_rows(rows: list[Row], normalize: Callable[[dict], tuple[str, dict]
         out.rows.append(example)
         out.wheres.append(row.where)
         out.formats[fmt] += 1
+        if keep_fields:
+            out.fields.append({name: row.data.get(name) for name in keep_fields})
     return out
 
 
@@ -335,8 +344,9 @@ def load_checked(
     normalize,
     on_bad_rows: BadRowPolicy = "error",
     max_bad_fraction: float = 0.05,
+    keep_fields: tuple[str, ...] = (),
 ) -> Normalized:
     """Read a source, normalize every row and apply the bad-row policy (raises DataError)."""
-    result = normalize_rows(load_rows(source, split), normalize)
+    result = normalize_rows(load_rows(source, split), normalize, keep_fields)
     enforce_bad_row_policy(source, result, on_bad_rows, max_bad_fraction)
     return result
