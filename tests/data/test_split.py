@@ -35,11 +35,11 @@ def test_every_stratum_keeps_its_share_within_one_row_and_no_group_is_split(seed
     is_eval = stratified_split(len(strata), eval_size, seed, strata, groups)
     n = len(strata)
     total = eval_size if isinstance(eval_size, int) else round(n * eval_size)
-    sizes, held = Counter(strata), Counter(s for s, e in zip(strata, is_eval) if e)
+    sizes, held = Counter(strata), Counter(s for s, e in zip(strata, is_eval, strict=True) if e)
     for stratum, size in sizes.items():
         assert abs(held[stratum] - size * total / n) <= 1, (stratum, held, sizes)
     sides = {}
-    for g, e in zip(groups, is_eval):
+    for g, e in zip(groups, is_eval, strict=True):
         assert sides.setdefault(g, e) == e, f"group {g} on both sides"
     assert stratified_split(n, eval_size, seed, strata, groups) == is_eval  # deterministic
 
@@ -47,7 +47,11 @@ def test_every_stratum_keeps_its_share_within_one_row_and_no_group_is_split(seed
 def test_single_rows_hit_the_quota_exactly():
     strata = ["a"] * 70 + ["b"] * 20 + ["c"] * 10
     is_eval = stratified_split(100, 0.2, 0, strata)
-    assert Counter(s for s, e in zip(strata, is_eval) if e) == {"a": 14, "b": 4, "c": 2}
+    assert Counter(s for s, e in zip(strata, is_eval, strict=True) if e) == {
+        "a": 14,
+        "b": 4,
+        "c": 2,
+    }
 
 
 def test_two_row_groups_land_on_the_side_nearest_the_share():
@@ -56,7 +60,7 @@ def test_two_row_groups_land_on_the_side_nearest_the_share():
     strata = ["a"] * 56 + ["b"] * 44
     groups = [f"a{i // 2}" for i in range(56)] + [f"b{i}" for i in range(44)]
     is_eval = stratified_split(100, 0.2, 0, strata, groups)
-    assert Counter(s for s, e in zip(strata, is_eval) if e) == {"a": 12, "b": 9}
+    assert Counter(s for s, e in zip(strata, is_eval, strict=True) if e) == {"a": 12, "b": 9}
 
 
 def _pairs_file(tmp_path, n_prompts=60, seed=0):
