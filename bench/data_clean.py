@@ -6,8 +6,8 @@
 
 Rows: a user turn of 8-20 words and an assistant turn of 20-60 words drawn from 20,000 made-up
 words (seeded), so nearly every row is distinct; every 20th row repeats an earlier row exactly,
-every 20th (offset by 10) repeats one with one word changed, every 100th carries an email, a
-phone number and an IP. Each run cleans the file in a fresh process (``alignkit data clean``)
+every 20th (offset by 10) repeats one with one word changed, every 100th carries an email and a
+phone number (copies of it too). Each run cleans the file in a fresh process (``alignkit data clean``)
 and reads back the report: ``peak_mib`` is that process's peak RSS (imports included), so it is
 the memory a user's run needs.
 
@@ -33,7 +33,7 @@ def generate(path: Path, rows: int, seed: int = 0) -> dict[str, int]:
     """Write ``rows`` SFT rows to ``path`` (JSONL); returns the planted counts."""
     rng = random.Random(seed)
     vocab = [f"w{i}x{rng.randrange(10**6)}" for i in range(VOCAB)]
-    kept: list[tuple[list[str], list[str]]] = []  # a sample of earlier rows to repeat
+    kept: list[tuple[str, str]] = []  # a sample of earlier rows to repeat
     planted = {"exact": 0, "near": 0, "pii": 0}
     with path.open("w", encoding="utf-8") as f:
         for i in range(rows):
@@ -42,24 +42,24 @@ def generate(path: Path, rows: int, seed: int = 0) -> dict[str, int]:
                 planted["exact"] += 1
             elif i % 20 == 9 and kept:
                 user, answer = rng.choice(kept)
-                answer = list(answer)
-                answer[rng.randrange(len(answer))] = rng.choice(vocab)
+                words = answer.split()
+                words[rng.randrange(len(words))] = rng.choice(vocab)
+                answer = " ".join(words)
                 planted["near"] += 1
             else:
-                user = rng.choices(vocab, k=rng.randint(8, 20))
-                answer = rng.choices(vocab, k=rng.randint(20, 60))
+                user = " ".join(rng.choices(vocab, k=rng.randint(8, 20)))
+                answer = " ".join(rng.choices(vocab, k=rng.randint(20, 60)))
+                if i % 100 == 42:
+                    user += f" mail me at user{i}@example.com or +44 20 7946 {i % 10000:04d}"
                 if len(kept) < 1000:
                     kept.append((user, answer))
                 elif rng.random() < 0.01:
                     kept[rng.randrange(1000)] = (user, answer)
-            user_text = " ".join(user)
-            if i % 100 == 42:
-                user_text += f" mail me at user{i}@example.com or +44 20 7946 {i % 10000:04d} from 10.1.{i % 250}.7"
-                planted["pii"] += 1
+            planted["pii"] += "@example.com" in user
             row = {
                 "messages": [
-                    {"role": "user", "content": user_text},
-                    {"role": "assistant", "content": " ".join(answer)},
+                    {"role": "user", "content": user},
+                    {"role": "assistant", "content": answer},
                 ]
             }
             f.write(json.dumps(row) + "\n")

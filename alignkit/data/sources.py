@@ -71,7 +71,7 @@ def iter_rows(source: str, split: str | None = None) -> Iterator[Row]:
         raise UserError(f"data source {source!r} is a directory; name a file. Accepted: {ACCEPTED}")
     if _looks_like_path(source):
         raise UserError(f"data file not found: {source}. Accepted sources: {ACCEPTED}")
-    return iter(_hub_rows(source, split or "train"))
+    return _hub_rows(source, split or "train")
 
 
 def _looks_like_path(source: str) -> bool:
@@ -209,7 +209,7 @@ def _parquet_rows(path: Path) -> Iterator[Row]:
         raise UserError(f"cannot read Parquet file {path}: {e}") from None
 
 
-def _hub_rows(name: str, split: str) -> list[Row]:
+def _hub_rows(name: str, split: str) -> Iterator[Row]:
     """``owner/name`` or ``owner/name:config`` (a dataset with several configs, e.g. gsm8k:main)."""
     import datasets
 
@@ -221,7 +221,9 @@ def _hub_rows(name: str, split: str) -> list[Row]:
             f"could not load Hub dataset {name!r} (split {split!r}): {type(e).__name__}: {e}. "
             "No network? Use a local file instead. Accepted sources: " + ACCEPTED
         ) from None
-    return [Row(dict(item), f"hub:{name}[{split}] row {i}") for i, item in enumerate(ds)]
+    # the dataset is memory-mapped Arrow: rows are materialized one at a time
+    for i, item in enumerate(ds):
+        yield Row(dict(item), f"hub:{name}[{split}] row {i}")
 
 
 def _builtin_rows(name: str, split: str) -> list[Row]:
