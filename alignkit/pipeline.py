@@ -220,7 +220,25 @@ def run_pipeline(
         for i, d in enumerate(decisions):
             if d.action != "skip":
                 _run_stage(cfg, registry, rd, d, manifest, manifest["stages"][i], state, console)
+        if state.is_main_process and any(d.action != "skip" for d in decisions):
+            print_timings(decisions, manifest, console)
     return decisions
+
+
+def print_timings(decisions: list[Decision], manifest: dict, console: Console) -> None:
+    """Wall-clock seconds of each stage run now (also in the manifest and each ``stage.json``)."""
+    table = Table(title="stage times", show_edge=False)
+    for col, justify in (("stage", "left"), ("kind", "left"), ("action", "left"), ("s", "right")):
+        table.add_column(col, justify=justify)
+    total = 0.0
+    for d, entry in zip(decisions, manifest["stages"], strict=True):
+        if d.action == "skip":
+            continue
+        seconds = entry.get("seconds", 0.0)
+        total += seconds
+        table.add_row(d.stage.name, d.stage.kind, d.action, f"{seconds:.1f}")
+    table.add_row("[bold]total[/]", "", "", f"[bold]{total:.1f}[/]")
+    console.print(table)
 
 
 def _run_stage(cfg, registry, rd: RunDir, d: Decision, manifest, entry, state, console) -> None:
@@ -259,10 +277,12 @@ def _run_stage(cfg, registry, rd: RunDir, d: Decision, manifest, entry, state, c
         raise
     record = _stage_record(cfg, d, result, parent, started)
     record["resumed_from"] = resume.name if resume else None
+    seconds = round(time.time() - started, 1)  # this attempt's (a resumed stage: since resuming)
+    record["seconds"] = seconds
     record.update(_health(out_dir))
     state.wait_for_everyone()
     rd.finish_stage(d.stage.name, record)
-    entry.update(status="complete", finished=_now(), metrics=result.metrics)
+    entry.update(status="complete", finished=_now(), seconds=seconds, metrics=result.metrics)
     rd.write_manifest(manifest)
     if state.is_main_process:
         summary = ", ".join(f"{k}={v:.4g}" for k, v in _headline(result.metrics).items())

@@ -2,7 +2,8 @@
 
 ``argv``: the run directory holding finished ``sft`` and ``rm`` stages, and an output folder.
 Each rank writes ``rank<R>.json`` (its first step's prompts and whitened advantages with their
-mask) and ``rank<R>.pt`` (its policy and value tensors after two steps).
+mask, and how far the update's averaged gradients are from the mean of
+the ranks' own) and ``rank<R>.pt`` (its policy and value tensors after two steps).
 """
 
 import json
@@ -17,6 +18,7 @@ from alignkit.config import AdapterSpec, ModelSpec
 from alignkit.handoff import StageOutput
 from alignkit.pipeline import StageContext
 from alignkit.rundir import RunDir
+from alignkit.stages import ppo_update as update
 from alignkit.stages.ppo import PPOStageConfig
 from alignkit.stages.ppo_loop import PPOTrainer
 from alignkit.stages.ppo_model import REWARD
@@ -44,6 +46,34 @@ record = {
     "advantages": exp.advantages.tolist(),
     "mask": exp.cmask.tolist(),
 }
+
+
+def update_gradients(through_ddp: bool) -> torch.Tensor:
+    """The gradients of one minibatch of two micro-batches, as the update computes them, through
+    the DDP wrapper (averaged over ranks) or the bare model (this rank's alone)."""
+    wrapped = trainer.wrapped
+    trainer.wrapped = wrapped if through_ddp else trainer.model
+    trainer.model.train()
+    torch.manual_seed(1)  # the same LoRA dropout masks both times
+    half = len(exp.ids) // 2
+    for k, idx in enumerate((torch.arange(half), torch.arange(half, len(exp.ids)))):
+        update.backward(
+            trainer.accelerator, trainer.wrapped, cfg, exp, idx, 0.5, k == 1, trainer._check_finite
+        )
+    trainer.wrapped = wrapped
+    params = trainer.model.policy_parameters() + trainer.model.value_parameters()
+    grads = torch.cat([p.grad.flatten() for p in params])
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return grads
+
+
+local = update_gradients(through_ddp=False)
+synced = update_gradients(through_ddp=True)
+everyone = [torch.zeros_like(local) for _ in range(trainer.world)]
+torch.distributed.all_gather(everyone, local)
+mean = torch.stack(everyone).mean(0)
+record["update_grad_error"] = ((synced - mean).abs().max() / mean.abs().max()).item()
+record["update_grad_rank_spread"] = (everyone[0] - everyone[1]).abs().max().item()
 (out / f"rank{rank}.json").write_text(json.dumps(record))
 trainer.train()
 tensors = {

@@ -178,6 +178,15 @@ def test_ppo_ranks_sample_different_prompts_and_end_with_one_policy(ppo_ranks):
         assert torch.allclose(tensors[0][name], tensors[1][name], atol=1e-6), name
 
 
+def test_ppo_update_averages_policy_and_value_gradients_over_ranks(ppo_ranks):
+    """The update back-propagates the policy and the value in separate passes (one pass's
+    activations at a time); the gradients the optimizer sees are still the mean of the ranks'."""
+    records, _ = ppo_ranks
+    for r in records:
+        assert r["update_grad_rank_spread"] > 0  # the ranks' own gradients differ
+        assert r["update_grad_error"] < 1e-5
+
+
 def test_ppo_whitens_advantages_over_both_ranks(ppo_ranks):
     records, _ = ppo_ranks
     adv = [torch.tensor(r["advantages"]) for r in records]
