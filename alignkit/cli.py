@@ -239,7 +239,8 @@ def data_clean(
 ) -> None:
     """Remove duplicates, near duplicates, eval-set overlap and broken rows; mask PII."""
     from alignkit.config import CleanSpec, read_yaml, validate_block
-    from alignkit.data.clean import clean_file, print_report, report_path
+    from alignkit.data.clean import clean_file
+    from alignkit.data.clean_report import print_report, report_path
 
     raw: dict = {}
     for item in set_ or []:

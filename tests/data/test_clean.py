@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from alignkit.config import CleanSpec
-from alignkit.data.clean import clean_file, report_path
+from alignkit.data.clean import clean_file
+from alignkit.data.clean_report import report_path
 from alignkit.data.quality import scrub_text
 from alignkit.errors import UserError
 
