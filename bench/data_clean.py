@@ -43,7 +43,8 @@ def generate(path: Path, rows: int, seed: int = 0) -> dict[str, int]:
             elif i % 20 == 9 and kept:
                 user, answer = rng.choice(kept)
                 words = answer.split()
-                words[rng.randrange(len(words))] = rng.choice(vocab)
+                j = rng.randrange(len(words))
+                words[j] = rng.choice([w for w in rng.sample(vocab, 2) if w != words[j]])
                 answer = " ".join(words)
                 planted["near"] += 1
             else:
@@ -76,6 +77,20 @@ def clean(path: Path, out: Path, settings: list[str]) -> dict:
     return json.loads(out.with_name(out.stem + ".report.json").read_text())
 
 
+HEADER = "| rows | kept | exact | near | pii | seconds | rows_s | peak_mib |\n|---|---|---|---|---|---|---|---|"
+
+
+def table_row(rows: int, r: dict) -> str:
+    """One line of the table from a report."""
+    removed = r["removed"]
+    pii = sum(c["count"] for c in r["scrubbed"].values())
+    return (
+        f"| {rows} | {r['rows_out']} | {removed['exact_duplicate']['count']} | "
+        f"{removed['near_duplicate']['count']} | {pii} | {r['seconds']:.0f} | "
+        f"{rows / r['seconds']:.0f} | {r['peak_rss_mb']:.0f} |"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -83,20 +98,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[100_000])
     parser.add_argument("--set", dest="settings", action="append", default=[])
     args = parser.parse_args()
-    print("| rows | kept | exact | near | pii | seconds | rows_s | peak_mib |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(HEADER)
     with tempfile.TemporaryDirectory() as tmp:
         for rows in args.rows:
             path, out = Path(tmp) / f"in{rows}.jsonl", Path(tmp) / f"out{rows}.jsonl"
             generate(path, rows)
-            r = clean(path, out, args.settings)
-            removed = r["removed"]
-            pii = sum(c["count"] for c in r["scrubbed"].values())
-            print(
-                f"| {rows} | {r['rows_out']} | {removed['exact_duplicate']['count']} | "
-                f"{removed['near_duplicate']['count']} | {pii} | {r['seconds']:.0f} | "
-                f"{rows / r['seconds']:.0f} | {r['peak_rss_mb']:.0f} |"
-            )
+            print(table_row(rows, clean(path, out, args.settings)), flush=True)
             path.unlink()
 
 

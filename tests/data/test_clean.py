@@ -256,7 +256,7 @@ def test_cli_errors_exit_2_with_a_message(tmp_path):
 
 def _generated_run(tmp_path, rows: int) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from bench.data_clean import clean, generate
+    from bench.data_clean import HEADER, clean, generate, table_row
 
     src = tmp_path / "gen.jsonl"
     planted = generate(src, rows)
@@ -265,6 +265,7 @@ def _generated_run(tmp_path, rows: int) -> dict:
     assert report["scrubbed"]["email"]["count"] == planted["pii"]
     # one word changed in 28-80 words: most of them reach Jaccard 0.8
     assert 0.8 * planted["near"] <= report["removed"]["near_duplicate"]["count"] <= planted["near"]
+    print(f"\n{HEADER}\n{table_row(rows, report)}")  # the README's table (pytest -s)
     return report
 
 
