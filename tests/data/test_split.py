@@ -91,9 +91,12 @@ def test_stage_split_by_category_and_prompt(tmp_path):
     held_share = Counter(p.rsplit(" ", 1)[1] for r in held for p in [r["prompt"][0]["content"]])
     for category, n in share.items():
         assert abs(held_share[category] - n * round(len(rows) * 0.2) / len(rows)) <= 1
-    # without a field or grouping the old seeded slice is unchanged
+    # without a field or grouping: the seeded slice of the shuffled rows, as before
     plain = DataSpec(source=str(path), eval_size=0.2)
-    assert train_eval_rows(plain, load_preference, 3) == train_eval_rows(plain, load_preference, 3)
+    shuffled = list(load_preference(str(path)).rows)
+    random.Random(3).shuffle(shuffled)
+    n = round(len(rows) * 0.2)
+    assert train_eval_rows(plain, load_preference, 3) == (shuffled[n:], shuffled[:n])
 
 
 def test_missing_stratum_field_and_given_eval_set_are_refused(tmp_path):
