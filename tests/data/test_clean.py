@@ -287,3 +287,18 @@ def test_parquet_output_reads_back_like_the_jsonl_output(tmp_path):
     src = _write(tmp_path / "in.jsonl", rows)
     clean_file(str(src), tmp_path / "out.parquet", "sft", CleanSpec())
     assert [r.data for r in load_rows(str(tmp_path / "out.parquet"))] == rows[:5]
+
+
+def test_length_in_tokens_uses_the_tokenizer(tmp_path):
+    def by_character(text, add_special_tokens):  # a stand-in tokenizer: one token per character
+        assert add_special_tokens is False
+        return {"input_ids": list(text)}
+
+    rows = [_chat("short one", "tiny reply"), _chat("a question", "a reply of many characters")]
+    src = _write(tmp_path / "in.jsonl", rows)
+    spec = CleanSpec(length_unit="tokens", max_length=30)
+    with pytest.raises(UserError, match="needs --tokenizer"):
+        clean_file(str(src), tmp_path / "out.jsonl", "sft", spec)
+    report = clean_file(str(src), tmp_path / "out.jsonl", "sft", spec, tokenizer=by_character)
+    assert _removed(report) == {"length": 1}  # 10 + 26 characters > 30; 3 + 5 words would pass
+    assert "36 tokens > max_length 30" in report.removed["length"].examples[0]["why"]
