@@ -99,7 +99,7 @@ class CleanSpec(Strict):
     near_dup_threshold: float | None = Field(0.8, gt=0, le=1)
     """Drop a row whose estimated Jaccard similarity (word shingles, MinHash LSH) to an earlier
     kept row is at least this; ``null`` turns near-duplicate removal off (it keeps an index that
-    grows with the rows: about 2 KB per kept row)."""
+    grows with the rows: about 2.7 KB per kept row)."""
     num_perm: int = Field(64, ge=16, le=512)
     """MinHash permutations: more estimate Jaccard more precisely, at more memory and time."""
     shingle_words: int = Field(3, ge=1)
