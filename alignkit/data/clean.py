@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -215,9 +214,27 @@ def clean_file(
     finally:
         partial.unlink(missing_ok=True)
     report.seconds = time.perf_counter() - start
-    report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    report.peak_rss_mb = peak_rss_mb()
     report.write(report_path(out))
     return report
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB: Linux's VmHWM (the peak of this program
+    alone; ``ru_maxrss`` would include the memory of a parent that forked it), else
+    ``ru_maxrss``; 0 where neither exists."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return 0.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _judged(rows: Iterator[Row], normalize, cleaner: Cleaner) -> Iterator[dict]:
