@@ -95,25 +95,8 @@ class Cleaner:
         return True
 
     def _verdict(self, example: dict, row_number: int) -> tuple[str | None, str]:
-        spec, parts = self.spec, turns(example)
-        checks = (
-            ("identical_pair", lambda: identical_pair(example) if spec.identical_pairs else None),
-            ("empty_turn", lambda: empty_turn(parts) if spec.empty_turns else None),
-            ("non_text", lambda: non_text(parts) if spec.non_text else None),
-            (
-                "length",
-                lambda: length(
-                    example, self.count, spec.min_length, spec.max_length, spec.length_unit
-                ),
-            ),  # fmt: skip
-            (
-                "repeated_ngrams",
-                lambda: repeated_ngrams(parts, spec.repeated_ngram, spec.max_repeated_ngram_share),
-            ),  # fmt: skip
-            ("contaminated", lambda: self.contamination(parts)),
-        )
-        for rule, check in checks:
-            why = check()
+        parts = turns(example)
+        for rule, why in self._filters(example, parts):
             if why is not None:
                 return rule, why
         text = canonical(parts)
@@ -127,8 +110,20 @@ class Cleaner:
             self.near.add(signature, row_number)
         return None, ""
 
-    def contamination(self, parts: list) -> str | None:
-        return contamination(self.decontaminator, parts)
+    def _filters(self, example: dict, parts: list) -> Iterator[tuple[str, str | None]]:
+        """``(rule, why or None)`` of each filter in report order, computed only when reached."""
+        spec = self.spec
+        if spec.identical_pairs:
+            yield "identical_pair", identical_pair(example)
+        if spec.empty_turns:
+            yield "empty_turn", empty_turn(parts)
+        if spec.non_text:
+            yield "non_text", non_text(parts)
+        low, high = spec.min_length, spec.max_length
+        yield "length", length(example, self.count, low, high, spec.length_unit)
+        share = spec.max_repeated_ngram_share
+        yield "repeated_ngrams", repeated_ngrams(parts, spec.repeated_ngram, share)
+        yield "contaminated", contamination(self.decontaminator, parts)
 
 
 def contamination(index: Decontaminator | None, parts: list) -> str | None:
