@@ -86,6 +86,9 @@ def train_eval_rows(
         is_eval = stratified_split(len(train), spec.eval_size, seed, strata, groups)
         held = [r for r, e in zip(train, is_eval, strict=True) if e]
         train = [r for r, e in zip(train, is_eval, strict=True) if not e]
+        rng = random.Random(seed)  # as the plain split: max_rows/max_eval_rows take a random part
+        rng.shuffle(train)
+        rng.shuffle(held)
     else:
         rng = random.Random(seed)
         rng.shuffle(train)
