@@ -12,7 +12,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from alignkit.config import AdapterSpec, DataSpec, HeldoutSpec, StageBase
+from alignkit.config import AdapterSpec, DataSpec, EvaluatedTrainerOptions, HeldoutSpec, StageBase
 from alignkit.handoff import PolicyPair
 from alignkit.health import HealthSpec
 from alignkit.models import load_base, load_stage_model
@@ -43,7 +43,7 @@ LOSS_TYPES = (
 )
 
 
-class DPOStageConfig(StageBase):
+class DPOStageConfig(StageBase, EvaluatedTrainerOptions):
     kind: Literal["dpo"] = "dpo"
     trainer_config: ClassVar[str] = "trl.DPOConfig"
     is_policy: ClassVar[bool] = True
@@ -114,6 +114,7 @@ def build_trainer(cfg: DPOStageConfig, ctx: StageContext) -> policy.PolicyTraine
         output_dir=ctx.checkpoint_dir,
         seed=ctx.seed,
         where=ctx.where,
+        options=cfg,
         beta=cfg.beta,
         loss_type=cfg.loss_type,
         label_smoothing=cfg.label_smoothing,
@@ -125,6 +126,8 @@ def build_trainer(cfg: DPOStageConfig, ctx: StageContext) -> policy.PolicyTraine
         DPOTrainer,
         ctx,
         saved,
+        options=cfg,
+        adapter=adapter,
         model=model,
         ref_model=ref_model,
         args=args,

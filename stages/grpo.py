@@ -26,6 +26,7 @@ from alignkit.config import (
     PolicyTemperature,
     SamplingSpec,
     StageBase,
+    TrainerOptions,
 )
 from alignkit.errors import UserError
 from alignkit.handoff import PolicyPair, StageOutput, find_stage, run_stages
@@ -49,7 +50,7 @@ OWNED_OPTIONS = {
 }
 
 
-class OnlineRLConfig(StageBase):
+class OnlineRLConfig(StageBase, TrainerOptions):
     """Fields GRPO and RLOO share. Batch sizes count completions, not prompts: every device
     step holds whole groups of ``num_generations`` (default ``per_device_train_batch_size``:
     one group)."""
@@ -177,6 +178,8 @@ def build_trainer(cfg: OnlineRLConfig, ctx: StageContext):
         trainer_cls,
         ctx,
         saved,
+        options=cfg,
+        adapter=adapter,
         model=model,
         reward_funcs=reward_funcs,
         args=args,

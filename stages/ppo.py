@@ -219,7 +219,7 @@ def run(cfg: PPOStageConfig, ctx: StageContext) -> StageResult:
         tighter = {k: v for k, v in RM_HEALTH.items() if k not in cfg.health.model_fields_set}
         cfg = cfg.model_copy(update={"health": cfg.health.model_copy(update=tighter)})
     trainer = PPOTrainer(cfg, ctx, reward_dirs)
-    metrics = trainer.train()
+    metrics = trainer.train(heldout=lambda: _heldout(cfg, ctx, trainer))
     metrics.update(_heldout(cfg, ctx, trainer))
     if ctx.is_main:
         from alignkit.models import save_stage_model

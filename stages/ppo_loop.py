@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -104,8 +105,9 @@ class PPOTrainer:
         return scoring, flagged
 
     # --- the loop ---------------------------------------------------------------------------
-    def train(self) -> dict[str, float]:
-        """Run the remaining steps; the mean of the last ten steps' statistics."""
+    def train(self, heldout: Callable[[], dict[str, float]] | None = None) -> dict[str, float]:
+        """Run the remaining steps; the mean of the last ten steps' statistics. ``heldout``:
+        the stage's held-out evaluation, for a sweep trial's intermediate values."""
         if self.health is not None and not self.health.monitor.has_baseline:
             self._health_check({"rm_flagged": self.rm_flagged})
         bar = tqdm(
@@ -128,6 +130,10 @@ class PPOTrainer:
             bar.set_postfix(reward=f"{stats['score_mean']:.3f}", kl=f"{stats['kl']:.2f}")
             if self.health is not None and self.step % self.cfg.health.every == 0:
                 self._health_check(self._trained(stats))  # before saving
+            trial = self.ctx.trial
+            if trial is not None and trial.due(self.step):  # may stop a sweep's trial here
+                metrics = stats if trial.objective in stats or heldout is None else heldout()
+                trial.report(self.step, metrics)
             if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
                 self._save()
         self.rollouts.close()
@@ -142,6 +148,7 @@ class PPOTrainer:
         t0 = time.time()
         batch = self._rollout(prompts, step)
         gen_seconds = time.time() - t0
+        t1 = time.time()
         ids, attn, pos, cmask, P = pack(
             batch.prompt_ids, batch.completion_ids, self.tokenizer.pad_token_id,
             self.accelerator.device,
@@ -168,6 +175,8 @@ class PPOTrainer:
             "eos_rate": sum(r == "stop" for r in batch.finish_reason) / len(batch),
             "completion_tokens": float(lengths.sum().item()),
             "train_tokens": float(attn.sum().item()),
+            # scoring: the reward, the policy's and the reference's log-probs, values and GAE
+            "score_seconds": time.time() - t1,
         }
         return core.Experience(
             ids, attn, pos, cmask, P, old_logp, values, advantages, returns, scores, stats,
@@ -229,11 +238,13 @@ class PPOTrainer:
         )
 
     def _log(self, stats: dict[str, float]) -> dict[str, float]:
-        """The step's record, appended to metrics.jsonl by the main process."""
+        """The step's record, appended to metrics.jsonl and sent to the run's trackers
+        (``train/<name>``) by the main process."""
         record = {"step": self.step, **{k: float(v) for k, v in stats.items()}}
         if self.ctx.is_main:
             with self.ctx.metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            self.ctx.tracker.log(stats, self.step)
         return record
 
     @staticmethod

@@ -15,7 +15,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from alignkit.config import AdapterSpec, DataSpec, StageBase, Strict
+from alignkit.config import AdapterSpec, DataSpec, EvaluatedTrainerOptions, StageBase, Strict
 from alignkit.errors import UserError
 from alignkit.handoff import ADAPTER_DIR
 from alignkit.pipeline import StageContext, StageResult
@@ -23,6 +23,7 @@ from alignkit.rewards.sanity import probe_reward_model
 from alignkit.rundir import write_json_atomic
 from alignkit.stages.common import data_context
 from alignkit.training import (
+    early_stopping_record,
     make_trl_trainer,
     save_trained,
     snapshot_adapter,
@@ -61,7 +62,7 @@ class MixSpec(Strict):
         return self.stage or Path(self.source).stem.replace("-", "_")
 
 
-class RewardModelStageConfig(StageBase):
+class RewardModelStageConfig(StageBase, EvaluatedTrainerOptions):
     kind: Literal["reward_model"] = "reward_model"
     trainer_config: ClassVar[str] = "trl.RewardConfig"
 
@@ -130,6 +131,7 @@ def run(cfg: RewardModelStageConfig, ctx: StageContext) -> StageResult:
         output_dir=ctx.checkpoint_dir,
         seed=seed,
         where=ctx.where,
+        options=cfg,
         max_length=cfg.max_length,
         center_rewards_coefficient=cfg.center_rewards,
         per_device_eval_batch_size=32,
@@ -138,6 +140,8 @@ def run(cfg: RewardModelStageConfig, ctx: StageContext) -> StageResult:
         RewardTrainer,
         ctx,
         saved,
+        options=cfg,
+        adapter=adapter,
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -165,6 +169,7 @@ def run(cfg: RewardModelStageConfig, ctx: StageContext) -> StageResult:
         metrics=metrics,
         adapter_type=adapter.type,
         outputs={"weights": sub, "max_length": cfg.max_length},
+        early_stopping=early_stopping_record(trainer),
     )
 
 
@@ -191,6 +196,12 @@ def load_reward_model_for_training(spec, adapter: AdapterSpec, sft_dir: Path | N
     if adapter.type != "lora":
         raise UserError(
             f"adapter.type: the reward model supports lora or full, not {adapter.type!r}"
+        )
+    if adapter.changes_base_weights:
+        raise UserError(
+            f"adapter.init_lora_weights: {adapter.init_lora_weights} is not supported for the "
+            "reward model (its score head is saved beside the adapter unconverted); use default "
+            "or gaussian"
         )
     if sft_dir is None:
         with_head = adapter.model_copy(update={"modules_to_save": [*adapter.modules_to_save, head]})

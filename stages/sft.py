@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import ClassVar, Literal
 
-from alignkit.config import AdapterSpec, DataSpec, HeldoutSpec, StageBase
+from alignkit.config import AdapterSpec, DataSpec, EvaluatedTrainerOptions, HeldoutSpec, StageBase
 from alignkit.errors import UserError
 from alignkit.handoff import PolicyPair
 from alignkit.pipeline import StageContext, StageResult
@@ -20,7 +20,7 @@ from alignkit.stages.common import data_context
 from alignkit.training import make_trl_trainer, trl_args
 
 
-class SFTStageConfig(StageBase):
+class SFTStageConfig(StageBase, EvaluatedTrainerOptions):
     kind: Literal["sft"] = "sft"
     trainer_config: ClassVar[str] = "trl.SFTConfig"
     is_policy: ClassVar[bool] = True
@@ -71,6 +71,7 @@ def run(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
         output_dir=ctx.checkpoint_dir,
         seed=ctx.seed,
         where=ctx.where,
+        options=cfg,
         max_length=cfg.max_length,
         packing=cfg.packing,
         eval_packing=False,
@@ -82,18 +83,22 @@ def run(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
         SFTTrainer,
         ctx,
         saved,
+        options=cfg,
+        adapter=adapter,
         model=model,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
     )
-    # the reference is the base (adapters disabled), or a fresh base for full fine-tuning
+    # the reference is the base (adapters disabled), or a fresh base for full fine-tuning; after
+    # PiSSA/OLoRA moved part of the base into the adapter, the adapter as initialised on it
+    base = not adapter.changes_base_weights
     built = policy.PolicyTrainer(
         trainer,
         tokenizer,
-        PolicyPair.of(trainer.model, base_is_reference=True),
-        adapter.type,
+        PolicyPair.of(trainer.model, base_is_reference=base),
+        adapter.saved_type,
         {"train_rows": float(len(train_rows)), "eval_rows": float(len(eval_rows))},
         evaluate=eval_ds is not None,
         reference_is_base=True,

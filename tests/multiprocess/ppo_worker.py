@@ -2,8 +2,9 @@
 
 ``argv``: the run directory holding finished ``sft`` and ``rm`` stages, and an output folder.
 Each rank writes ``rank<R>.json`` (its first step's prompts and whitened advantages with their
-mask, and how far the update's averaged gradients are from the mean of
-the ranks' own) and ``rank<R>.pt`` (its policy and value tensors after two steps).
+mask, and how far the update's averaged gradients are from the mean of the ranks' own) and
+``rank<R>.pt`` (its policy and value tensors after two steps); rank 0 logs to TensorBoard under
+``tracking/``.
 """
 
 import json
@@ -22,6 +23,7 @@ from alignkit.stages import ppo_update as update
 from alignkit.stages.ppo import PPOStageConfig
 from alignkit.stages.ppo_loop import PPOTrainer
 from alignkit.stages.ppo_model import REWARD
+from alignkit.tracking import open_stage_tracker
 
 run_dir, out = RunDir(sys.argv[1]), Path(sys.argv[2])
 state = PartialState(cpu=True)
@@ -36,6 +38,8 @@ ctx = StageContext(
     parent=StageOutput("sft", "sft", run_dir.stage_dir("sft"), run_dir.stage_json("sft")),
     resume_from=None, console=Console(quiet=True), is_main=state.is_main_process,
 )  # fmt: skip
+ctx.tracker = open_stage_tracker(["tensorboard"], str(out / "tracking"), run_dir.path, "ppo-ddp",
+                                 "ppo", "ppo", {}, state.is_main_process)  # fmt: skip
 ctx.out_dir.mkdir(parents=True, exist_ok=True)
 trainer = PPOTrainer(cfg, ctx, {REWARD: run_dir.stage_dir("rm")})
 rank = state.process_index
@@ -76,6 +80,7 @@ record["update_grad_error"] = ((synced - mean).abs().max() / mean.abs().max()).i
 record["update_grad_rank_spread"] = (everyone[0] - everyone[1]).abs().max().item()
 (out / f"rank{rank}.json").write_text(json.dumps(record))
 trainer.train()
+ctx.tracker.close()
 tensors = {
     n: p.detach().clone()
     for n, p in trainer.model.named_parameters()
