@@ -177,6 +177,67 @@ class AdapterSpec(Strict):
         return self.init_lora_weights.startswith(BASE_CHANGING_INITS)
 
 
+PII_KINDS = ("email", "phone", "ip", "key")
+
+
+class CleanSpec(Strict):
+    """Data cleaning (``alignkit data clean`` and a stage's ``data.clean``). Rules run in the
+    order of the report: bad rows, filters, decontamination, exact then near duplicates; a row
+    is counted under the first rule that removes it. The PII scrub masks text (it removes
+    nothing); it is a regex scrub, not a guarantee that no personal data is left."""
+
+    exact_dedup: bool = True
+    """Drop a row whose text equals an earlier row's (after lower-casing and collapsing spaces)."""
+    near_dup_threshold: float | None = Field(0.8, gt=0, le=1)
+    """Drop a row whose estimated Jaccard similarity (word shingles, MinHash LSH) to an earlier
+    kept row is at least this; ``null`` turns near-duplicate removal off (it keeps an index that
+    grows with the rows: about 2.7 KB per kept row)."""
+    num_perm: int = Field(64, ge=16, le=512)
+    """MinHash permutations: more estimate Jaccard more precisely, at more memory and time."""
+    shingle_words: int = Field(3, ge=1)
+    """Words per shingle for near duplicates."""
+    decontaminate: list[str] = []
+    """Eval/test sources (any file, Hub dataset or builtin; ``SOURCE@SPLIT``, default split
+    ``test``) whose text must not appear in the training rows. In a stage, its held-out rows and
+    ``heldout`` prompts are always included."""
+    ngram: int = Field(8, ge=3)
+    """Decontamination: a training turn sharing any ``ngram``-word sequence with an eval text is
+    contaminated; an eval text shorter than this (3 words or more) counts when a training turn
+    equals it."""
+    length_unit: Literal["words", "tokens"] = "words"
+    """Unit of ``min_length``/``max_length``; ``tokens`` uses the tokenizer (the stage's model,
+    or ``--tokenizer`` on the command line)."""
+    min_length: int | None = Field(None, ge=1)
+    """Drop rows shorter than this (all turns together)."""
+    max_length: int | None = Field(None, ge=1)
+    """Drop rows longer than this (all turns together; for a pair, the prompt and the longer
+    reply)."""
+    empty_turns: bool = True
+    """Drop rows with an empty or whitespace-only turn."""
+    max_repeated_ngram_share: float | None = Field(0.5, ge=0, le=1)
+    """Drop rows with a turn in which more than this share of its word n-grams repeat an earlier
+    n-gram of the same turn (degenerate, looping text); ``null``: off."""
+    repeated_ngram: int = Field(3, ge=1)
+    """n of the repeated-n-gram filter."""
+    non_text: bool = True
+    """Drop rows holding control characters (besides tab and newlines), U+FFFD replacement
+    characters, private-use or surrogate code points: binary junk or broken decoding."""
+    identical_pairs: bool = True
+    """Drop preference pairs whose chosen equals rejected (also after lower-casing and
+    collapsing spaces)."""
+    pii: list[Literal["email", "phone", "ip", "key"]] = list(PII_KINDS)
+    """Mask these in every text: ``[EMAIL]``, ``[PHONE]``, ``[IP]``, ``[KEY]`` (API keys, tokens,
+    private keys, ``password=...`` values). ``[]``: no scrub."""
+    examples: int = Field(3, ge=0)
+    """Examples per rule in the report."""
+
+    @model_validator(mode="after")
+    def _check(self) -> CleanSpec:
+        if self.min_length and self.max_length and self.min_length > self.max_length:
+            raise ValueError(f"min_length {self.min_length} > max_length {self.max_length}")
+        return self
+
+
 class DataSpec(Strict):
     source: str
     """JSONL/JSON/Parquet/CSV file, Hub dataset name, or ``builtin:NAME``."""
@@ -196,6 +257,28 @@ class DataSpec(Strict):
     """``error``: any bad row stops before training (exit 2). ``skip``: drop bad rows, report counts."""
     max_bad_fraction: float = Field(0.05, ge=0, le=1)
     """With ``skip``: fail when more than this fraction of rows is bad."""
+    clean: CleanSpec | None = None
+    """Clean the rows before training (``clean: {}`` for the defaults): duplicates, filters,
+    decontamination against the held-out rows and prompts, PII scrub. The report goes to the
+    stage's ``data_clean.json``."""
+    stratify_by: str | None = None
+    """When held-out rows are split off the training rows (``eval_size``): a row field
+    (``source``, ``category``, ``language``) whose every value keeps its share in both sets."""
+    group_by: str | None = None
+    """When held-out rows are split off: ``prompt`` (or a row field such as ``conversation_id``)
+    whose rows all land in the same set, so no prompt is in both."""
+
+    @model_validator(mode="after")
+    def _check_split(self) -> DataSpec:
+        held_apart = self.eval_source is not None or self.eval_split is not None
+        for key in ("stratify_by", "group_by"):
+            if getattr(self, key) is not None and held_apart:
+                raise ValueError(
+                    f"{key} shapes the held-out rows split off the training rows (eval_size); "
+                    "with eval_source/eval_split the held-out set is given. Set clean: {} to drop "
+                    "training rows that overlap it"
+                )
+        return self
 
 
 #: Sampling knobs, each defined once; every config that samples reuses them (and keeps its own
@@ -720,6 +803,14 @@ def did_you_mean(key: str, valid) -> str:
     """`` (did you mean X?)`` for the valid name nearest ``key``, or nothing when none is near."""
     close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def validate_block(model: type[BaseModel], raw: dict, where: str):
+    """One config block validated on its own (e.g. ``data clean --set``); UserError on problems."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(_format_errors(e, model, where)) from None
 
 
 def _format_errors(err: ValidationError, root: type[BaseModel], where: str) -> str:

@@ -18,7 +18,7 @@ from alignkit.health import HealthSpec
 from alignkit.models import load_base, load_stage_model
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.stages import policy
-from alignkit.stages.common import DPO_LOGS
+from alignkit.stages.common import DPO_LOGS, data_context
 from alignkit.training import make_trl_trainer, trl_args
 
 #: TRL 1.16 DPOTrainer loss types. TRL exposes no list to import (only the help text of
@@ -96,7 +96,9 @@ def build_trainer(cfg: DPOStageConfig, ctx: StageContext) -> policy.PolicyTraine
     from alignkit.data.split import train_eval_rows
 
     torch.manual_seed(ctx.seed)
-    train_rows, eval_rows = train_eval_rows(cfg.data, load_preference, ctx.seed)
+    train_rows, eval_rows = train_eval_rows(
+        cfg.data, load_preference, ctx.seed, data_context(ctx, cfg.data, cfg.heldout)
+    )
 
     model, tokenizer, adapter, saved = policy.start_policy(cfg, ctx, "dpo")
     ref_model = None

@@ -34,7 +34,7 @@ from alignkit.health import HealthSpec
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.rewards.registry import WeightedReward, known_names, resolve_reward, split_weight
 from alignkit.stages import policy
-from alignkit.stages.common import ONLINE_LOGS, RolloutSpec, check_vllm
+from alignkit.stages.common import ONLINE_LOGS, RolloutSpec, check_vllm, data_context
 from alignkit.training import make_trl_trainer, trl_args
 
 STAGE_PREFIX = "stage:"
@@ -118,6 +118,7 @@ def build_trainer(cfg: OnlineRLConfig, ctx: StageContext):
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
     from alignkit.data.prompts import load_prompts
+    from alignkit.data.split import training_rows
 
     config_cls, trainer_cls = {
         "grpo": (GRPOConfig, GRPOTrainer),
@@ -126,9 +127,7 @@ def build_trainer(cfg: OnlineRLConfig, ctx: StageContext):
     torch.manual_seed(ctx.seed)
 
     # 1. prompts and reward functions first: a bad row or reward name stops before any model loads
-    data = cfg.data
-    rows = load_prompts(data.source, data.split, data.on_bad_rows, data.max_bad_fraction).rows
-    rows = rows[: data.max_rows] if data.max_rows is not None else rows
+    rows = training_rows(cfg.data, load_prompts, data_context(ctx, cfg.data, cfg.heldout))
     if not rows:
         raise UserError(f"{ctx.where}.data: no prompts")
     # the run dir: ctx.out_dir is the stage's partial dir inside it

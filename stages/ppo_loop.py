@@ -15,6 +15,7 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 
 from alignkit.data.prompts import load_prompts
+from alignkit.data.split import training_rows
 from alignkit.finite import NonFiniteError, nonfinite_names, stop_message
 from alignkit.handoff import PolicyPair, StageOutput
 from alignkit.health import HealthStop
@@ -23,7 +24,7 @@ from alignkit.rewards.reward_model import RewardModelScorer
 from alignkit.rollouts.types import RolloutBatch
 from alignkit.stages import ppo_core as core
 from alignkit.stages import ppo_update as update
-from alignkit.stages.common import health_monitor
+from alignkit.stages.common import data_context, health_monitor
 from alignkit.stages.ppo_checkpoint import read_checkpoint, restore_checkpoint, save_checkpoint
 from alignkit.stages.ppo_model import (
     REWARD,
@@ -77,9 +78,8 @@ class PPOTrainer:
             self._load(ctx.resume_from)
 
     def _load_prompts(self) -> list[dict]:
-        data = self.cfg.data
-        rows = load_prompts(data.source, data.split, data.on_bad_rows, data.max_bad_fraction).rows
-        return rows if data.max_rows is None else rows[: data.max_rows]
+        cfg = self.cfg
+        return training_rows(cfg.data, load_prompts, data_context(self.ctx, cfg.data, cfg.heldout))
 
     def _build_scoring(self, reward_dirs: dict[str, Path]) -> tuple[Scoring, float]:
         """The scoring of rollouts (reward adapters on the shared base and/or reward functions)

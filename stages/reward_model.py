@@ -21,6 +21,7 @@ from alignkit.handoff import ADAPTER_DIR
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.rewards.sanity import probe_reward_model
 from alignkit.rundir import write_json_atomic
+from alignkit.stages.common import data_context
 from alignkit.training import (
     early_stopping_record,
     make_trl_trainer,
@@ -102,7 +103,9 @@ def run(cfg: RewardModelStageConfig, ctx: StageContext) -> StageResult:
     seed = ctx.seed + cfg.seed_offset
     torch.manual_seed(seed)
     # 1. data: every row validated before any model is loaded
-    train_rows, eval_rows = train_eval_rows(cfg.data, load_preference, ctx.seed)
+    train_rows, eval_rows = train_eval_rows(
+        cfg.data, load_preference, ctx.seed, data_context(ctx, cfg.data)
+    )
     mixed = [_mix_rows(m, ctx) for m in cfg.mix]
     for extra, _ in mixed:
         train_rows = train_rows + extra

@@ -16,6 +16,7 @@ from alignkit.errors import UserError
 from alignkit.handoff import PolicyPair
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.stages import policy
+from alignkit.stages.common import data_context
 from alignkit.training import make_trl_trainer, trl_args
 
 
@@ -47,7 +48,9 @@ def run(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
 
     torch.manual_seed(ctx.seed)
     # 1. data first: a bad row stops the stage before any model is loaded
-    train_rows, eval_rows = train_eval_rows(cfg.data, load_sft, ctx.seed)
+    train_rows, eval_rows = train_eval_rows(
+        cfg.data, load_sft, ctx.seed, data_context(ctx, cfg.data, cfg.heldout)
+    )
     if not train_rows:
         raise UserError(f"{ctx.where}.data: no training rows left")
 

@@ -16,6 +16,7 @@ from alignkit.config import AdapterSpec, DataSpec, EvaluatedTrainerOptions, Held
 from alignkit.handoff import PolicyPair
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.stages import policy
+from alignkit.stages.common import data_context
 from alignkit.training import make_trl_trainer, trl_args
 
 
@@ -67,7 +68,9 @@ def build_trainer(cfg: _ReferenceFree, ctx: StageContext) -> policy.PolicyTraine
     from alignkit.data.split import train_eval_rows
 
     torch.manual_seed(ctx.seed)
-    train_rows, eval_rows = train_eval_rows(cfg.data, load_preference, ctx.seed)
+    train_rows, eval_rows = train_eval_rows(
+        cfg.data, load_preference, ctx.seed, data_context(ctx, cfg.data, cfg.heldout)
+    )
     model, tokenizer, adapter, saved = policy.start_policy(cfg, ctx, cfg.kind)
 
     def dataset(rows):
