@@ -96,6 +96,9 @@ class StageResult:
     metrics: dict[str, float]
     adapter_type: str
     outputs: dict[str, str] = field(default_factory=dict)
+    data: list[dict] = field(default_factory=list)
+    """What the stage read: ``alignkit.data.fingerprint.data_record`` entries (role, source,
+    split, rows, sha256), recorded in stage.json and the model card."""
 
 
 @dataclass(frozen=True)
@@ -384,6 +387,7 @@ def _stage_record(cfg, d: Decision, result: StageResult, parent, started: float)
         "adapter_type": result.adapter_type,
         "outputs": result.outputs,
         "metrics": result.metrics,
+        "data": result.data,
         "config": redact(d.stage.model_dump(mode="json", by_alias=True)),
         "adapter": cfg.adapter.model_dump(mode="json"),
         "seed": cfg.run.seed,

@@ -18,12 +18,14 @@ from pydantic import Field, field_validator
 from alignkit.config import (
     AdapterSpec,
     DataSpec,
+    ForgettingSpec,
     HeldoutSpec,
     MaxNewTokens,
     PolicyTemperature,
     SamplingSpec,
     StageBase,
 )
+from alignkit.data.fingerprint import data_record
 from alignkit.errors import UserError
 from alignkit.handoff import ADAPTER_DIR, PolicyPair
 from alignkit.health import HealthSpec
@@ -160,6 +162,9 @@ class PPOStageConfig(StageBase):
     health: HealthSpec = HealthSpec()
     """Training health checks (KL, length, repetition, invalid words, reward vs gold or vs the
     held-out reward model); with a learned reward the defaults tighten (``RM_HEALTH``)."""
+    forgetting: ForgettingSpec = ForgettingSpec()
+    """Measure forgetting: general-text NLL of the reference (the starting policy) and the
+    trained policy."""
 
     @field_validator("normalize_scores", mode="before")
     @classmethod
@@ -180,13 +185,20 @@ class PPOStageConfig(StageBase):
         return 1.0 if self.reward_model or any(Path(r).is_dir() for r in self.rewards) else 0.0
 
 
-def _heldout(cfg, ctx, trainer) -> dict[str, float]:
-    """Held-out metrics; the reward is the one PPO trained on (RM adapter and/or functions)."""
-    from alignkit.stages.common import heldout_evaluation
+def _evaluate(cfg, ctx, trainer) -> tuple[dict[str, float], list[dict]]:
+    """Held-out metrics (the reward is the one PPO trained on: RM adapter and/or functions) and
+    forgetting against the reference (the starting policy), with the forgetting texts' record."""
+    from alignkit.stages.common import forgetting_evaluation, heldout_evaluation
 
     pair = PolicyPair.of(trainer.model.peft)
     custom = None if cfg.heldout.rewards else trainer.scoring
-    return heldout_evaluation(cfg, ctx, pair.policy, pair.reference, trainer.tokenizer, custom)
+    metrics = heldout_evaluation(cfg, ctx, pair.policy, pair.reference, trainer.tokenizer, custom)
+    if not ctx.is_main:
+        return metrics, []
+    forgetting, data = forgetting_evaluation(
+        cfg, ctx, pair.policy, pair.reference, trainer.tokenizer
+    )
+    return {**metrics, **forgetting}, data
 
 
 def run(cfg: PPOStageConfig, ctx: StageContext) -> StageResult:
@@ -220,9 +232,14 @@ def run(cfg: PPOStageConfig, ctx: StageContext) -> StageResult:
         cfg = cfg.model_copy(update={"health": cfg.health.model_copy(update=tighter)})
     trainer = PPOTrainer(cfg, ctx, reward_dirs)
     metrics = trainer.train()
-    metrics.update(_heldout(cfg, ctx, trainer))
+    evaluated, forgetting_texts = _evaluate(cfg, ctx, trainer)
+    metrics.update(evaluated)
     if ctx.is_main:
         from alignkit.models import save_stage_model
 
         save_stage_model(trainer.model.peft, trainer.tokenizer, ctx.out_dir)
-    return StageResult(metrics=metrics, adapter_type="lora", outputs={"weights": ADAPTER_DIR})
+    data = cfg.data
+    used = [data_record("train", data.source, data.split, trainer.prompts), *forgetting_texts]
+    return StageResult(
+        metrics=metrics, adapter_type="lora", outputs={"weights": ADAPTER_DIR}, data=used
+    )

@@ -94,17 +94,22 @@ def run(cfg: RewardModelStageConfig, ctx: StageContext) -> StageResult:
     import torch
     from trl import RewardConfig, RewardTrainer
 
+    from alignkit.data.fingerprint import data_record
     from alignkit.data.preference import load_preference
-    from alignkit.data.split import train_eval_rows
+    from alignkit.data.split import data_records, train_eval_rows
     from alignkit.models import count_parameters, torch_dtype
 
     seed = ctx.seed + cfg.seed_offset
     torch.manual_seed(seed)
     # 1. data: every row validated before any model is loaded
     train_rows, eval_rows = train_eval_rows(cfg.data, load_preference, ctx.seed)
+    data = data_records(cfg.data, train_rows, eval_rows)
     mixed = [_mix_rows(m, ctx) for m in cfg.mix]
-    for extra, _ in mixed:
+    for spec, (extra, _) in zip(cfg.mix, mixed, strict=True):
         train_rows = train_rows + extra
+        data.append(
+            data_record(f"mix ({spec.label})", spec.source or spec.stage, spec.split, extra)
+        )
     if cfg.from_sft and ctx.parent is None:
         raise UserError(f"{ctx.where}.from_sft: true needs `from: <sft stage>`")
 
@@ -162,6 +167,7 @@ def run(cfg: RewardModelStageConfig, ctx: StageContext) -> StageResult:
         metrics=metrics,
         adapter_type=adapter.type,
         outputs={"weights": sub, "max_length": cfg.max_length},
+        data=data,
     )
 
 

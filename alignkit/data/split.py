@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from alignkit.config import DataSpec
+from alignkit.data.fingerprint import data_record
 
 Loader = Callable[..., Any]  # (source, split, on_bad_rows, max_bad_fraction) -> object with .rows
 
@@ -37,3 +38,15 @@ def train_eval_rows(spec: DataSpec, load: Loader, seed: int) -> tuple[list[dict]
     if spec.max_eval_rows is not None:
         held = held[: spec.max_eval_rows]
     return train, held
+
+
+def data_records(spec: DataSpec, train: list[dict], held: list[dict]) -> list[dict]:
+    """The data records (:func:`~alignkit.data.fingerprint.data_record`) of the rows
+    :func:`train_eval_rows` returned for ``spec``."""
+    records = [data_record("train", spec.source, spec.split, train)]
+    if held:
+        separate = spec.eval_source is not None or spec.eval_split is not None
+        source = spec.eval_source or spec.source
+        split = spec.eval_split if separate else spec.split
+        records.append(data_record("eval", source, split, held))
+    return records
