@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from alignkit import __version__, interrupts
+from alignkit.card import write_model_card
 from alignkit.config import (
     AdapterSpec,
     ModelSpec,
@@ -263,6 +264,8 @@ def _run_stage(cfg, registry, rd: RunDir, d: Decision, manifest, entry, state, c
     record = _stage_record(cfg, d, result, parent, started)
     record["resumed_from"] = resume.name if resume else None
     record.update(_health(out_dir))
+    if state.is_main_process:  # README.md beside the weights: the directory describes itself
+        write_model_card(out_dir, record, rd.path)
     state.wait_for_everyone()
     rd.finish_stage(d.stage.name, record)
     entry.update(status="complete", finished=_now(), metrics=result.metrics)
