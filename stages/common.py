@@ -96,10 +96,13 @@ def replay_stages(spec) -> list[str]:
     return [spec.source.removeprefix(REPLAY_STAGE_PREFIX).strip()]
 
 
-def replay(spec, ctx, load, train_rows: int, kinds: tuple[str, ...]) -> tuple[list[dict], dict]:
+def replay(
+    spec, ctx, load, train_rows: int, kinds: tuple[str, ...], hint: str = ""
+) -> tuple[list[dict], dict]:
     """The replay rows for a stage with ``train_rows`` rows of its own (see
     :class:`~alignkit.config.ReplaySpec`), and their data record. ``stage:NAME`` replays the
-    training data of that finished stage of the run, which must be one of ``kinds``."""
+    training data of that finished stage of the run, which must be one of ``kinds``. ``hint``
+    follows the error when the source's rows do not fit the stage."""
     from alignkit.data.fingerprint import data_record
     from alignkit.data.replay import replay_rows
 
@@ -111,7 +114,10 @@ def replay(spec, ctx, load, train_rows: int, kinds: tuple[str, ...]) -> tuple[li
         if "source" not in data:
             raise UserError(f"{ctx.where}.replay.source: stage {name!r} records no data source")
         source, split = data["source"], data.get("split")
-    rows = replay_rows(spec, source, split, load, train_rows, ctx.seed, ctx.where)
+    try:
+        rows = replay_rows(spec, source, split, load, train_rows, ctx.seed, ctx.where)
+    except UserError as e:
+        raise UserError(f"{e}\n{hint}" if hint else str(e)) from None
     return rows, data_record("replay", source, split, rows)
 
 

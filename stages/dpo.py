@@ -50,6 +50,12 @@ LOSS_TYPES = (
 )
 
 
+REPLAY_HINT = (
+    "DPO replays preference pairs (prompt, chosen, rejected). Replay general text in the SFT "
+    "stage before DPO, or add `sft` to loss_type for an NLL term on the chosen answers."
+)
+
+
 class DPOStageConfig(StageBase):
     kind: Literal["dpo"] = "dpo"
     trainer_config: ClassVar[str] = "trl.DPOConfig"
@@ -118,7 +124,9 @@ def build_trainer(cfg: DPOStageConfig, ctx: StageContext) -> policy.PolicyTraine
     data = data_records(cfg.data, train_rows, eval_rows)
     if cfg.replay is not None:
         kinds = ("dpo", "simpo", "orpo", "reward_model")
-        replayed, record = common.replay(cfg.replay, ctx, load_preference, len(train_rows), kinds)
+        replayed, record = common.replay(
+            cfg.replay, ctx, load_preference, len(train_rows), kinds, REPLAY_HINT
+        )
         train_rows = train_rows + replayed  # the trainer shuffles
         counts["replay_rows"] = float(len(replayed))
         data.append(record)
