@@ -17,7 +17,6 @@ Finished stages are skipped when the run directories are reused. Writes
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
@@ -69,6 +68,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench")
     args = ap.parse_args()
 
+    from _common import write_csv  # beside this script
     from rich.console import Console
 
     from alignkit.config import validate_pipeline
@@ -82,12 +82,7 @@ def main() -> None:
         run_dir = args.run_dir / f"replay-{fraction:g}"
         run_pipeline(cfg, REGISTRY, run_dir, Console(stderr=True))
         rows.append(row(run_dir, fraction))
-    args.out.mkdir(parents=True, exist_ok=True)
-    with (args.out / "forgetting_replay.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
-                         for r in rows)  # fmt: skip
+    write_csv(args.out / "forgetting_replay.csv", rows)
     print_table(rows)
     print(
         f"\n{time.time() - t0:.0f} s; wrote {args.out / 'forgetting_replay.csv'}", file=sys.stderr
