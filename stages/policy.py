@@ -36,8 +36,9 @@ class PolicyTrainer(NamedTuple):
     """What a policy stage's build step returns for :func:`train` and :func:`finish` (a tuple
     that starts ``trainer, tokenizer``, so a test can unpack and wrap the build step).
 
-    The stage's config must have ``data`` and ``heldout`` (:class:`~alignkit.config.HeldoutSpec`),
-    and ``health`` (:class:`~alignkit.health.HealthSpec`) when ``health_logs`` is set."""
+    The stage's config must have ``data``, ``heldout`` (:class:`~alignkit.config.HeldoutSpec`)
+    and ``forgetting`` (:class:`~alignkit.config.ForgettingSpec`), and ``health``
+    (:class:`~alignkit.health.HealthSpec`) when ``health_logs`` is set."""
 
     trainer: Any
     """A TRL trainer built with :func:`alignkit.training.make_trl_trainer`."""
