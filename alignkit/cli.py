@@ -53,8 +53,13 @@ def _run(cfg, run_dir: Path | None) -> None:
     from alignkit.pipeline import run_pipeline
 
     target = run_dir or Path(cfg.run.dir or f"runs/{cfg.run.name}")
-    run_pipeline(cfg, _registry(), target, console)
+    try:
+        run_pipeline(cfg, _registry(), target, console)
+    finally:  # a failed or interrupted run gets its page too: it shows where it stopped
+        page = _write_run_page(target)
     console.print(f"run directory: [bold]{target}[/]  (alignkit status {target})")
+    if page is not None:
+        console.print(f"run page: [bold]{page}[/]  (one HTML file, open it in a browser)")
     for stage in cfg.stages:
         report = target / stage.name / "report.md"
         if stage.kind == "eval" and report.exists():
@@ -71,6 +76,34 @@ def run(
 ) -> None:
     """Run every stage of a pipeline YAML, skipping finished ones and resuming interrupted ones."""
     _run(_load(config, set_), run_dir)
+
+
+def _write_run_page(run_dir: Path) -> Path | None:
+    """The run's report.html, written by the main process at the end of ``alignkit run``. A
+    page that cannot be written is a warning: the run's own outcome is what counts here."""
+    from alignkit.eval.run_page import write_run_report
+
+    main = os.environ.get("RANK", "0") == "0"  # torchrun and accelerate launch set RANK
+    if not main or not (run_dir / "manifest.json").exists():
+        return None
+    try:
+        return write_run_report(run_dir)
+    except Exception as e:  # noqa: BLE001 (see the docstring)
+        err_console.print(f"[yellow]warning[/] the run page was not written: {escape(str(e))}")
+        return None
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory")],
+    out: Annotated[
+        Path | None, typer.Option("-o", "--out", help="HTML file (default RUN_DIR/report.html)")
+    ] = None,
+) -> None:
+    """Write one self-contained HTML page for a run: stage graph, curves, health, samples."""
+    from alignkit.eval.run_page import write_run_report
+
+    console.print(f"run page written to [bold]{write_run_report(run_dir, out)}[/]")
 
 
 @app.command()

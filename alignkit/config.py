@@ -25,6 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from alignkit.errors import UserError
+from alignkit.rundir import RESERVED_NAMES
 
 BUILTIN_MODEL = "builtin:tiny"
 _STAGE_NAME = re.compile(r"[\w.-]{1,100}")
@@ -43,6 +44,19 @@ class RunSpec(Strict):
     """Run directory; default ``runs/<name>``. ``alignkit run --run-dir`` overrides it."""
     seed: int = 0
     """Seed for data shuffling, adapter init and sampling; each stage derives its own from it."""
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = []
+    """Experiment trackers every stage logs to, each under its stage name (see
+    :mod:`alignkit.tracking`); empty (or ``none``): files only. Not part of any stage's hash."""
+    tracking_dir: str | None = None
+    """Where the trackers write (TensorBoard event files, W&B offline runs, the MLflow file
+    store); default ``<run dir>/tracking``."""
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_none(cls, v):
+        if isinstance(v, str):  # ``report_to: tensorboard`` / ``none`` as in transformers
+            return [] if v == "none" else [v]
+        return v
 
 
 class ModelSpec(Strict):
@@ -310,8 +324,10 @@ class StageBase(Strict):
                 "stage name must be a plain directory name: letters, digits, '_', '-', '.', at "
                 "most 100 characters, not starting with '.'"
             )
-        if v in ("manifest.json", ".lock"):
-            raise ValueError(f"{v!r} is a file of the run directory; choose another stage name")
+        if v in RESERVED_NAMES:
+            raise ValueError(
+                f"{v!r} is taken by the run directory itself; choose another stage name"
+            )
         return v
 
 

@@ -24,7 +24,8 @@ def trl_args(
 ):
     """Build a TRL config: our defaults (``ours``), overridden by the user's ``train:`` block.
 
-    Defaults that matter everywhere: no external loggers, checkpoints in the stage's partial dir
+    Defaults that matter everywhere: no loggers of the trainer's own (``make_trl_trainer`` attaches
+    the run's trackers), checkpoints in the stage's partial dir
     (so an interrupted stage resumes), and no bf16/gradient checkpointing on CPU (TRL turns both on
     by default; neither works there).
     """
@@ -147,7 +148,7 @@ class TokenCount(TrainerCallback, ExportableState):
 
 def make_trl_trainer(trainer_cls, ctx, saved_adapter: dict[str, torch.Tensor], **kwargs):
     """A TRL trainer that stops at the first non-finite value (:class:`FiniteGuard`), logs to
-    the stage's metrics.jsonl (main process) and keeps its token count across a resume
+    the stage's metrics.jsonl and the run's trackers (main process) and keeps its token count across a resume
     (:class:`TokenCount`), with the adapter weights of :func:`snapshot_adapter` put back after
     TRL's constructor cast them."""
     counter = TokenCount()
@@ -155,6 +156,9 @@ def make_trl_trainer(trainer_cls, ctx, saved_adapter: dict[str, torch.Tensor], *
     if ctx.is_main:
         callbacks.append(MetricsCallback(ctx.metrics_path))
     trainer = trainer_cls(callbacks=callbacks, **kwargs)
+    for tracking in ctx.tracker.trainer_callbacks():  # the run's trackers, under this stage
+        trainer.remove_callback(type(tracking))  # one a `train.report_to` added: ours instead
+        trainer.add_callback(tracking)
     counter.trainer = trainer
     restore_adapter(trainer.model, saved_adapter)
     return trainer

@@ -139,8 +139,10 @@ def health_monitor(cfg, ctx, policy, reference, tokenizer):
     else:  # the stage's own data: its held-out split when it has one
         data = cfg.data
         rows = load_prompts(data.source, data.eval_split or data.split, "skip", 1.0).rows
-    monitor = HealthMonitor(spec, ctx.where, ctx.out_dir, ctx.console)
-    probe = HealthProbe(spec, rows, policy, reference, tokenizer, ctx.out_dir, builtin, ctx.is_main)
+    monitor = HealthMonitor(spec, ctx.where, ctx.out_dir, ctx.console, ctx.tracker)
+    probe = HealthProbe(
+        spec, rows, policy, reference, tokenizer, ctx.out_dir, builtin, ctx.is_main, ctx.tracker
+    )
     return HealthCheck(monitor, probe)
 
 

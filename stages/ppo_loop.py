@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 
 from alignkit.data.prompts import load_prompts
@@ -22,10 +21,10 @@ from alignkit.rewards.registry import resolve_rewards
 from alignkit.rewards.reward_model import RewardModelScorer
 from alignkit.rollouts.types import RolloutBatch
 from alignkit.stages import ppo_core as core
+from alignkit.stages import ppo_update as update
 from alignkit.stages.common import health_monitor
 from alignkit.stages.ppo_checkpoint import read_checkpoint, restore_checkpoint, save_checkpoint
 from alignkit.stages.ppo_model import (
-    REFERENCE,
     REWARD,
     VALUE,
     SharedBaseRewardModel,
@@ -44,7 +43,9 @@ class PPOTrainer:
         it): accelerator → prompts → model (four adapters) → scoring → optimizer (prepared) →
         rollout engine → health monitor → KL controller → the checkpoint to resume from."""
         self.cfg, self.ctx = cfg, ctx
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        # the update's policy and value passes each use part of the trainable parameters
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         torch.manual_seed(ctx.seed)
         self.prompts = self._load_prompts()
@@ -148,7 +149,7 @@ class PPOTrainer:
         self._recent = (ids[:4], attn[:4], pos[:4], P)
         scores_raw = self.scoring.raw(prompts, batch).to(self.accelerator.device)
         scores = self.scoring.shape(scores_raw, batch.finish_reason)
-        old_logp, ref_logp, values = self._evaluate(ids, attn, pos, P)
+        old_logp, ref_logp, values = update.price(self.model, ids, attn, pos, P, cfg.temperature)
         kl = core.kl_estimate(old_logp, ref_logp, cfg.kl_estimator) * cmask
         rewards = core.token_rewards(scores, kl, cmask, self.kl.value)
         all_sum = self._all_sum if self.world > 1 else None
@@ -184,15 +185,6 @@ class PPOTrainer:
         sampling = self.cfg.sampling(self.ctx.seed * 100003 + step + 7919 * self.rank)
         return self.rollouts.generate(prompts, sampling, self.step)
 
-    def _evaluate(self, ids, attn, pos, P):
-        """The sampling policy's and the reference's log-probs and the values, each [B, T]."""
-        model = self.model
-        model.eval()
-        old_logp = self._logprobs(model.logits(ids, attn, pos), ids, P)
-        with model.role(REFERENCE):
-            ref_logp = self._logprobs(model.logits(ids, attn, pos), ids, P)
-        return old_logp, ref_logp, self._values(ids, attn, pos, P)
-
     def _update(self, exp: core.Experience) -> dict[str, float]:
         """``ppo_epochs`` passes of clipped policy and value updates over minibatches; each
         micro-batch is one forward through the wrapped model and one backward (gradients are
@@ -211,12 +203,13 @@ class PPOTrainer:
                 idx_mb = order[start : start + mb]
                 chunks = [idx_mb[c : c + micro] for c in range(0, len(idx_mb), micro)]
                 for k, idx in enumerate(chunks):
-                    sync = k == len(chunks) - 1
-                    with nullcontext() if sync else acc.no_sync(self.wrapped):
-                        losses = self._losses(exp, idx)
-                        acc.backward(losses.pop("loss") * len(idx) / len(idx_mb))
+                    weight = len(idx) / len(idx_mb)
+                    losses = update.backward(
+                        acc, self.wrapped, cfg, exp, idx, weight, k == len(chunks) - 1,
+                        self._check_finite,
+                    )  # fmt: skip
                     for key, val in losses.items():
-                        sums[key] = sums.get(key, 0.0) + float(val) * len(idx) / len(idx_mb)
+                        sums[key] = sums.get(key, 0.0) + float(val) * weight
                 acc.clip_grad_norm_(self.model.policy_parameters(), cfg.max_grad_norm)
                 acc.clip_grad_norm_(self.model.value_parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
@@ -225,24 +218,6 @@ class PPOTrainer:
         stats = {k: v / n for k, v in sums.items()}
         stats["explained_variance"] = core.explained_variance(exp.values, exp.returns, exp.cmask)
         return stats
-
-    def _losses(self, exp: core.Experience, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        """PPO's loss on sequences ``idx`` (``loss``) and its parts, detached, for the logs."""
-        cfg = self.cfg
-        ids, attn, pos, cmask, old_logp, old_values, advantages, returns = exp.rows(idx)
-        logits, values = self.wrapped(ids, attn, pos, exp.P)
-        logits = logits.float() / cfg.temperature
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, exp.P :].unsqueeze(-1))
-        pl = core.policy_loss(logp.squeeze(-1), old_logp, advantages, cmask, cfg.clip_range)
-        entropy = core.masked_mean(core.entropy_from_logits(logits), cmask)
-        vl, vclip = core.value_loss(values, old_values, returns, cmask, cfg.value_clip_range)
-        self._check_finite("policy loss", pl.loss)
-        self._check_finite("value loss", vl)
-        loss = pl.loss - cfg.entropy_coef * entropy + cfg.vf_coef * vl
-        parts = {"policy_loss": pl.loss, "clip_fraction": pl.clip_fraction,
-                 "approx_kl": pl.approx_kl, "entropy": entropy, "value_loss": vl,
-                 "value_clip_fraction": vclip}  # fmt: skip
-        return {"loss": loss, **{k: torch.as_tensor(v).detach() for k, v in parts.items()}}
 
     # --- log, health, summary ---------------------------------------------------------------
     def _add_timings(self, stats: dict[str, float], exp: core.Experience, t0: float) -> None:
@@ -254,11 +229,13 @@ class PPOTrainer:
         )
 
     def _log(self, stats: dict[str, float]) -> dict[str, float]:
-        """The step's record, appended to metrics.jsonl by the main process."""
+        """The step's record, appended to metrics.jsonl and sent to the run's trackers
+        (``train/<name>``) by the main process."""
         record = {"step": self.step, **{k: float(v) for k, v in stats.items()}}
         if self.ctx.is_main:
             with self.ctx.metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            self.ctx.tracker.log(stats, self.step)
         return record
 
     @staticmethod
@@ -313,21 +290,6 @@ class PPOTrainer:
             raise stop
 
     # --- model forwards and finiteness ------------------------------------------------------
-    def _completion(self, logits, P, ids):
-        T = ids.shape[1] - P
-        return logits[:, P - 1 : P - 1 + T].float() / self.cfg.temperature
-
-    def _logprobs(self, logits, ids, P):
-        lp = torch.log_softmax(self._completion(logits, P, ids), dim=-1)
-        return lp.gather(-1, ids[:, P:].unsqueeze(-1)).squeeze(-1)
-
-    def _values(self, ids, attn, pos, P):
-        switch = self.model.peft.active_adapter != VALUE
-        with self.model.role(VALUE) if switch else nullcontext():
-            hidden = self.model.hidden(ids, attn, pos)
-        T = ids.shape[1] - P
-        return self.model.value_head(hidden[:, P - 1 : P - 1 + T].float()).squeeze(-1)
-
     def _check_finite(self, what: str, value: torch.Tensor) -> None:
         if not torch.isfinite(value).all():
             where = self.last_checkpoint or "none yet"
@@ -346,8 +308,8 @@ class PPOTrainer:
         if not bad and self._recent is not None:
             ids, attn, pos, P = self._recent
             self.model.eval()
-            logits = self.model.logits(ids, attn, pos)
-            values = self._values(ids, attn, pos, P)
+            logits = self.model.completion_logits(ids, attn, pos, P)
+            values = self.model(ids, attn, pos, P, VALUE)
             bad = [n for n, t in (("policy logits", logits), ("values", values))
                    if not torch.isfinite(t).all()]  # fmt: skip
         if bad:
