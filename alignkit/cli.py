@@ -25,7 +25,7 @@ from alignkit.errors import UserError
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Alignment training: SFT, RM, DPO, PPO."
 )
-data_app = typer.Typer(no_args_is_help=True, help="Inspect and validate datasets.")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect, validate and clean datasets.")
 app.add_typer(data_app, name="data")
 console = Console()
 err_console = Console(stderr=True)
@@ -104,6 +104,24 @@ def report(
     from alignkit.eval.run_page import write_run_report
 
     console.print(f"run page written to [bold]{write_run_report(run_dir, out)}[/]")
+
+
+@app.command()
+def sweep(
+    config: Annotated[Path, typer.Argument(help="Pipeline YAML with a sweep: block")],
+    set_: SetOpt = None,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="Run directory (default: run.dir or runs/<name>)")
+    ] = None,
+) -> None:
+    """Search one stage's hyperparameters on Optuna: shared upstream stages, one run per trial,
+    pruning, a resumable study; report with the best config, a table and plots."""
+    from alignkit.config import read_pipeline
+    from alignkit.stages import stage_kinds
+    from alignkit.sweep.study import run_sweep
+
+    raw = read_pipeline(config, set_)
+    run_sweep(raw, str(config), stage_kinds(), _registry(), run_dir, console)
 
 
 @app.command()
@@ -247,6 +265,53 @@ def data_check(
     checks.print_report(report, console)
     if report.problems or report.refusal:
         raise typer.Exit(2)
+
+
+@data_app.command("clean")
+def data_clean(
+    source: Annotated[str, typer.Argument(help="Input: file, Hub dataset name or builtin:NAME")],
+    out: Annotated[Path, typer.Argument(help="Cleaned rows: .jsonl or .parquet (report beside)")],
+    kind: Annotated[str, typer.Option(help="Dataset kind: sft, preference or prompts")] = "sft",
+    against: Annotated[
+        list[str] | None,
+        typer.Option(help="Eval/test source whose text must not be in OUT (repeatable)"),
+    ] = None,
+    split: Annotated[str | None, typer.Option(help="Split for Hub/builtin sources")] = None,
+    tokenizer: Annotated[
+        str | None, typer.Option(help="Tokenizer (model id/path) for length_unit=tokens")
+    ] = None,
+    max_bad_fraction: Annotated[
+        float, typer.Option(help="Fail (writing nothing) past this share of unreadable rows")
+    ] = 0.05,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Clean setting, e.g. near_dup_threshold=0.9, max_length=512"),
+    ] = None,
+) -> None:
+    """Remove duplicates, near duplicates, eval-set overlap and broken rows; mask PII."""
+    from alignkit.config import CleanSpec, read_yaml, validate_block
+    from alignkit.data.clean import clean_file
+    from alignkit.data.clean_report import print_report, report_path
+
+    raw: dict = {}
+    for item in set_ or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. near_dup_threshold=0.9")
+        raw[key.strip()] = read_yaml(text)
+    raw["decontaminate"] = [*raw.get("decontaminate", []), *(against or [])]
+    spec = validate_block(CleanSpec, raw, "data clean --set")
+    tok = None
+    if tokenizer is not None:
+        from alignkit.config import ModelSpec
+        from alignkit.models import load_tokenizer, resolve_model_path
+
+        tok = load_tokenizer(resolve_model_path(ModelSpec(name=tokenizer)))
+    report = clean_file(
+        source, out, kind, spec, split=split, tokenizer=tok, max_bad_fraction=max_bad_fraction
+    )
+    print_report(report, console)
+    console.print(f"cleaned rows: [bold]{out}[/]  report: [bold]{report_path(out)}[/] (+ .md)")
 
 
 @app.command()

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from rich.console import Console
 from rich.table import Table
@@ -38,6 +38,23 @@ from alignkit.tracking import NO_TRACKING, StageTracker, check_trackers, open_st
 log = logging.getLogger(__name__)
 
 
+class TrialReport(Protocol):
+    """Where a stage run as a sweep's trial hands intermediate objective values (implemented by
+    :class:`alignkit.sweep.study.TrialReport` on an Optuna trial)."""
+
+    stage: str
+    """The stage that reports."""
+    objective: str
+    """The metric to report, named as the stage records it."""
+
+    def due(self, step: int) -> bool:
+        """Whether the stage should evaluate and report after training step ``step``."""
+
+    def report(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Hand over the value of ``objective`` in ``metrics``; raises ``optuna.TrialPruned``
+        to stop the trial (the stage lets it propagate, like an interrupt)."""
+
+
 @dataclass
 class StageContext:
     name: str
@@ -54,6 +71,9 @@ class StageContext:
     tracker: StageTracker = NO_TRACKING
     """The run's experiment trackers, opened for this stage (does nothing when tracking is off
     and on every rank but the main one)."""
+    trial: TrialReport | None = None
+    """In a sweep's trial: where the stage reports intermediate objective values when
+    ``trial.due(step)`` (may stop the trial)."""
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -104,6 +124,9 @@ class StageResult:
     data: list[dict] = field(default_factory=list)
     """What the stage read: ``alignkit.data.fingerprint.data_record`` entries (role, source,
     split, rows, sha256), recorded in stage.json and the model card."""
+    early_stopping: dict[str, Any] | None = None
+    """Recorded in stage.json when the stage ran with early stopping (see
+    :func:`alignkit.training.early_stopping_record`)."""
 
 
 @dataclass(frozen=True)
@@ -206,7 +229,9 @@ def run_pipeline(
     registry: Mapping[str, StageKind],
     run_dir: str | Path,
     console: Console | None = None,
+    trial: TrialReport | None = None,
 ) -> list[Decision]:
+    """Plan and run the stages; ``trial``: the sweep trial the stage ``trial.stage`` reports to."""
     from accelerate import PartialState
 
     console = console or Console()
@@ -228,7 +253,9 @@ def run_pipeline(
         rd.write_manifest(manifest)
         for i, d in enumerate(decisions):
             if d.action != "skip":
-                _run_stage(cfg, registry, rd, d, manifest, manifest["stages"][i], state, console)
+                report = trial if trial is not None and trial.stage == d.stage.name else None
+                entry = manifest["stages"][i]
+                _run_stage(cfg, registry, rd, d, manifest, entry, state, console, report)
         if state.is_main_process and any(d.action != "skip" for d in decisions):
             print_timings(decisions, manifest, console)
     return decisions
@@ -250,7 +277,9 @@ def print_timings(decisions: list[Decision], manifest: dict, console: Console) -
     console.print(table)
 
 
-def _run_stage(cfg, registry, rd: RunDir, d: Decision, manifest, entry, state, console) -> None:
+def _run_stage(
+    cfg, registry, rd: RunDir, d: Decision, manifest, entry, state, console, trial
+) -> None:
     from alignkit.finite import check_saved_weights
 
     entry.update(status="running", started=_now())
@@ -271,6 +300,7 @@ def _run_stage(cfg, registry, rd: RunDir, d: Decision, manifest, entry, state, c
         resume_from=resume,
         console=console,
         is_main=state.is_main_process,
+        trial=trial,
     )
     if state.is_main_process:
         console.rule(f"[bold]{d.stage.name}[/] ({d.stage.kind}): {d.action}")
@@ -288,6 +318,8 @@ def _run_stage(cfg, registry, rd: RunDir, d: Decision, manifest, entry, state, c
         raise
     record = _stage_record(cfg, d, result, parent, started)
     record["resumed_from"] = resume.name if resume else None
+    if result.early_stopping is not None:
+        record["early_stopping"] = result.early_stopping
     seconds = round(time.time() - started, 1)  # this attempt's (a resumed stage: since resuming)
     record["seconds"] = seconds
     record.update(_health(out_dir))

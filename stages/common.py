@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 
-from alignkit.config import Strict
+from alignkit.config import DataSpec, HeldoutSpec, Strict
+from alignkit.data.split import DataContext
 from alignkit.errors import UserError
 from alignkit.rollouts.types import EngineName
 from alignkit.rollouts.vllm import GpuMemoryUtilization, TensorParallelSize
@@ -33,6 +34,25 @@ def check_vllm(where: str) -> None:
         )
     if not torch.cuda.is_available():
         raise UserError(f"{where}.rollout.engine: vllm needs a CUDA GPU; use engine: hf on CPU")
+
+
+def data_context(ctx, data: DataSpec, heldout: HeldoutSpec | None = None) -> DataContext:
+    """What ``data.clean`` needs from a stage: the prompts its held-out evaluation samples (the
+    same default as :func:`heldout_evaluation`), where the report goes, the model's tokenizer."""
+    from alignkit.models import load_tokenizer, resolve_model_path
+
+    sources = []
+    if heldout is not None and heldout.enabled:
+        builtin = data.source.startswith("builtin:")
+        source = heldout.prompts or ("builtin:prompts" if builtin else None)
+        if source is not None:
+            sources.append((source, heldout.split))
+    return DataContext(
+        where=f"{ctx.where}.data",
+        heldout=sources,
+        report_dir=ctx.out_dir if ctx.is_main else None,
+        tokenizer=lambda: load_tokenizer(resolve_model_path(ctx.model)),
+    )
 
 
 def heldout_evaluation(cfg, ctx, policy, reference, tokenizer, reward=None) -> dict[str, float]:

@@ -15,6 +15,7 @@ from pydantic import Field, field_validator
 from alignkit.config import (
     AdapterSpec,
     DataSpec,
+    EvaluatedTrainerOptions,
     ForgettingSpec,
     HeldoutSpec,
     ReplaySpec,
@@ -25,7 +26,7 @@ from alignkit.health import HealthSpec
 from alignkit.models import load_base, load_stage_model
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.stages import common, policy
-from alignkit.stages.common import DPO_LOGS, replay_stages
+from alignkit.stages.common import DPO_LOGS, data_context, replay_stages
 from alignkit.training import make_trl_trainer, trl_args
 
 #: TRL 1.16 DPOTrainer loss types. TRL exposes no list to import (only the help text of
@@ -56,7 +57,7 @@ REPLAY_HINT = (
 )
 
 
-class DPOStageConfig(StageBase):
+class DPOStageConfig(StageBase, EvaluatedTrainerOptions):
     kind: Literal["dpo"] = "dpo"
     trainer_config: ClassVar[str] = "trl.DPOConfig"
     is_policy: ClassVar[bool] = True
@@ -119,7 +120,9 @@ def build_trainer(cfg: DPOStageConfig, ctx: StageContext) -> policy.PolicyTraine
     from alignkit.data.split import data_records, train_eval_rows
 
     torch.manual_seed(ctx.seed)
-    train_rows, eval_rows = train_eval_rows(cfg.data, load_preference, ctx.seed)
+    train_rows, eval_rows = train_eval_rows(
+        cfg.data, load_preference, ctx.seed, data_context(ctx, cfg.data, cfg.heldout)
+    )
     counts = {"train_rows": float(len(train_rows)), "eval_rows": float(len(eval_rows))}
     data = data_records(cfg.data, train_rows, eval_rows)
     if cfg.replay is not None:
@@ -145,6 +148,7 @@ def build_trainer(cfg: DPOStageConfig, ctx: StageContext) -> policy.PolicyTraine
         output_dir=ctx.checkpoint_dir,
         seed=ctx.seed,
         where=ctx.where,
+        options=cfg,
         beta=cfg.beta,
         loss_type=cfg.loss_type,
         label_smoothing=cfg.label_smoothing,
@@ -156,6 +160,8 @@ def build_trainer(cfg: DPOStageConfig, ctx: StageContext) -> policy.PolicyTraine
         DPOTrainer,
         ctx,
         saved,
+        options=cfg,
+        adapter=adapter,
         model=model,
         ref_model=ref_model,
         args=args,

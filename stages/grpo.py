@@ -27,6 +27,7 @@ from alignkit.config import (
     PolicyTemperature,
     SamplingSpec,
     StageBase,
+    TrainerOptions,
 )
 from alignkit.data.fingerprint import data_record
 from alignkit.errors import UserError
@@ -35,7 +36,7 @@ from alignkit.health import HealthSpec
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.rewards.registry import WeightedReward, known_names, resolve_reward, split_weight
 from alignkit.stages import policy
-from alignkit.stages.common import ONLINE_LOGS, RolloutSpec, check_vllm
+from alignkit.stages.common import ONLINE_LOGS, RolloutSpec, check_vllm, data_context
 from alignkit.training import make_trl_trainer, trl_args
 
 STAGE_PREFIX = "stage:"
@@ -51,7 +52,7 @@ OWNED_OPTIONS = {
 }
 
 
-class OnlineRLConfig(StageBase):
+class OnlineRLConfig(StageBase, TrainerOptions):
     """Fields GRPO and RLOO share. Batch sizes count completions, not prompts: every device
     step holds whole groups of ``num_generations`` (default ``per_device_train_batch_size``:
     one group)."""
@@ -121,6 +122,7 @@ def build_trainer(cfg: OnlineRLConfig, ctx: StageContext):
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
     from alignkit.data.prompts import load_prompts
+    from alignkit.data.split import training_rows
 
     config_cls, trainer_cls = {
         "grpo": (GRPOConfig, GRPOTrainer),
@@ -129,9 +131,7 @@ def build_trainer(cfg: OnlineRLConfig, ctx: StageContext):
     torch.manual_seed(ctx.seed)
 
     # 1. prompts and reward functions first: a bad row or reward name stops before any model loads
-    data = cfg.data
-    rows = load_prompts(data.source, data.split, data.on_bad_rows, data.max_bad_fraction).rows
-    rows = rows[: data.max_rows] if data.max_rows is not None else rows
+    rows = training_rows(cfg.data, load_prompts, data_context(ctx, cfg.data, cfg.heldout))
     if not rows:
         raise UserError(f"{ctx.where}.data: no prompts")
     # the run dir: ctx.out_dir is the stage's partial dir inside it
@@ -182,6 +182,8 @@ def build_trainer(cfg: OnlineRLConfig, ctx: StageContext):
         trainer_cls,
         ctx,
         saved,
+        options=cfg,
+        adapter=adapter,
         model=model,
         reward_funcs=reward_funcs,
         args=args,
@@ -200,7 +202,7 @@ def build_trainer(cfg: OnlineRLConfig, ctx: StageContext):
         counts,
         health_logs=ONLINE_LOGS,
         heldout_reward=reward,
-        data=(data_record("train", data.source, data.split, rows),),
+        data=(data_record("train", cfg.data.source, cfg.data.split, rows),),
     )
 
 

@@ -185,20 +185,23 @@ class PPOStageConfig(StageBase):
         return 1.0 if self.reward_model or any(Path(r).is_dir() for r in self.rewards) else 0.0
 
 
-def _evaluate(cfg, ctx, trainer) -> tuple[dict[str, float], list[dict]]:
-    """Held-out metrics (the reward is the one PPO trained on: RM adapter and/or functions) and
-    forgetting against the reference (the starting policy), with the forgetting texts' record."""
-    from alignkit.stages.common import forgetting_evaluation, heldout_evaluation
+def _heldout(cfg, ctx, trainer) -> dict[str, float]:
+    """Held-out metrics; the reward is the one PPO trained on (RM adapter and/or functions)."""
+    from alignkit.stages.common import heldout_evaluation
 
     pair = PolicyPair.of(trainer.model.peft)
     custom = None if cfg.heldout.rewards else trainer.scoring
-    metrics = heldout_evaluation(cfg, ctx, pair.policy, pair.reference, trainer.tokenizer, custom)
+    return heldout_evaluation(cfg, ctx, pair.policy, pair.reference, trainer.tokenizer, custom)
+
+
+def _forgetting(cfg, ctx, trainer) -> tuple[dict[str, float], list[dict]]:
+    """Forgetting against the reference (the starting policy), and the texts' data record."""
+    from alignkit.stages.common import forgetting_evaluation
+
     if not ctx.is_main:
-        return metrics, []
-    forgetting, data = forgetting_evaluation(
-        cfg, ctx, pair.policy, pair.reference, trainer.tokenizer
-    )
-    return {**metrics, **forgetting}, data
+        return {}, []
+    pair = PolicyPair.of(trainer.model.peft)
+    return forgetting_evaluation(cfg, ctx, pair.policy, pair.reference, trainer.tokenizer)
 
 
 def run(cfg: PPOStageConfig, ctx: StageContext) -> StageResult:
@@ -231,9 +234,10 @@ def run(cfg: PPOStageConfig, ctx: StageContext) -> StageResult:
         tighter = {k: v for k, v in RM_HEALTH.items() if k not in cfg.health.model_fields_set}
         cfg = cfg.model_copy(update={"health": cfg.health.model_copy(update=tighter)})
     trainer = PPOTrainer(cfg, ctx, reward_dirs)
-    metrics = trainer.train()
-    evaluated, forgetting_texts = _evaluate(cfg, ctx, trainer)
-    metrics.update(evaluated)
+    metrics = trainer.train(heldout=lambda: _heldout(cfg, ctx, trainer))
+    metrics.update(_heldout(cfg, ctx, trainer))
+    forgetting, forgetting_texts = _forgetting(cfg, ctx, trainer)
+    metrics.update(forgetting)
     if ctx.is_main:
         from alignkit.models import save_stage_model
 

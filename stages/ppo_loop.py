@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 
 from alignkit.data.prompts import load_prompts
+from alignkit.data.split import training_rows
 from alignkit.finite import NonFiniteError, nonfinite_names, stop_message
 from alignkit.handoff import PolicyPair, StageOutput
 from alignkit.health import HealthStop
@@ -22,7 +24,7 @@ from alignkit.rewards.reward_model import RewardModelScorer
 from alignkit.rollouts.types import RolloutBatch
 from alignkit.stages import ppo_core as core
 from alignkit.stages import ppo_update as update
-from alignkit.stages.common import health_monitor
+from alignkit.stages.common import data_context, health_monitor
 from alignkit.stages.ppo_checkpoint import read_checkpoint, restore_checkpoint, save_checkpoint
 from alignkit.stages.ppo_model import (
     REWARD,
@@ -76,9 +78,8 @@ class PPOTrainer:
             self._load(ctx.resume_from)
 
     def _load_prompts(self) -> list[dict]:
-        data = self.cfg.data
-        rows = load_prompts(data.source, data.split, data.on_bad_rows, data.max_bad_fraction).rows
-        return rows if data.max_rows is None else rows[: data.max_rows]
+        cfg = self.cfg
+        return training_rows(cfg.data, load_prompts, data_context(self.ctx, cfg.data, cfg.heldout))
 
     def _build_scoring(self, reward_dirs: dict[str, Path]) -> tuple[Scoring, float]:
         """The scoring of rollouts (reward adapters on the shared base and/or reward functions)
@@ -104,8 +105,9 @@ class PPOTrainer:
         return scoring, flagged
 
     # --- the loop ---------------------------------------------------------------------------
-    def train(self) -> dict[str, float]:
-        """Run the remaining steps; the mean of the last ten steps' statistics."""
+    def train(self, heldout: Callable[[], dict[str, float]] | None = None) -> dict[str, float]:
+        """Run the remaining steps; the mean of the last ten steps' statistics. ``heldout``:
+        the stage's held-out evaluation, for a sweep trial's intermediate values."""
         if self.health is not None and not self.health.monitor.has_baseline:
             self._health_check({"rm_flagged": self.rm_flagged})
         bar = tqdm(
@@ -128,6 +130,10 @@ class PPOTrainer:
             bar.set_postfix(reward=f"{stats['score_mean']:.3f}", kl=f"{stats['kl']:.2f}")
             if self.health is not None and self.step % self.cfg.health.every == 0:
                 self._health_check(self._trained(stats))  # before saving
+            trial = self.ctx.trial
+            if trial is not None and trial.due(self.step):  # may stop a sweep's trial here
+                metrics = stats if trial.objective in stats or heldout is None else heldout()
+                trial.report(self.step, metrics)
             if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
                 self._save()
         self.rollouts.close()
@@ -142,6 +148,7 @@ class PPOTrainer:
         t0 = time.time()
         batch = self._rollout(prompts, step)
         gen_seconds = time.time() - t0
+        t1 = time.time()
         ids, attn, pos, cmask, P = pack(
             batch.prompt_ids, batch.completion_ids, self.tokenizer.pad_token_id,
             self.accelerator.device,
@@ -168,6 +175,8 @@ class PPOTrainer:
             "eos_rate": sum(r == "stop" for r in batch.finish_reason) / len(batch),
             "completion_tokens": float(lengths.sum().item()),
             "train_tokens": float(attn.sum().item()),
+            # scoring: the reward, the policy's and the reference's log-probs, values and GAE
+            "score_seconds": time.time() - t1,
         }
         return core.Experience(
             ids, attn, pos, cmask, P, old_logp, values, advantages, returns, scores, stats,

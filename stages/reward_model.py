@@ -15,13 +15,15 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from alignkit.config import AdapterSpec, DataSpec, StageBase, Strict
+from alignkit.config import AdapterSpec, DataSpec, EvaluatedTrainerOptions, StageBase, Strict
 from alignkit.errors import UserError
 from alignkit.handoff import ADAPTER_DIR
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.rewards.sanity import probe_reward_model
 from alignkit.rundir import write_json_atomic
+from alignkit.stages.common import data_context
 from alignkit.training import (
+    early_stopping_record,
     make_trl_trainer,
     save_trained,
     snapshot_adapter,
@@ -60,7 +62,7 @@ class MixSpec(Strict):
         return self.stage or Path(self.source).stem.replace("-", "_")
 
 
-class RewardModelStageConfig(StageBase):
+class RewardModelStageConfig(StageBase, EvaluatedTrainerOptions):
     kind: Literal["reward_model"] = "reward_model"
     trainer_config: ClassVar[str] = "trl.RewardConfig"
 
@@ -102,7 +104,9 @@ def run(cfg: RewardModelStageConfig, ctx: StageContext) -> StageResult:
     seed = ctx.seed + cfg.seed_offset
     torch.manual_seed(seed)
     # 1. data: every row validated before any model is loaded
-    train_rows, eval_rows = train_eval_rows(cfg.data, load_preference, ctx.seed)
+    train_rows, eval_rows = train_eval_rows(
+        cfg.data, load_preference, ctx.seed, data_context(ctx, cfg.data)
+    )
     data = data_records(cfg.data, train_rows, eval_rows)
     mixed = [_mix_rows(m, ctx) for m in cfg.mix]
     for spec, (extra, _) in zip(cfg.mix, mixed, strict=True):
@@ -132,6 +136,7 @@ def run(cfg: RewardModelStageConfig, ctx: StageContext) -> StageResult:
         output_dir=ctx.checkpoint_dir,
         seed=seed,
         where=ctx.where,
+        options=cfg,
         max_length=cfg.max_length,
         center_rewards_coefficient=cfg.center_rewards,
         per_device_eval_batch_size=32,
@@ -140,6 +145,8 @@ def run(cfg: RewardModelStageConfig, ctx: StageContext) -> StageResult:
         RewardTrainer,
         ctx,
         saved,
+        options=cfg,
+        adapter=adapter,
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -167,6 +174,7 @@ def run(cfg: RewardModelStageConfig, ctx: StageContext) -> StageResult:
         metrics=metrics,
         adapter_type=adapter.type,
         outputs={"weights": sub, "max_length": cfg.max_length},
+        early_stopping=early_stopping_record(trainer),
         data=data,
     )
 
@@ -194,6 +202,12 @@ def load_reward_model_for_training(spec, adapter: AdapterSpec, sft_dir: Path | N
     if adapter.type != "lora":
         raise UserError(
             f"adapter.type: the reward model supports lora or full, not {adapter.type!r}"
+        )
+    if adapter.changes_base_weights:
+        raise UserError(
+            f"adapter.init_lora_weights: {adapter.init_lora_weights} is not supported for the "
+            "reward model (its score head is saved beside the adapter unconverted); use default "
+            "or gaussian"
         )
     if sft_dir is None:
         with_head = adapter.model_copy(update={"modules_to_save": [*adapter.modules_to_save, head]})

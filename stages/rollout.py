@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from alignkit.config import DataSpec, StageBase
 from alignkit.data.fingerprint import data_record
@@ -70,6 +70,16 @@ class RolloutStageConfig(StageBase):
     chunk_prompts: int | None = Field(None, ge=1)
     """Prompts per engine call and durable write: an interrupted stage resumes after the last
     whole chunk. Default: 64 (hf), 1024 (vllm)."""
+
+    @model_validator(mode="after")
+    def _check_data(self) -> RolloutStageConfig:
+        for key in ("clean", "stratify_by", "group_by"):
+            if getattr(self.data, key) is not None:
+                raise ValueError(
+                    f"data.{key}: a rollout stage samples its prompts as given; clean them first "
+                    "(alignkit data clean IN OUT --kind prompts) and point data.source at OUT"
+                )
+        return self
 
     def uses_stages(self) -> list[str]:
         return [s for s in self.labeller if _is_stage_name(s)]

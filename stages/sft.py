@@ -16,6 +16,7 @@ from pydantic import model_validator
 from alignkit.config import (
     AdapterSpec,
     DataSpec,
+    EvaluatedTrainerOptions,
     ForgettingSpec,
     HeldoutSpec,
     ReplaySpec,
@@ -25,11 +26,11 @@ from alignkit.errors import UserError
 from alignkit.handoff import PolicyPair
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.stages import common, policy
-from alignkit.stages.common import replay_stages
+from alignkit.stages.common import data_context, replay_stages
 from alignkit.training import make_trl_trainer, trl_args
 
 
-class SFTStageConfig(StageBase):
+class SFTStageConfig(StageBase, EvaluatedTrainerOptions):
     kind: Literal["sft"] = "sft"
     trainer_config: ClassVar[str] = "trl.SFTConfig"
     is_policy: ClassVar[bool] = True
@@ -72,7 +73,9 @@ def run(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
 
     torch.manual_seed(ctx.seed)
     # 1. data first: a bad row stops the stage before any model is loaded
-    train_rows, eval_rows = train_eval_rows(cfg.data, load_sft, ctx.seed)
+    train_rows, eval_rows = train_eval_rows(
+        cfg.data, load_sft, ctx.seed, data_context(ctx, cfg.data, cfg.heldout)
+    )
     if not train_rows:
         raise UserError(f"{ctx.where}.data: no training rows left")
 
@@ -93,6 +96,7 @@ def run(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
         output_dir=ctx.checkpoint_dir,
         seed=ctx.seed,
         where=ctx.where,
+        options=cfg,
         max_length=cfg.max_length,
         packing=cfg.packing,
         eval_packing=False,
@@ -104,6 +108,8 @@ def run(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
         SFTTrainer,
         ctx,
         saved,
+        options=cfg,
+        adapter=adapter,
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -115,12 +121,14 @@ def run(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
     if cfg.replay is not None:
         counts["replay_rows"], record = _mix_replay(cfg, ctx, trainer, tokenizer)
         data.append(record)
-    # the reference is the base (adapters disabled), or a fresh base for full fine-tuning
+    # the reference is the base (adapters disabled), or a fresh base for full fine-tuning; after
+    # PiSSA/OLoRA moved part of the base into the adapter, the adapter as initialised on it
+    base = not adapter.changes_base_weights
     built = policy.PolicyTrainer(
         trainer,
         tokenizer,
-        PolicyPair.of(trainer.model, base_is_reference=True),
-        adapter.type,
+        PolicyPair.of(trainer.model, base_is_reference=base),
+        adapter.saved_type,
         counts,
         evaluate=eval_ds is not None,
         reference_is_base=True,

@@ -12,14 +12,22 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from alignkit.config import AdapterSpec, DataSpec, ForgettingSpec, HeldoutSpec, StageBase
+from alignkit.config import (
+    AdapterSpec,
+    DataSpec,
+    EvaluatedTrainerOptions,
+    ForgettingSpec,
+    HeldoutSpec,
+    StageBase,
+)
 from alignkit.handoff import PolicyPair
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.stages import policy
+from alignkit.stages.common import data_context
 from alignkit.training import make_trl_trainer, trl_args
 
 
-class _ReferenceFree(StageBase):
+class _ReferenceFree(StageBase, EvaluatedTrainerOptions):
     is_policy: ClassVar[bool] = True
     default_parent: ClassVar[bool] = True
 
@@ -69,7 +77,9 @@ def build_trainer(cfg: _ReferenceFree, ctx: StageContext) -> policy.PolicyTraine
     from alignkit.data.split import data_records, train_eval_rows
 
     torch.manual_seed(ctx.seed)
-    train_rows, eval_rows = train_eval_rows(cfg.data, load_preference, ctx.seed)
+    train_rows, eval_rows = train_eval_rows(
+        cfg.data, load_preference, ctx.seed, data_context(ctx, cfg.data, cfg.heldout)
+    )
     model, tokenizer, adapter, saved = policy.start_policy(cfg, ctx, cfg.kind)
 
     def dataset(rows):
@@ -87,13 +97,15 @@ def build_trainer(cfg: _ReferenceFree, ctx: StageContext) -> policy.PolicyTraine
 
         ours = {}
     args = trl_args(
-        config_cls, cfg.train, output_dir=ctx.checkpoint_dir, seed=ctx.seed, where=ctx.where,
+        config_cls, cfg.train, output_dir=ctx.checkpoint_dir, seed=ctx.seed, where=ctx.where, options=cfg,
         beta=cfg.beta, max_length=cfg.max_length, per_device_eval_batch_size=32, **ours,
     )  # fmt: skip
     trainer = make_trl_trainer(
         trainer_cls,
         ctx,
         saved,
+        options=cfg,
+        adapter=adapter,
         model=model,
         args=args,
         train_dataset=dataset(train_rows),

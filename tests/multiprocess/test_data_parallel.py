@@ -106,6 +106,42 @@ def test_reward_model_and_simpo_on_two_processes_train_one_model_each(tmp_path):
         step(two, stage, 2)  # one metrics row per step: rank 0 wrote
 
 
+@pytest.mark.slow  # ~2 min on 2 cores
+def test_training_options_on_two_processes(tmp_path):
+    """Layer-wise rates and LoRA+ put the same parameters in the same groups on both ranks;
+    AdaLoRA (pruning from averaged gradients) and PiSSA (its SVD on every rank) train one
+    model on both."""
+    raw = pipeline(4)
+    sft = raw["stages"][0]
+    sft["train"] = {**sft["train"], "max_steps": 6, "save_steps": 3}
+    raw["stages"] = [
+        {**sft, "name": "full", "adapter": {"type": "full"},
+         "layerwise_lr": {"embeddings": 1e-5, "head": 1e-3, "decay": 0.5}},
+        {**sft, "name": "loraplus", "adapter": {"type": "lora", "r": 8, "loraplus_ratio": 16}},
+        {**sft, "name": "adalora", "adapter": {"type": "adalora", "r": 2, "adalora": {"init_r": 4}}},
+        {**sft, "name": "pissa", "adapter": {"type": "lora", "r": 4, "init_lora_weights": "pissa"}},
+    ]  # fmt: skip
+    two = launch(2, 4, tmp_path / "two", raw)
+    for stage in ("adalora", "pissa"):
+        assert_one_model(two, stage)
+    for stage in ("full", "loraplus"):
+        assert_one_model(two, stage)
+        rank0, rank1 = (
+            json.loads((two / f"{stage}-groups-rank{r}.json").read_text()) for r in (0, 1)
+        )
+        assert rank0 == rank1 and rank0
+    full = json.loads((two / "full-groups-rank0.json").read_text())
+    assert full["model.embed_tokens.weight"] == ["embeddings", 1e-5]
+    assert full["model.layers.0.mlp.up_proj.weight"] == ["layer.0", pytest.approx(2.5e-4)]
+    assert full["model.layers.1.mlp.up_proj.weight"] == ["layer.1", pytest.approx(5e-4)]
+    assert full["model.norm.weight"] == ["head", 1e-3]
+    lora = json.loads((two / "loraplus-groups-rank0.json").read_text())
+    for name, (group, lr) in lora.items():
+        assert [group, lr] == (["lora_B", 16 * 3e-3] if "lora_B" in name else ["lora_A", 3e-3])
+    adalora = json.loads((two / "run" / "adalora" / "adapter" / "adapter_config.json").read_text())
+    assert sum(adalora["rank_pattern"].values()) < 4 * len(adalora["rank_pattern"])  # it pruned
+
+
 def test_eval_on_two_processes_reports_once_with_one_process_numbers(tmp_path):
     raw = pipeline(8)
     raw["stages"][1] = {"name": "compare", "kind": "eval", "stages": ["sft"], "rewards": ["gold"],

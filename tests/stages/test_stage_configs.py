@@ -71,3 +71,20 @@ def test_every_field_of_every_stage_config_is_documented():
                 if not documented and node.target.id != "kind":
                     undocumented.append(f"{klass.__name__}.{node.target.id}")
     assert not sorted(set(undocumented)), sorted(set(undocumented))
+
+
+@pytest.mark.parametrize(
+    ("kind", "data", "message"),
+    [
+        ("rollout", {"clean": {}}, "clean them first (alignkit data clean"),
+        ("dpo", {"eval_split": "test", "stratify_by": "category"}, "with eval_source/eval_split"),
+        ("dpo", {"clean": {"min_length": 9, "max_length": 3}}, "min_length 9 > max_length 3"),
+        ("dpo", {"clean": {"near_dup_treshold": 0.9}}, "did you mean 'near_dup_threshold'"),
+    ],
+)
+def test_data_clean_and_split_keys_are_checked_at_load(kind, data, message):
+    source = {"rollout": "builtin:prompts", "dpo": "builtin:preference"}[kind]
+    stages = [{"name": "sft", "kind": "sft", "data": {"source": "builtin:sft"}}]
+    stages.append({"name": kind, "kind": kind, "data": {"source": source, **data}})
+    with pytest.raises(UserError, match=re.escape(message)):
+        validate_pipeline({"stages": stages}, stage_kinds())
