@@ -381,6 +381,41 @@ class HeldoutSpec(Strict):
         )
 
 
+class ForgettingSpec(Strict):
+    """Forgetting, measured: NLL per token of general text under the policy a stage started from
+    and under the one it trained (``forgetting_nll_before``/``_after``/``_increase`` in
+    stage.json). Text no stage trains on, so a rise is what the stage cost the model elsewhere."""
+
+    enabled: bool = True
+    """Measure it after training (one forward pass over ``max_rows`` texts per model)."""
+    source: str | None = None
+    """Text rows (``{"text"}``; chat rows count as their messages' text): a file, a Hub dataset
+    or ``builtin:NAME``. Default: ``builtin:pretraining`` on ``builtin:tiny`` (texts like those
+    it was pretrained on, held out); WikiText-2 (``Salesforce/wikitext:wikitext-2-raw-v1``)
+    elsewhere, skipped with a warning when it cannot be loaded (no network)."""
+    split: str | None = "test"
+    """Split of a Hub or builtin source."""
+    max_rows: int = Field(256, gt=0)
+    """Texts scored (the first this many non-empty ones)."""
+    max_length: int = Field(256, gt=1)
+    """Tokens per text; longer texts are cut."""
+
+
+class ReplaySpec(Strict):
+    """Replay against forgetting: earlier or general data mixed into a stage's training rows, so
+    that every batch holds about ``fraction`` of them. SFT replays text or conversations (trained
+    with the same loss as its own rows); DPO replays preference pairs."""
+
+    source: str
+    """A file, Hub dataset or ``builtin:NAME`` (``builtin:pretraining``: the text builtin:tiny
+    was pretrained on), or ``stage:NAME``: the training data of an earlier stage of this run."""
+    split: str | None = "train"
+    """Split of a Hub or builtin source."""
+    fraction: float = Field(gt=0, le=0.9)
+    """Share of the training rows (so of every batch, on average) that are replay rows; rows
+    are drawn from the source without replacement while it lasts, then again."""
+
+
 class EarlyStoppingSpec(Strict):
     """Stop when the held-out metric stops improving; the best checkpoint is what the stage
     saves (transformers' ``EarlyStoppingCallback`` with ``load_best_model_at_end``)."""

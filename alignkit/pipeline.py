@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from alignkit import __version__, interrupts
+from alignkit.card import write_model_card
 from alignkit.config import (
     AdapterSpec,
     ModelSpec,
@@ -120,6 +121,9 @@ class StageResult:
     metrics: dict[str, float]
     adapter_type: str
     outputs: dict[str, str] = field(default_factory=dict)
+    data: list[dict] = field(default_factory=list)
+    """What the stage read: ``alignkit.data.fingerprint.data_record`` entries (role, source,
+    split, rows, sha256), recorded in stage.json and the model card."""
     early_stopping: dict[str, Any] | None = None
     """Recorded in stage.json when the stage ran with early stopping (see
     :func:`alignkit.training.early_stopping_record`)."""
@@ -319,6 +323,8 @@ def _run_stage(
     seconds = round(time.time() - started, 1)  # this attempt's (a resumed stage: since resuming)
     record["seconds"] = seconds
     record.update(_health(out_dir))
+    if state.is_main_process:  # README.md beside the weights: the directory describes itself
+        write_model_card(out_dir, record, rd.path)
     state.wait_for_everyone()
     rd.finish_stage(d.stage.name, record)
     entry.update(status="complete", finished=_now(), seconds=seconds, metrics=result.metrics)
@@ -469,6 +475,7 @@ def _stage_record(cfg, d: Decision, result: StageResult, parent, started: float)
         "adapter_type": result.adapter_type,
         "outputs": result.outputs,
         "metrics": result.metrics,
+        "data": result.data,
         "config": redact(d.stage.model_dump(mode="json", by_alias=True)),
         "adapter": cfg.adapter.model_dump(mode="json"),
         "seed": cfg.run.seed,

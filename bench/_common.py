@@ -104,9 +104,16 @@ def report(title: str, columns: list[str], rows: list[dict], path: Path) -> None
     for r in rows:
         table.add_row(*(str(r[c]) for c in columns))
     Console(width=200).print(table)
+    write_csv(path, [{c: r[c] for c in columns} for r in rows], round_to=None)
+    print(f"wrote {path}")
+
+
+def write_csv(path: Path, rows: list[dict], round_to: int | None = 4) -> None:
+    """``rows`` as a CSV (columns: the first row's keys), floats rounded to ``round_to``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {path}")
+        for r in rows:
+            writer.writerow({k: round(v, round_to) if isinstance(v, float) and round_to is not None
+                             else v for k, v in r.items()})  # fmt: skip

@@ -141,6 +141,8 @@ class Entry:
     prompt_ids: dict[str, list[int]]
     group: int
     """Models of one group share a vocabulary: only they score each other's samples (KL)."""
+    forgetting: dict | None = None
+    """A finished stage's forgetting measurement (:func:`stage_forgetting`), else ``None``."""
 
 
 def run_compare(cfg: CompareConfig, console: Console | None = None) -> dict:
@@ -175,7 +177,8 @@ def run_compare(cfg: CompareConfig, console: Console | None = None) -> dict:
     work = scoring.Work(cfg, rows, entries, caches, kl_pairs, console)
     work.run()
     data = work.collect(rewards)
-    results = metrics.build_results(cfg, rows, data, base, pairs)
+    forgetting = {e.label: e.forgetting for e in entries}
+    results = metrics.build_results(cfg, rows, data, base, pairs, forgetting)
     out.mkdir(parents=True, exist_ok=True)
     metrics.write_samples(out, rows, data)
     results["plots"] = plots.make_plots(results, data, out)
@@ -202,8 +205,27 @@ def _entries(cfg: CompareConfig, load_tokenizer) -> tuple[list[Entry], str | Non
         group = next((g for g, v in enumerate(vocabularies) if v == vocab), len(vocabularies))
         if group == len(vocabularies):
             vocabularies.append(vocab)
-        entries.append(Entry(label, source, identity, tokenizer, {}, group))
+        forgetting = stage_forgetting(StageOutput.read(Path(name).expanduser()))
+        entries.append(Entry(label, source, identity, tokenizer, {}, group, forgetting))
     return entries, entries[-1].label if cfg.base is not None else None
+
+
+def stage_forgetting(stage: StageOutput | None) -> dict | None:
+    """What a finished policy stage recorded of forgetting (general-text NLL per token of the
+    policy it started from and of its own), for the report; ``None`` when it recorded none."""
+    if stage is None:
+        return None
+    m = stage.record.get("metrics") or {}
+    if "forgetting_nll_after" not in m:
+        return None
+    texts = next((d for d in stage.record.get("data") or [] if d.get("role") == "forgetting"), {})
+    return {
+        "source": texts.get("source"),
+        "texts": int(m.get("forgetting_texts", texts.get("rows", 0))),
+        "nll_before": m["forgetting_nll_before"],
+        "nll_after": m["forgetting_nll_after"],
+        "increase": m["forgetting_nll_increase"],
+    }
 
 
 def _source(

@@ -24,10 +24,18 @@ SCHEMA_VERSION = 1
 
 
 def build_results(
-    cfg, rows: list[dict], data: dict[str, ModelSamples], base: str | None, pairs
+    cfg,
+    rows: list[dict],
+    data: dict[str, ModelSamples],
+    base: str | None,
+    pairs,
+    forgetting: dict[str, dict | None] | None = None,
 ) -> dict:
+    """``forgetting``: per model label, what its stage recorded of forgetting (or ``None``)."""
     seed, resamples = cfg.seed, cfg.resamples
     models = [_model_metrics(s, rows, base, cfg) for s in data.values()]
+    for m in models:
+        m["forgetting"] = (forgetting or {}).get(m["label"])
     comparisons, examples = [], []
     for model, against in pairs:
         kl = data[model].kl(against)

@@ -133,12 +133,30 @@ def comparison_rows(results: dict, code: bool = False) -> tuple[list[str], list[
     return header, rows
 
 
+def forgetting_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """One row per model whose stage measured forgetting: general-text NLL per token of the
+    policy the stage started from and of its own (empty when none did)."""
+    header = ["model", "general text", "NLL before", "NLL after", "change"]
+    rows = [
+        [
+            _model(m),
+            f"{f['source']} ({f['texts']} texts)",
+            _f(f["nll_before"]),
+            _f(f["nll_after"]),
+            f"{f['increase']:+.3f}",
+        ]
+        for m in results["models"]
+        if (f := m.get("forgetting"))
+    ]
+    return header, rows
+
+
 def print_summary(results: dict, console: Console) -> None:
     title = f"{results['n_prompts']} prompts x {results['samples_per_prompt']} samples"
-    for name, (header, rows) in (
-        ("rewards", reward_rows(results)),
-        ("drift and form", drift_rows(results)),
-    ):
+    tables = [("rewards", reward_rows(results)), ("drift and form", drift_rows(results))]
+    if forgetting_rows(results)[1]:
+        tables.append(("forgetting, from each stage's stage.json", forgetting_rows(results)))
+    for name, (header, rows) in tables:
         table = Table(title=f"compare: {name} ({title})", show_edge=False)
         for col in header:
             table.add_column(col)
@@ -176,6 +194,7 @@ def write_report(out: Path, results: dict) -> Path:
         "included. ref NLL: nats per token of the prompts' reference answers. BLEU (sacrebleu, "
         "0-100) and ROUGE-L F1 (rouge-score): samples against those references.",
         "",
+        *_forgetting_section(results),
         "## Win rates",
         "",
         "A prompt is a win when the model's mean reward over its samples beats the other's; a tie counts half. "
@@ -216,6 +235,22 @@ def write_report(out: Path, results: dict) -> Path:
     path = Path(out) / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _forgetting_section(results: dict) -> list[str]:
+    header, rows = forgetting_rows(results)
+    if not rows:
+        return []
+    return [
+        "## Forgetting",
+        "",
+        "Measured by each stage after training (its stage.json): NLL per token of general text, "
+        "which no stage trains on, under the policy the stage started from (before) and under "
+        "its own (after). A rise is what the stage cost the model outside its task.",
+        "",
+        *_markdown_table(header, rows),
+        "",
+    ]
 
 
 def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:

@@ -224,6 +224,13 @@ def _comparison(stage_dir: Path, results: dict) -> str:
         "samples</h3>",
         _table(*compare_report.reward_rows(results)),
         _table(*compare_report.drift_rows(results)),
+    ]
+    if compare_report.forgetting_rows(results)[1]:
+        out += [
+            "<h3>Forgetting (general-text NLL per token, each stage's start and end)</h3>",
+            _table(*compare_report.forgetting_rows(results)),
+        ]
+    out += [
         "<h3>Win rates</h3>",
         _table(*compare_report.comparison_rows(results)),
     ]

@@ -83,6 +83,64 @@ def heldout_evaluation(cfg, ctx, policy, reference, tokenizer, reward=None) -> d
     return metrics if ctx.is_main else {}
 
 
+def forgetting_evaluation(cfg, ctx, policy, start, tokenizer) -> tuple[dict[str, float], list]:
+    """Forgetting (``cfg.forgetting``): general-text NLL of ``start`` (the policy the stage began
+    from) and of ``policy``; returns the main process's metrics and the data record of the texts.
+    Every rank calls it when the weights are sharded (each forward is a collective)."""
+    from alignkit.config import BUILTIN_MODEL
+    from alignkit.data.fingerprint import data_record
+    from alignkit.eval.forgetting import forgetting_metrics, general_texts
+
+    spec = cfg.forgetting
+    if not spec.enabled:
+        return {}, []
+    found = general_texts(spec, ctx.model.name == BUILTIN_MODEL, ctx.where)
+    if found is None:
+        return {}, []
+    texts, source = found
+    if ctx.is_main:
+        ctx.console.print(f"forgetting: NLL of {len(texts)} texts of {source}, before and after")
+    metrics = forgetting_metrics(policy, start, tokenizer, texts, spec.max_length)
+    if not ctx.is_main:
+        return {}, []
+    return metrics, [data_record("forgetting", source, spec.split, texts)]
+
+
+REPLAY_STAGE_PREFIX = "stage:"
+
+
+def replay_stages(spec) -> list[str]:
+    """The stage a ``replay:`` block names (``stage:NAME``), for ``uses_stages``."""
+    if spec is None or not spec.source.startswith(REPLAY_STAGE_PREFIX):
+        return []
+    return [spec.source.removeprefix(REPLAY_STAGE_PREFIX).strip()]
+
+
+def replay(
+    spec, ctx, load, train_rows: int, kinds: tuple[str, ...], hint: str = ""
+) -> tuple[list[dict], dict]:
+    """The replay rows for a stage with ``train_rows`` rows of its own (see
+    :class:`~alignkit.config.ReplaySpec`), and their data record. ``stage:NAME`` replays the
+    training data of that finished stage of the run, which must be one of ``kinds``. ``hint``
+    follows the error when the source's rows do not fit the stage."""
+    from alignkit.data.fingerprint import data_record
+    from alignkit.data.replay import replay_rows
+
+    source, split = spec.source, spec.split
+    if source.startswith(REPLAY_STAGE_PREFIX):
+        name = source.removeprefix(REPLAY_STAGE_PREFIX).strip()
+        stage = ctx.finished_stage(name, "replay.source", kinds)
+        data = (stage.record.get("config") or {}).get("data") or {}
+        if "source" not in data:
+            raise UserError(f"{ctx.where}.replay.source: stage {name!r} records no data source")
+        source, split = data["source"], data.get("split")
+    try:
+        rows = replay_rows(spec, source, split, load, train_rows, ctx.seed, ctx.where)
+    except UserError as e:
+        raise UserError(f"{e}\n{hint}" if hint else str(e)) from None
+    return rows, data_record("replay", source, split, rows)
+
+
 def health_monitor(cfg, ctx, policy, reference, tokenizer):
     """The stage's health monitor and probe (see :mod:`alignkit.health`), or ``None`` when
     ``health.enabled`` is false. ``reference`` may be ``None`` (no KL checks then)."""

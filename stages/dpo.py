@@ -12,13 +12,21 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from alignkit.config import AdapterSpec, DataSpec, EvaluatedTrainerOptions, HeldoutSpec, StageBase
+from alignkit.config import (
+    AdapterSpec,
+    DataSpec,
+    EvaluatedTrainerOptions,
+    ForgettingSpec,
+    HeldoutSpec,
+    ReplaySpec,
+    StageBase,
+)
 from alignkit.handoff import PolicyPair
 from alignkit.health import HealthSpec
 from alignkit.models import load_base, load_stage_model
 from alignkit.pipeline import StageContext, StageResult
-from alignkit.stages import policy
-from alignkit.stages.common import DPO_LOGS, data_context
+from alignkit.stages import common, policy
+from alignkit.stages.common import DPO_LOGS, data_context, replay_stages
 from alignkit.training import make_trl_trainer, trl_args
 
 #: TRL 1.16 DPOTrainer loss types. TRL exposes no list to import (only the help text of
@@ -40,6 +48,12 @@ LOSS_TYPES = (
     "discopop",
     "sft",
     "sigmoid_norm",
+)
+
+
+REPLAY_HINT = (
+    "DPO replays preference pairs (prompt, chosen, rejected). Replay general text in the SFT "
+    "stage before DPO, or add `sft` to loss_type for an NLL term on the chosen answers."
 )
 
 
@@ -68,6 +82,16 @@ class DPOStageConfig(StageBase, EvaluatedTrainerOptions):
     """Sample the trained policy and its reference on held-out prompts (gold reward, KL)."""
     health: HealthSpec = HealthSpec()
     """Training health checks (DPO collapse, KL, length, repetition, reward vs gold)."""
+    forgetting: ForgettingSpec = ForgettingSpec()
+    """Measure forgetting: general-text NLL before and after the stage."""
+    replay: ReplaySpec | None = None
+    """Mix earlier preference pairs into the training pairs (``fraction`` of them): a previous
+    round's data, or ``stage:NAME`` for what an earlier DPO/SimPO/ORPO/reward-model stage
+    trained on. Pairs, not text: a DPO loss needs a chosen and a rejected answer (replay
+    general text in the SFT stage, or add ``sft`` to ``loss_type`` for an NLL term)."""
+
+    def uses_stages(self) -> list[str]:
+        return replay_stages(self.replay)
 
     @field_validator("loss_type", mode="before")
     @classmethod
@@ -93,12 +117,22 @@ def build_trainer(cfg: DPOStageConfig, ctx: StageContext) -> policy.PolicyTraine
     from trl import DPOConfig, DPOTrainer
 
     from alignkit.data.preference import load_preference
-    from alignkit.data.split import train_eval_rows
+    from alignkit.data.split import data_records, train_eval_rows
 
     torch.manual_seed(ctx.seed)
     train_rows, eval_rows = train_eval_rows(
         cfg.data, load_preference, ctx.seed, data_context(ctx, cfg.data, cfg.heldout)
     )
+    counts = {"train_rows": float(len(train_rows)), "eval_rows": float(len(eval_rows))}
+    data = data_records(cfg.data, train_rows, eval_rows)
+    if cfg.replay is not None:
+        kinds = ("dpo", "simpo", "orpo", "reward_model")
+        replayed, record = common.replay(
+            cfg.replay, ctx, load_preference, len(train_rows), kinds, REPLAY_HINT
+        )
+        train_rows = train_rows + replayed  # the trainer shuffles
+        counts["replay_rows"] = float(len(replayed))
+        data.append(record)
 
     model, tokenizer, adapter, saved = policy.start_policy(cfg, ctx, "dpo")
     ref_model = None
@@ -138,9 +172,15 @@ def build_trainer(cfg: DPOStageConfig, ctx: StageContext) -> policy.PolicyTraine
     # without a "ref" adapter or a reference model, TRL scores the reference with the adapters
     # disabled: the base is the reference then
     pair = PolicyPair.of(trainer.model, trainer.ref_model, base_is_reference=True)
-    counts = {"train_rows": float(len(train_rows)), "eval_rows": float(len(eval_rows))}
     return policy.PolicyTrainer(
-        trainer, tokenizer, pair, adapter.type, counts, bool(eval_rows), health_logs=DPO_LOGS
+        trainer,
+        tokenizer,
+        pair,
+        adapter.type,
+        counts,
+        bool(eval_rows),
+        health_logs=DPO_LOGS,
+        data=tuple(data),
     )
 
 

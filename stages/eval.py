@@ -116,6 +116,7 @@ def run(cfg: EvalStageConfig, ctx: StageContext) -> StageResult:
             f"or by `alignkit report {run_dir}`.\n"
         )
     return StageResult(
+        data=[_prompts_record(prompts, cfg.split, cfg.max_prompts)],
         metrics=_metrics(results),
         adapter_type="none",
         outputs={
@@ -124,6 +125,18 @@ def run(cfg: EvalStageConfig, ctx: StageContext) -> StageResult:
             "plots": ",".join(results["plots"]),
         },
     )
+
+
+def _prompts_record(source: str, split: str | None, max_prompts: int) -> dict:
+    """The data record of the prompts compared on (the first ``max_prompts`` distinct ones)."""
+    from alignkit.data.fingerprint import data_record
+    from alignkit.data.prompts import load_prompts
+
+    seen: set[str] = set()
+    rows = [
+        r for r in load_prompts(source, split).rows if not (r["id"] in seen or seen.add(r["id"]))
+    ]
+    return data_record("prompts", source, split, rows[:max_prompts])
 
 
 def _policy_stages(run_dir: Path, ctx: StageContext) -> list[str]:

@@ -21,6 +21,7 @@ from pydantic import Field, model_validator
 from alignkit.config import (
     AdapterSpec,
     DataSpec,
+    ForgettingSpec,
     HeldoutSpec,
     MaxNewTokens,
     PolicyTemperature,
@@ -28,6 +29,7 @@ from alignkit.config import (
     StageBase,
     TrainerOptions,
 )
+from alignkit.data.fingerprint import data_record
 from alignkit.errors import UserError
 from alignkit.handoff import PolicyPair, StageOutput, find_stage, run_stages
 from alignkit.health import HealthSpec
@@ -85,6 +87,8 @@ class OnlineRLConfig(StageBase, TrainerOptions):
     configured reward unless ``heldout.rewards`` names others, KL)."""
     health: HealthSpec = HealthSpec()
     """Training health checks (KL, length, repetition, invalid words, reward vs gold)."""
+    forgetting: ForgettingSpec = ForgettingSpec()
+    """Measure forgetting: general-text NLL before and after the stage."""
 
     def uses_stages(self) -> list[str]:
         """Reward specs that may name reward_model stages of the run (the pipeline keeps those
@@ -198,6 +202,7 @@ def build_trainer(cfg: OnlineRLConfig, ctx: StageContext):
         counts,
         health_logs=ONLINE_LOGS,
         heldout_reward=reward,
+        data=(data_record("train", cfg.data.source, cfg.data.split, rows),),
     )
 
 

@@ -9,7 +9,8 @@ A policy stage reads top to bottom::
     return finish(cfg, ctx, built, train(cfg, ctx, built))
 
 :func:`train` adds the health checks and trains (resuming an interrupted attempt); :func:`finish`
-runs the held-out evaluation against the reference and saves the policy. A new policy stage on
+runs the held-out evaluation against the reference, measures forgetting against the starting
+policy and saves the policy. A new policy stage on
 a TRL trainer needs its config, its build step and a registry line, nothing more.
 """
 
@@ -26,7 +27,12 @@ from alignkit.config import AdapterSpec
 from alignkit.errors import UserError
 from alignkit.handoff import REFERENCE_ADAPTER, AdapterView, PolicyPair
 from alignkit.pipeline import StageContext, StageResult
-from alignkit.stages.common import health_callback, health_monitor, heldout_evaluation
+from alignkit.stages.common import (
+    forgetting_evaluation,
+    health_callback,
+    health_monitor,
+    heldout_evaluation,
+)
 from alignkit.training import (
     early_stopping_record,
     evaluate_after_training,
@@ -41,8 +47,9 @@ class PolicyTrainer(NamedTuple):
     """What a policy stage's build step returns for :func:`train` and :func:`finish` (a tuple
     that starts ``trainer, tokenizer``, so a test can unpack and wrap the build step).
 
-    The stage's config must have ``data`` and ``heldout`` (:class:`~alignkit.config.HeldoutSpec`),
-    and ``health`` (:class:`~alignkit.health.HealthSpec`) when ``health_logs`` is set."""
+    The stage's config must have ``data``, ``heldout`` (:class:`~alignkit.config.HeldoutSpec`)
+    and ``forgetting`` (:class:`~alignkit.config.ForgettingSpec`), and ``health``
+    (:class:`~alignkit.health.HealthSpec`) when ``health_logs`` is set."""
 
     trainer: Any
     """A TRL trainer built with :func:`alignkit.training.make_trl_trainer`."""
@@ -65,6 +72,9 @@ class PolicyTrainer(NamedTuple):
     """The held-out reference is the base model even after a parent stage (SFT: the base is
     what supervised training is judged against); otherwise it is the policy the stage started
     from, when the trainer holds no reference."""
+    data: tuple[dict, ...] = ()
+    """What the stage read (:func:`alignkit.data.fingerprint.data_record`), for stage.json and
+    the model card."""
 
 
 def start_policy(cfg, ctx: StageContext, kind: str):
@@ -151,36 +161,71 @@ class _TrialCallback(TrainerCallback):
 
 def finish(cfg, ctx: StageContext, built: PolicyTrainer, metrics: dict[str, float]) -> StageResult:
     """Record the data sizes, evaluate the policy against its reference on held-out prompts,
-    save the policy (gathered from every rank when sharded, written by the main process) and
-    return the stage's result. A training metric the held-out
-    evaluation also reports (GRPO's ``reward``, the last batch's) is kept as ``train_<name>``."""
+    measure forgetting (general-text NLL of the starting and the trained policy), save the policy
+    (gathered from every rank when sharded, written by the main process) and return the stage's
+    result. A training metric the held-out evaluation also reports (GRPO's ``reward``, the last
+    batch's) is kept as ``train_<name>``."""
     metrics.update(built.counts)
-    heldout = _heldout(cfg, ctx, built)
-    for key in heldout.keys() & metrics.keys():
-        metrics[f"train_{key}"] = metrics.pop(key)
-    metrics.update(heldout)
+    data = list(built.data)
+    if ctx.is_main or weights_sharded():  # sharded: every forward is a collective, all join
+        starts: dict[str | None, AdapterView] = {}
+        heldout = _heldout(cfg, ctx, built, starts)
+        for key in heldout.keys() & metrics.keys():
+            metrics[f"train_{key}"] = metrics.pop(key)
+        metrics.update(heldout)
+        forgetting, used = forgetting_evaluation(
+            cfg, ctx, built.pair.policy, _start(ctx, built, starts), built.tokenizer
+        )
+        metrics.update(forgetting)
+        data += used
     sub = save_trained(built.trainer, built.tokenizer, ctx, built.adapter_type)
     return StageResult(
         metrics=metrics,
         adapter_type=built.adapter_type,
         outputs={"weights": sub},
         early_stopping=early_stopping_record(built.trainer),
+        data=data,
     )
 
 
-def _heldout(cfg, ctx: StageContext, built: PolicyTrainer) -> dict[str, float]:
+def _heldout(
+    cfg, ctx: StageContext, built: PolicyTrainer, starts: dict | None = None
+) -> dict[str, float]:
+    """Held-out metrics against the reference (or, without one, the starting policy, loaded
+    once into ``starts``). Every rank joins when the weights are sharded."""
     if not cfg.heldout.enabled or not (ctx.is_main or weights_sharded()):  # sharded: all join
         return {}
-    reference = built.pair.reference or _starting_policy(ctx, built)
+    starts = {} if starts is None else starts
+    reference = built.pair.reference
+    if reference is None:  # the trainer holds none: the policy the stage was measured from
+        start = None if built.reference_is_base else ctx.parent
+        reference = _loaded_start(ctx, built, start, starts)
     reward = None if cfg.heldout.rewards else built.heldout_reward
     return heldout_evaluation(cfg, ctx, built.pair.policy, reference, built.tokenizer, reward)
 
 
-def _starting_policy(ctx: StageContext, built: PolicyTrainer) -> AdapterView:
-    """The reference when the trainer holds none (SimPO, ORPO, GRPO at ``beta: 0``, full-FT
-    SFT): the policy the stage started from, on the same base when it is an adapter."""
+def _start(ctx: StageContext, built: PolicyTrainer, starts: dict) -> AdapterView:
+    """The policy the stage started from: the trainer's reference when that is it (DPO, GRPO,
+    SFT without a parent), else loaded (SimPO, ORPO, GRPO at ``beta: 0``, SFT after SFT)."""
+    reference = built.pair.reference
+    if reference is not None and (ctx.parent is None or not built.reference_is_base):
+        return reference
+    return _loaded_start(ctx, built, ctx.parent, starts)
+
+
+def _loaded_start(ctx: StageContext, built: PolicyTrainer, start, starts: dict) -> AdapterView:
+    """:func:`_starting_policy` for ``start`` (a parent stage, or ``None``: the base), loaded
+    once per stage however many measurements use it."""
+    key = start.name if start is not None else None
+    if key not in starts:
+        starts[key] = _starting_policy(ctx, built, start)
+    return starts[key]
+
+
+def _starting_policy(ctx: StageContext, built: PolicyTrainer, start) -> AdapterView:
+    """A policy the trainer does not hold: ``start`` (a finished stage; ``None``: the base), on
+    the same base when it is an adapter."""
     model = built.trainer.model
-    start = None if built.reference_is_base else ctx.parent
     initial = ctx.out_dir / INITIAL_ADAPTER_DIR
     if hasattr(model, "peft_config"):
         if start is None and initial.is_dir():  # PiSSA/OLoRA: the base alone is no longer it

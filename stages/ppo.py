@@ -18,12 +18,14 @@ from pydantic import Field, field_validator
 from alignkit.config import (
     AdapterSpec,
     DataSpec,
+    ForgettingSpec,
     HeldoutSpec,
     MaxNewTokens,
     PolicyTemperature,
     SamplingSpec,
     StageBase,
 )
+from alignkit.data.fingerprint import data_record
 from alignkit.errors import UserError
 from alignkit.handoff import ADAPTER_DIR, PolicyPair
 from alignkit.health import HealthSpec
@@ -160,6 +162,9 @@ class PPOStageConfig(StageBase):
     health: HealthSpec = HealthSpec()
     """Training health checks (KL, length, repetition, invalid words, reward vs gold or vs the
     held-out reward model); with a learned reward the defaults tighten (``RM_HEALTH``)."""
+    forgetting: ForgettingSpec = ForgettingSpec()
+    """Measure forgetting: general-text NLL of the reference (the starting policy) and the
+    trained policy."""
 
     @field_validator("normalize_scores", mode="before")
     @classmethod
@@ -187,6 +192,16 @@ def _heldout(cfg, ctx, trainer) -> dict[str, float]:
     pair = PolicyPair.of(trainer.model.peft)
     custom = None if cfg.heldout.rewards else trainer.scoring
     return heldout_evaluation(cfg, ctx, pair.policy, pair.reference, trainer.tokenizer, custom)
+
+
+def _forgetting(cfg, ctx, trainer) -> tuple[dict[str, float], list[dict]]:
+    """Forgetting against the reference (the starting policy), and the texts' data record."""
+    from alignkit.stages.common import forgetting_evaluation
+
+    if not ctx.is_main:
+        return {}, []
+    pair = PolicyPair.of(trainer.model.peft)
+    return forgetting_evaluation(cfg, ctx, pair.policy, pair.reference, trainer.tokenizer)
 
 
 def run(cfg: PPOStageConfig, ctx: StageContext) -> StageResult:
@@ -221,8 +236,14 @@ def run(cfg: PPOStageConfig, ctx: StageContext) -> StageResult:
     trainer = PPOTrainer(cfg, ctx, reward_dirs)
     metrics = trainer.train(heldout=lambda: _heldout(cfg, ctx, trainer))
     metrics.update(_heldout(cfg, ctx, trainer))
+    forgetting, forgetting_texts = _forgetting(cfg, ctx, trainer)
+    metrics.update(forgetting)
     if ctx.is_main:
         from alignkit.models import save_stage_model
 
         save_stage_model(trainer.model.peft, trainer.tokenizer, ctx.out_dir)
-    return StageResult(metrics=metrics, adapter_type="lora", outputs={"weights": ADAPTER_DIR})
+    data = cfg.data
+    used = [data_record("train", data.source, data.split, trainer.prompts), *forgetting_texts]
+    return StageResult(
+        metrics=metrics, adapter_type="lora", outputs={"weights": ADAPTER_DIR}, data=used
+    )

@@ -96,8 +96,9 @@ def run(cfg: RewardModelStageConfig, ctx: StageContext) -> StageResult:
     import torch
     from trl import RewardConfig, RewardTrainer
 
+    from alignkit.data.fingerprint import data_record
     from alignkit.data.preference import load_preference
-    from alignkit.data.split import train_eval_rows
+    from alignkit.data.split import data_records, train_eval_rows
     from alignkit.models import count_parameters, torch_dtype
 
     seed = ctx.seed + cfg.seed_offset
@@ -106,9 +107,13 @@ def run(cfg: RewardModelStageConfig, ctx: StageContext) -> StageResult:
     train_rows, eval_rows = train_eval_rows(
         cfg.data, load_preference, ctx.seed, data_context(ctx, cfg.data)
     )
+    data = data_records(cfg.data, train_rows, eval_rows)
     mixed = [_mix_rows(m, ctx) for m in cfg.mix]
-    for extra, _ in mixed:
+    for spec, (extra, _) in zip(cfg.mix, mixed, strict=True):
         train_rows = train_rows + extra
+        data.append(
+            data_record(f"mix ({spec.label})", spec.source or spec.stage, spec.split, extra)
+        )
     if cfg.from_sft and ctx.parent is None:
         raise UserError(f"{ctx.where}.from_sft: true needs `from: <sft stage>`")
 
@@ -170,6 +175,7 @@ def run(cfg: RewardModelStageConfig, ctx: StageContext) -> StageResult:
         adapter_type=adapter.type,
         outputs={"weights": sub, "max_length": cfg.max_length},
         early_stopping=early_stopping_record(trainer),
+        data=data,
     )
 
 

@@ -28,6 +28,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from alignkit.config import DataSpec, StageBase
+from alignkit.data.fingerprint import data_record
 from alignkit.errors import UserError
 from alignkit.models import ADAPTER_DIR, FULL_MODEL_DIR, resolve_model_path
 from alignkit.pipeline import StageContext, StageResult
@@ -126,6 +127,11 @@ def run(cfg: RolloutStageConfig, ctx: StageContext) -> StageResult:
     if cfg.labels is not None:
         rows = _join_labels(rows, Path(cfg.labels), f"{ctx.where}.labels")
     metrics: dict[str, float] = {"samples": float(len(rows))}
+    prompts = list({r["prompt_id"]: r["prompt"] for r in rows}.values())
+    data = [
+        data_record("prompts", cfg.data.source, cfg.data.split, prompts),
+        data_record("rollouts (written)", ROLLOUTS_DIR, None, rows),
+    ]
     if labelled:
         result = write_preferences(ctx.out_dir, rows, cfg.pairs, cfg.min_margin)
         margins = [json.loads(line)["margin"] for line in result.path.open()]
@@ -145,7 +151,7 @@ def run(cfg: RolloutStageConfig, ctx: StageContext) -> StageResult:
             f"[yellow]no labeller[/]: rollouts are in {ctx.run_dir.name}/{ctx.name}/"
             f"{ROLLOUTS_DIR}; label them and set {ctx.where}.labels to make pairs"
         )
-    return StageResult(metrics=metrics, adapter_type="none", outputs=outputs)
+    return StageResult(metrics=metrics, adapter_type="none", outputs=outputs, data=data)
 
 
 def _labeller_spec(spec: str, ctx: StageContext) -> str:

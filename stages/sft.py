@@ -11,12 +11,22 @@ from __future__ import annotations
 import math
 from typing import ClassVar, Literal
 
-from alignkit.config import AdapterSpec, DataSpec, EvaluatedTrainerOptions, HeldoutSpec, StageBase
+from pydantic import model_validator
+
+from alignkit.config import (
+    AdapterSpec,
+    DataSpec,
+    EvaluatedTrainerOptions,
+    ForgettingSpec,
+    HeldoutSpec,
+    ReplaySpec,
+    StageBase,
+)
 from alignkit.errors import UserError
 from alignkit.handoff import PolicyPair
 from alignkit.pipeline import StageContext, StageResult
-from alignkit.stages import policy
-from alignkit.stages.common import data_context
+from alignkit.stages import common, policy
+from alignkit.stages.common import data_context, replay_stages
 from alignkit.training import make_trl_trainer, trl_args
 
 
@@ -37,6 +47,21 @@ class SFTStageConfig(StageBase, EvaluatedTrainerOptions):
     """Longer examples are truncated (their tail is dropped)."""
     heldout: HeldoutSpec = HeldoutSpec()
     """Sample the trained policy and the base on held-out prompts (gold reward, KL)."""
+    forgetting: ForgettingSpec = ForgettingSpec()
+    """Measure forgetting: general-text NLL before and after the stage."""
+    replay: ReplaySpec | None = None
+    """Mix general text or earlier demonstrations into the training rows (``fraction`` of
+    them), trained with the same loss as the stage's own rows; e.g.
+    ``{source: builtin:pretraining, fraction: 0.2}``."""
+
+    def uses_stages(self) -> list[str]:
+        return replay_stages(self.replay)
+
+    @model_validator(mode="after")
+    def _replay_unpacked(self) -> SFTStageConfig:
+        if self.replay is not None and self.packing:
+            raise ValueError("replay: does not work with packing: true yet; set packing: false")
+        return self
 
 
 def run(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
@@ -44,7 +69,7 @@ def run(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
     from trl import SFTConfig, SFTTrainer
 
     from alignkit.data.sft import load_sft
-    from alignkit.data.split import train_eval_rows
+    from alignkit.data.split import data_records, train_eval_rows
 
     torch.manual_seed(ctx.seed)
     # 1. data first: a bad row stops the stage before any model is loaded
@@ -91,6 +116,11 @@ def run(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
         eval_dataset=eval_ds,
         processing_class=tokenizer,
     )
+    counts = {"train_rows": float(len(train_rows)), "eval_rows": float(len(eval_rows))}
+    data = data_records(cfg.data, train_rows, eval_rows)
+    if cfg.replay is not None:
+        counts["replay_rows"], record = _mix_replay(cfg, ctx, trainer, tokenizer)
+        data.append(record)
     # the reference is the base (adapters disabled), or a fresh base for full fine-tuning; after
     # PiSSA/OLoRA moved part of the base into the adapter, the adapter as initialised on it
     base = not adapter.changes_base_weights
@@ -99,9 +129,10 @@ def run(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
         tokenizer,
         PolicyPair.of(trainer.model, base_is_reference=base),
         adapter.saved_type,
-        {"train_rows": float(len(train_rows)), "eval_rows": float(len(eval_rows))},
+        counts,
         evaluate=eval_ds is not None,
         reference_is_base=True,
+        data=tuple(data),
     )
 
     # 5. held-out NLL of the untrained model, then train (resuming an interrupted attempt)
@@ -113,6 +144,33 @@ def run(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
 
     # 6. held-out samples against the base; save the adapter (or full model) and the tokenizer
     return policy.finish(cfg, ctx, built, metrics)
+
+
+def _mix_replay(cfg: SFTStageConfig, ctx: StageContext, trainer, tokenizer) -> tuple[float, dict]:
+    """Add the replay rows to the trainer's (tokenized) training set; returns their count and
+    data record. They are tokenized by TRL in their own format (text rows: every token trained;
+    conversations: as ``loss_on`` says), then the two sets are joined: the trainer samples
+    batches from the union, so ``replay.fraction`` of every batch is replay, on average."""
+    from datasets import concatenate_datasets
+
+    from alignkit.data.sft import load_sft
+
+    task = trainer.train_dataset
+    rows, record = common.replay(cfg.replay, ctx, load_sft, len(task), ("sft",))
+    # TRL has no public way to tokenize a second set as it did the first; its own step keeps
+    # the loss masks and EOS handling identical (tested: tests/stages/test_replay.py)
+    replayed = trainer._prepare_dataset(
+        _to_dataset(rows, _trl_format(rows, tokenizer, cfg.loss_on)),
+        tokenizer,
+        trainer.args,
+        False,
+        None,
+        "replay",
+    )
+    columns = ["input_ids", "labels"]
+    mixed = [task.select_columns(columns), replayed.select_columns(columns)]
+    trainer.train_dataset = concatenate_datasets(mixed).shuffle(seed=ctx.seed)
+    return float(len(replayed)), record
 
 
 def _trl_format(rows: list[dict], tokenizer, loss_on: str) -> str:

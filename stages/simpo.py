@@ -12,7 +12,14 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from alignkit.config import AdapterSpec, DataSpec, EvaluatedTrainerOptions, HeldoutSpec, StageBase
+from alignkit.config import (
+    AdapterSpec,
+    DataSpec,
+    EvaluatedTrainerOptions,
+    ForgettingSpec,
+    HeldoutSpec,
+    StageBase,
+)
 from alignkit.handoff import PolicyPair
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.stages import policy
@@ -35,6 +42,8 @@ class _ReferenceFree(StageBase, EvaluatedTrainerOptions):
     heldout: HeldoutSpec = HeldoutSpec()
     """Sample the trained policy and the policy it started from on held-out prompts (gold
     reward, KL): no reference is trained against, so the starting policy is the yardstick."""
+    forgetting: ForgettingSpec = ForgettingSpec()
+    """Measure forgetting: general-text NLL before and after the stage."""
 
 
 class SimPOStageConfig(_ReferenceFree):
@@ -65,7 +74,7 @@ def build_trainer(cfg: _ReferenceFree, ctx: StageContext) -> policy.PolicyTraine
     from datasets import Dataset
 
     from alignkit.data.preference import load_preference
-    from alignkit.data.split import train_eval_rows
+    from alignkit.data.split import data_records, train_eval_rows
 
     torch.manual_seed(ctx.seed)
     train_rows, eval_rows = train_eval_rows(
@@ -105,4 +114,7 @@ def build_trainer(cfg: _ReferenceFree, ctx: StageContext) -> policy.PolicyTraine
     )
     counts = {"train_rows": float(len(train_rows)), "eval_rows": float(len(eval_rows))}
     pair = PolicyPair.of(trainer.model)  # no reference: finish() loads the starting policy
-    return policy.PolicyTrainer(trainer, tokenizer, pair, adapter.type, counts, bool(eval_rows))
+    data = tuple(data_records(cfg.data, train_rows, eval_rows))
+    return policy.PolicyTrainer(
+        trainer, tokenizer, pair, adapter.type, counts, bool(eval_rows), data=data
+    )

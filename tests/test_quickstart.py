@@ -62,6 +62,17 @@ def test_quickstart_meets_its_promises(tmp_path):
     wins = {(c["model"], c["against"]): c for c in results["comparisons"] if c["reward"] == "gold"}
     for aligned in ("dpo", "ppo"):
         assert wins[(aligned, "sft")]["ci_low"] > 0.5, aligned
+    # every stage directory has a model card naming its parent and the hashes of its data
+    for entry in json.loads((tmp_path / "manifest.json").read_text())["stages"]:
+        record = json.loads((tmp_path / entry["name"] / "stage.json").read_text())
+        card = (tmp_path / entry["name"] / "README.md").read_text()
+        parent = f"`{record['parent']}`" if record["parent"] else "none"
+        assert f"**Parent stage:** {parent}" in card and record["data"], entry["name"]
+        assert all(d["sha256"] in card for d in record["data"]), entry["name"]
+    # forgetting: each policy stage recorded it, and the report shows it
+    for stage in ("sft", "dpo", "ppo"):
+        assert m[stage]["forgetting_nll_after"] > 0 and m[stage]["forgetting_texts"] == 256
+    assert "## Forgetting" in (tmp_path / "compare" / "report.md").read_text()
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from alignkit.builtin import task
+from alignkit.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,24 @@ PRETRAIN_BATCH = 32
 PRETRAIN_LR = 3e-3
 PRETRAIN_WARMUP = 20
 EXPECTED_BUILD_SECONDS = 25
+
+
+#: Texts of ``builtin:pretraining``'s test split: held out from pretraining (another seed).
+HELDOUT_TEXTS = 2000
+
+
+def pretraining(split: str) -> list[dict]:
+    """``builtin:pretraining``: plain text rows ``{"text"}`` as ``builtin:tiny`` learned them
+    (``DOC_START`` + text; the EOS is the trainer's to add). ``train``: the very texts it was
+    pretrained on; ``test``: texts of the same distribution it never saw (forgetting is
+    measured there)."""
+    if split not in task.SPLITS:
+        raise UserError(f"unknown builtin split {split!r}; valid splits: {', '.join(task.SPLITS)}")
+    if split == "train":
+        texts = task.pretraining_texts(PRETRAIN_STEPS * PRETRAIN_BATCH, seed=SEED)
+    else:
+        texts = task.pretraining_texts(HELDOUT_TEXTS, seed=SEED + 1)
+    return [{"text": DOC_START + t} for t in texts]
 
 
 def cache_root() -> Path:

@@ -24,6 +24,7 @@ from alignkit.data.clean import (
     token_counter,
     word_count,
 )
+from alignkit.data.fingerprint import data_record
 from alignkit.data.prompts import prompt_id
 from alignkit.data.quality import turns
 from alignkit.errors import UserError
@@ -101,6 +102,18 @@ def train_eval_rows(
     if spec.max_eval_rows is not None:
         held = held[: spec.max_eval_rows]
     return train, held
+
+
+def data_records(spec: DataSpec, train: list[dict], held: list[dict]) -> list[dict]:
+    """The data records (:func:`~alignkit.data.fingerprint.data_record`) of the rows
+    :func:`train_eval_rows` returned for ``spec``."""
+    records = [data_record("train", spec.source, spec.split, train)]
+    if held:
+        separate = spec.eval_source is not None or spec.eval_split is not None
+        source = spec.eval_source or spec.source
+        split = spec.eval_split if separate else spec.split
+        records.append(data_record("eval", source, split, held))
+    return records
 
 
 def training_rows(spec: DataSpec, load: Loader, context: DataContext | None = None) -> list[dict]:

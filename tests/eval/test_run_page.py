@@ -85,6 +85,7 @@ def test_report_is_one_self_contained_page_with_every_stage(page):
     assert "Held-out evaluation" in text and "gain 95% CI" in text
     assert "<b>kl_limit</b> at step 1" in html  # the tripped health check, where it tripped
     assert "Probe samples" in text and "Win rates" in text
+    assert "Forgetting (general-text NLL" in text  # each policy stage measured it
 
 
 def test_sample_browser_shows_each_prompt_with_every_model(page, tracked_run):

@@ -27,6 +27,7 @@ def pipeline(batch: int) -> dict:
             {"name": "sft", "kind": "sft", "max_length": 64, "train": train,
              "data": {"source": "builtin:sft", "max_rows": 64, "eval_split": "test",
                       "max_eval_rows": 8},
+             "replay": {"source": "builtin:pretraining", "fraction": 0.2},
              "heldout": {"enabled": False}},
             {"name": "dpo", "kind": "dpo", "loss_type": "sigmoid", "max_length": 64,
              "train": {**train, "learning_rate": 1e-3},

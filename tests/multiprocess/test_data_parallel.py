@@ -1,6 +1,6 @@
-"""Two CPU processes (gloo, torchrun) train one model: SFT and DPO with per-device batch b give
-the step-1 loss and grad norm of one process with batch 2b, both ranks end with identical
-adapters, and only rank 0 writes the run directory."""
+"""Two CPU processes (gloo, torchrun) train one model: SFT (replaying pretraining text) and DPO
+with per-device batch b give the step-1 loss and grad norm of one process with batch 2b, both
+ranks end with identical adapters, and only rank 0 writes the run directory."""
 
 import json
 import os
@@ -174,6 +174,10 @@ def test_only_rank_zero_wrote_the_run_directory(runs):
     assert [s["status"] for s in manifest["stages"]] == ["complete", "complete"]
     assert manifest["processes"] == {"world_size": 2, "launcher": "torchrun", "engine": "ddp"}
     assert (run / "sft" / "adapter" / "adapter_model.safetensors").is_file()
+    # SFT replayed pretraining text on both ranks; rank 0 measured forgetting and wrote the cards
+    sft = json.loads((run / "sft" / "stage.json").read_text())
+    assert sft["metrics"]["replay_rows"] == 16 and "forgetting_nll_after" in sft["metrics"]
+    assert "## Lineage" in (run / "dpo" / "adapter" / "README.md").read_text()
 
 
 PPO_WORKER = Path(__file__).with_name("ppo_worker.py")

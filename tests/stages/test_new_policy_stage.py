@@ -1,6 +1,7 @@
 """A new policy stage kind on a TRL trainer is one file and one registry line: this KTO stage
 (TRL's KTOTrainer on unpaired good/bad answers) writes only its config and its build step, and
-gets the parent check, held-out evaluation, health checks and saving from stages/policy.py."""
+gets the parent check, held-out evaluation, health checks, forgetting, the model card and saving
+from stages/policy.py and the pipeline."""
 
 import json
 from typing import ClassVar, Literal
@@ -11,7 +12,14 @@ from pydantic import Field
 from rich.console import Console
 from trl import KTOConfig, KTOTrainer
 
-from alignkit.config import AdapterSpec, DataSpec, HeldoutSpec, ModelSpec, StageBase
+from alignkit.config import (
+    AdapterSpec,
+    DataSpec,
+    ForgettingSpec,
+    HeldoutSpec,
+    ModelSpec,
+    StageBase,
+)
 from alignkit.config import validate_pipeline as validate
 from alignkit.data.preference import load_preference
 from alignkit.data.split import train_eval_rows
@@ -43,6 +51,8 @@ class KTOStageConfig(StageBase):
     """Sample the trained policy and its reference on held-out prompts (gold reward, KL)."""
     health: HealthSpec = HealthSpec()
     """Training health checks (KL, length, repetition, reward vs gold)."""
+    forgetting: ForgettingSpec = ForgettingSpec()
+    """General-text NLL before and after the stage."""
 
 
 def run(cfg: KTOStageConfig, ctx: StageContext) -> StageResult:
@@ -99,6 +109,11 @@ def test_a_new_policy_stage_gets_heldout_health_and_saving_from_the_core(
     assert "before_eval_loss" in metrics and "eval_loss" in metrics  # evaluated before and after
     assert {"kl_ref", "gold_reward", "gold_reward_ref", "heldout_prompts"} <= metrics.keys()
     assert record["health"]["checks"] == 2  # before training and at step 2
+    # forgetting measured from the SFT policy it started from; a card names the parent
+    sft_record = json.loads((tmp_path / "sft" / STAGE_FILE).read_text())
+    before = sft_record["metrics"]["forgetting_nll_after"]
+    assert abs(metrics["forgetting_nll_before"] - before) < 1e-5
+    assert "**Parent stage:** `sft`" in (tmp_path / "kto" / ADAPTER_DIR / "README.md").read_text()
     # the policy adapter alone is saved, moved away from the SFT stage it started from
     saved = tmp_path / "kto" / ADAPTER_DIR
     assert (saved / "adapter_config.json").is_file() and not (saved / REFERENCE_ADAPTER).exists()
