@@ -185,7 +185,7 @@ def _heldout(cfg, ctx, trainer) -> dict[str, float]:
     from alignkit.stages.common import heldout_evaluation
 
     pair = PolicyPair.of(trainer.model.peft)
-    custom = None if cfg.heldout.rewards else trainer.scoring
+    custom = None if cfg.heldout.rewards else trainer.scoring.reward
     return heldout_evaluation(cfg, ctx, pair.policy, pair.reference, trainer.tokenizer, custom)
 
 
@@ -200,6 +200,7 @@ def run(cfg: PPOStageConfig, ctx: StageContext) -> StageResult:
     if cfg.rollout.engine == "vllm":
         check_vllm(ctx.where)
     reward_dirs: dict[str, Path] = {}
+    reward_model_apart: Path | None = None
     for name, key in ((cfg.reward_model, REWARD), (cfg.heldout_reward_model, HELDOUT_REWARD)):
         if name is None:
             continue
@@ -208,7 +209,7 @@ def run(cfg: PPOStageConfig, ctx: StageContext) -> StageResult:
         if rm.base.name == ctx.model.name and rm.adapter_type == "lora":
             reward_dirs[key] = rm.dir  # an adapter on PPO's own base
         elif key == REWARD:  # another base (or fully fine-tuned): loaded on its own
-            cfg = cfg.model_copy(update={"rewards": [*cfg.rewards, str(rm.dir)]})
+            reward_model_apart = rm.dir
         else:
             raise UserError(
                 f"{ctx.where}.heldout_reward_model: {name!r} must be a LoRA reward model on "
@@ -218,7 +219,7 @@ def run(cfg: PPOStageConfig, ctx: StageContext) -> StageResult:
         # a learned reward has blind spots: watch length and invalid words closer, and more often
         tighter = {k: v for k, v in RM_HEALTH.items() if k not in cfg.health.model_fields_set}
         cfg = cfg.model_copy(update={"health": cfg.health.model_copy(update=tighter)})
-    trainer = PPOTrainer(cfg, ctx, reward_dirs)
+    trainer = PPOTrainer(cfg, ctx, reward_dirs, reward_model_apart)
     metrics = trainer.train()
     metrics.update(_heldout(cfg, ctx, trainer))
     if ctx.is_main:
