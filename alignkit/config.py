@@ -226,7 +226,8 @@ class StageBase(Strict):
     #: Whether this stage produces a policy (a later stage may start from it).
     is_policy: ClassVar[bool] = False
     #: Trainer options the stage sets from fields named otherwise (option -> field); an option
-    #: named like one of the stage's fields is owned by that field without being listed.
+    #: named like one of the stage's fields is owned by that field without being listed. On a
+    #: kind without a trainer, the usual TRL names of its fields (named in the refusal).
     owned_options: ClassVar[dict[str, str]] = {}
 
     train: dict[str, Any] = {}
@@ -235,8 +236,10 @@ class StageBase(Strict):
 
     @model_validator(mode="after")
     def _check_train_keys(self) -> StageBase:
-        if type(self).trainer_config is None or not self.train:
+        if not self.train:
             return self
+        if type(self).trainer_config is None:
+            raise ValueError(self._no_trainer_message())
         cls = trainer_config_class(type(self))
         valid = {f.name for f in dataclasses.fields(cls)}
         for key in self.train:
@@ -260,6 +263,22 @@ class StageBase(Strict):
             if owner is not None:
                 raise ValueError(f"'train.{key}' is set by this stage's '{owner}'; set it there")
         return self
+
+    def _no_trainer_message(self) -> str:
+        """Why a ``train:`` block is refused on a stage kind without a TRL trainer, naming the
+        stage's own field for each key where there is one."""
+        own = [f for f in type(self).model_fields if f not in ("kind", "name", "from_", "train")]
+        hints = []
+        for key in self.train:
+            field = type(self).owned_options.get(key) or (key if key in own else None)
+            if field is not None:
+                hints.append(f"train.{key} -> {field}")
+            else:
+                hints.append(f"train.{key}: no such setting{did_you_mean(key, own)}")
+        return (
+            f"a {self.kind} stage has no 'train:' block (no TRL trainer reads one; it would be "
+            f"ignored): {'; '.join(hints)}. Set the stage's own fields: {', '.join(own)}"
+        )
 
     def uses_stages(self) -> list[str]:
         """Names of other stages whose outputs this stage reads besides its parent (e.g. a reward
@@ -449,6 +468,12 @@ def _check_stage_graph(cfg: PipelineConfig, where: str) -> None:
             raise UserError(
                 f"{where}: stage {s.name!r} has from: {s.from_!r}, which is not an earlier stage"
                 f"{hint}"
+            )
+        parent = parent_of(cfg, s)
+        if type(s).is_policy and getattr(s, "adapter", None) is not None and parent is not None:
+            raise UserError(
+                f"{where}: stage {s.name!r} continues the adapter of {parent.name!r}, so its "
+                "'adapter' block would be ignored; remove it (or start without a parent)"
             )
         seen.add(s.name)
 

@@ -61,13 +61,32 @@ class PPORolloutSpec(RolloutSpec):
         )
 
 
+#: TRL-style trainer options (as in a ``train:`` block, or TRL's old PPOConfig) -> our field.
+TRL_NAMES = {
+    "max_steps": "steps",
+    "total_episodes": "steps",
+    "per_device_train_batch_size": "prompts_per_step",
+    "num_mini_batches": "minibatches",
+    "num_ppo_epochs": "ppo_epochs",
+    "gradient_accumulation_steps": "micro_batch_size",
+    "cliprange": "clip_range",
+    "cliprange_value": "value_clip_range",
+    "response_length": "max_new_tokens",
+    "max_completion_length": "max_new_tokens",
+    "save_steps": "checkpoint_every",
+    "save_total_limit": "keep_checkpoints",
+    "seed": "run.seed (the pipeline's seed)",
+}
+
+
 class PPOStageConfig(StageBase):
-    """Our PPO: every knob is a field here (there is no TRL trainer for a ``train:`` block to
-    reach; one given is not read)."""
+    """Our PPO: every knob is a field here. There is no TRL trainer for a ``train:`` block to
+    reach, so one is refused, naming the field to use (``train.max_steps`` -> ``steps``)."""
 
     kind: Literal["ppo"] = "ppo"
     is_policy: ClassVar[bool] = True
     default_parent: ClassVar[bool] = True
+    owned_options: ClassVar[dict[str, str]] = TRL_NAMES
 
     data: DataSpec
     """Prompts (any prompt source: prompt/messages/instruction rows, or preference/SFT rows)."""

@@ -89,6 +89,15 @@ class RewardModelStageConfig(StageBase):
     def uses_stages(self) -> list[str]:
         return [m.stage for m in self.mix if m.stage is not None]
 
+    @model_validator(mode="after")
+    def _adapter_or_from_sft(self) -> RewardModelStageConfig:
+        if self.from_sft and self.adapter is not None:
+            raise ValueError(
+                "from_sft: true continues the SFT stage's adapter, so 'adapter' would be "
+                "ignored; remove one of them"
+            )
+        return self
+
 
 def run(cfg: RewardModelStageConfig, ctx: StageContext) -> StageResult:
     import torch

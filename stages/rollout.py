@@ -47,6 +47,10 @@ RESUME_MARKER = Path("checkpoints") / "checkpoint-0" / "trainer_state.json"
 class RolloutStageConfig(StageBase):
     kind: Literal["rollout"] = "rollout"
     default_parent: ClassVar[bool] = True
+    #: sampling knobs live in ``sampling`` (a ``train:`` block is refused, naming them)
+    owned_options: ClassVar[dict[str, str]] = {
+        key: f"sampling.{key}" for key in SamplingSpec.model_fields
+    }
 
     data: DataSpec
     """Prompts (any prompt source); ``max_rows`` caps how many are sampled."""

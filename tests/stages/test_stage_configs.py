@@ -71,3 +71,48 @@ def test_every_field_of_every_stage_config_is_documented():
                 if not documented and node.target.id != "kind":
                     undocumented.append(f"{klass.__name__}.{node.target.id}")
     assert not sorted(set(undocumented)), sorted(set(undocumented))
+
+
+@pytest.mark.parametrize(
+    ("stage", "hints"),
+    [
+        (
+            {"kind": "ppo", "data": {"source": "builtin:prompts"}, "rewards": ["gold"],
+             "train": {"max_steps": 5, "learning_rate": 1e-4, "warmup_ratio": 0.1}},
+            ["train.max_steps -> steps", "train.learning_rate -> learning_rate",
+             "train.warmup_ratio: no such setting"],
+        ),
+        (
+            {"kind": "rollout", "data": {"source": "builtin:prompts"}, "labeller": ["gold"],
+             "train": {"max_new_tokens": 8}},
+            ["train.max_new_tokens -> sampling.max_new_tokens"],
+        ),
+        ({"kind": "eval", "train": {"n": 2}}, ["train.n -> n"]),
+    ],
+)  # fmt: skip
+def test_a_train_block_on_a_stage_without_a_trainer_is_refused_naming_the_fields(stage, hints):
+    """PPO, rollout and eval stages have no TRL trainer: a ``train:`` block would be read by
+    nothing, so it is refused with the stage's own field for each key."""
+    sft = {"name": "sft", "kind": "sft", "data": {"source": "builtin:sft"}}
+    raw = {"stages": [sft, {"name": stage["kind"], **stage}]}
+    with pytest.raises(UserError) as e:
+        validate_pipeline(raw, stage_kinds())
+    message = str(e.value)
+    assert f"a {stage['kind']} stage has no 'train:' block" in message
+    for hint in hints:
+        assert hint in message
+
+
+def test_an_adapter_block_a_stage_would_ignore_is_refused():
+    """A policy stage with a parent continues the parent's adapter; an RM with ``from_sft``
+    continues the SFT adapter: an ``adapter`` block there would be read by nothing."""
+    sft = {"name": "sft", "kind": "sft", "data": {"source": "builtin:sft"}}
+    lora = {"type": "lora", "r": 4}
+    dpo = {"name": "dpo", "kind": "dpo", "data": {"source": "builtin:preference"}, "adapter": lora}
+    with pytest.raises(UserError, match="'dpo' continues the adapter of 'sft'"):
+        validate_pipeline({"stages": [sft, dpo]}, stage_kinds())
+    validate_pipeline({"stages": [dpo]}, stage_kinds())  # no parent: the adapter is the new one
+    rm = {"name": "rm", "kind": "reward_model", "data": {"source": "builtin:preference"},
+          "from": "sft", "from_sft": True, "adapter": lora}  # fmt: skip
+    with pytest.raises(UserError, match="from_sft: true continues"):
+        validate_pipeline({"stages": [sft, rm]}, stage_kinds())
