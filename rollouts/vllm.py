@@ -45,18 +45,22 @@ TensorParallelSize = Annotated[int, Field(ge=1)]
 
 
 class VLLMConfig(Strict):
-    """The vLLM engine's settings: rollout jobs and comparisons take them as their ``vllm:``
-    block; a PPO stage builds them from its ``rollout:`` block."""
+    """The vLLM engine's settings, one block wherever vLLM runs: ``vllm:`` of a rollout job or
+    a comparison, ``rollout.vllm:`` of a PPO or GRPO/RLOO stage (GRPO/RLOO hand TRL's engine
+    the settings it takes and refuse the others)."""
 
     gpu_memory_utilization: GpuMemoryUtilization = 0.9
     """Share of the GPU vLLM may take (weights + KV cache); lower it to leave room for training."""
     tensor_parallel_size: TensorParallelSize = 1
+    """GPUs one engine shards the model over (checked against the GPUs and attention heads)."""
     max_model_len: int | None = None
     """Prompt + completion tokens; default the model's own limit."""
     max_num_seqs: int = Field(256, ge=1)
+    """Sequences vLLM schedules at once (its batch): higher is faster until the KV cache fills."""
     enable_sleep_mode: bool = False
     """Allow :meth:`VLLMEngine.sleep` (free the GPU between rollouts)."""
     enable_prefix_caching: bool = True
+    """Reuse the KV cache of shared prompt prefixes (n samples of one prompt share it)."""
     enforce_eager: bool = False
     """Skip CUDA-graph capture: slower decoding, faster start."""
     max_lora_rank: int | None = None
@@ -64,6 +68,7 @@ class VLLMConfig(Strict):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = None
     """Default: the model spec's dtype (``auto``: vLLM picks bf16 or fp16)."""
     seed: int = 0
+    """The engine's seed (each request is also seeded by its sampling settings)."""
 
 
 def lora_rank_slot(rank: int) -> int:

@@ -4,22 +4,56 @@ from __future__ import annotations
 
 import importlib.util
 
+from pydantic import model_validator
+
 from alignkit.config import Strict
 from alignkit.errors import UserError
 from alignkit.rollouts.types import EngineName
-from alignkit.rollouts.vllm import GpuMemoryUtilization, TensorParallelSize
+from alignkit.rollouts.vllm import GpuMemoryUtilization, VLLMConfig
+
+#: Flat keys of earlier releases -> their place in the one vLLM settings block.
+MOVED_VLLM_KEYS = {
+    "gpu_memory_utilization": "gpu_memory_utilization",
+    "tensor_parallel_size": "tensor_parallel_size",
+    "sleep": "enable_sleep_mode",
+    "max_lora_rank": "max_lora_rank",
+    "max_model_len": "max_model_len",
+}
+
+
+class ColocatedVLLMConfig(VLLMConfig):
+    """:class:`~alignkit.rollouts.vllm.VLLMConfig` for an engine that shares the GPU with
+    training: the same settings, a smaller default share of the GPU."""
+
+    gpu_memory_utilization: GpuMemoryUtilization = 0.3
+    """vLLM's share of the GPU (weights + KV cache); the rest is left to training."""
 
 
 class RolloutSpec(Strict):
-    """Where an online-RL stage's rollouts come from."""
+    """Where an online-RL stage's rollouts come from. ``vllm`` is the same settings block a
+    rollout job or a comparison takes (:class:`~alignkit.rollouts.vllm.VLLMConfig`), with a
+    smaller default share of the GPU: training needs the rest."""
 
     engine: EngineName = "hf"
     """``hf``: transformers ``generate`` (any device). ``vllm``: a vLLM engine on the same GPU as
     training (the ``vllm`` extra, CUDA only)."""
-    gpu_memory_utilization: GpuMemoryUtilization = 0.3
-    """vLLM's share of the GPU (weights + KV cache); the rest is left to training."""
-    tensor_parallel_size: TensorParallelSize = 1
-    """vLLM: GPUs one engine shards the model over."""
+    vllm: ColocatedVLLMConfig = ColocatedVLLMConfig()
+    """The vLLM engine's settings (read with ``engine: vllm``); ``gpu_memory_utilization``
+    defaults to 0.3 here, leaving the rest of the GPU to training."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data):
+        moved = [k for k in MOVED_VLLM_KEYS if isinstance(data, dict) and k in data]
+        if moved:
+            raise ValueError(
+                "vLLM settings live in the rollout's 'vllm' block (the one rollout jobs and "
+                "comparisons take): write "
+                + ", ".join(
+                    f"rollout.vllm.{MOVED_VLLM_KEYS[k]} instead of rollout.{k}" for k in moved
+                )
+            )
+        return data
 
 
 def check_vllm(where: str) -> None:

@@ -38,14 +38,21 @@ from alignkit.training import make_trl_trainer, trl_args
 
 STAGE_PREFIX = "stage:"
 REWARD_KINDS = ("reward_model",)
+#: The vLLM settings TRL's colocated engine takes: ours -> GRPOConfig's (the others of the
+#: ``rollout.vllm`` block belong to our own engine and are refused here).
+TRL_VLLM = {
+    "gpu_memory_utilization": "vllm_gpu_memory_utilization",
+    "tensor_parallel_size": "vllm_tensor_parallel_size",
+    "enable_sleep_mode": "vllm_enable_sleep_mode",
+    "max_model_len": "vllm_max_model_length",
+}
 #: Trainer options this stage sets from fields named otherwise; ``train.<key>`` may not set them
 #: (nor any option named like a field: ``beta``, ``num_generations``, ``temperature``, ...).
 OWNED_OPTIONS = {
     "reward_weights": "rewards (write 'gold*0.5')",
     "use_vllm": "rollout.engine",
     "vllm_mode": "rollout.engine",
-    "vllm_gpu_memory_utilization": "rollout.gpu_memory_utilization",
-    "vllm_tensor_parallel_size": "rollout.tensor_parallel_size",
+    **{theirs: f"rollout.vllm.{ours}" for ours, theirs in TRL_VLLM.items()},
 }
 
 
@@ -94,6 +101,12 @@ class OnlineRLConfig(StageBase):
     def _check(self) -> OnlineRLConfig:
         if self.data.eval_source or self.data.eval_split:
             raise ValueError("data: held-out prompts go in heldout.prompts and heldout.split")
+        not_trl = sorted(set(self.rollout.vllm.model_fields_set) - set(TRL_VLLM))
+        if not_trl:
+            raise ValueError(
+                f"rollout.vllm: TRL's colocated vLLM engine takes only {', '.join(TRL_VLLM)}; "
+                f"remove {', '.join(not_trl)}"
+            )
         return self
 
 
@@ -164,8 +177,7 @@ def build_trainer(cfg: OnlineRLConfig, ctx: StageContext):
             disable_dropout=True,  # sampling and training forwards must agree for the ratios
             use_vllm=vllm,
             vllm_mode="colocate",
-            vllm_gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-            vllm_tensor_parallel_size=cfg.rollout.tensor_parallel_size,
+            **{theirs: getattr(cfg.rollout.vllm, ours) for ours, theirs in TRL_VLLM.items()},
         )
     except UserError as e:
         if "num_generations" not in str(e):

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from alignkit.config import (
     AdapterSpec,
@@ -38,27 +38,23 @@ RM_HEALTH = {"every": 10, "length_ratio": 1.5, "max_invalid": 0.1}
 
 
 class PPORolloutSpec(RolloutSpec):
-    """``vllm``: the engine receives the policy adapter before every step's rollouts."""
+    """``vllm``: the engine receives the policy adapter before every step's rollouts, and
+    ``vllm.enable_sleep_mode`` releases its GPU memory between rollouts (sleep level 1)."""
 
     batch_size: int = 64
     """HF engine: prompts per generate call."""
-    sleep: bool = False
-    """vLLM: release its GPU memory between rollouts (sleep level 1) and wake it for the next."""
-    max_lora_rank: int | None = None
-    """vLLM: default the policy adapter's rank."""
-    max_model_len: int | None = None
-    """vLLM: prompt + completion tokens; default the model's own limit."""
+
+    @model_validator(mode="after")
+    def _engine_seed(self) -> PPORolloutSpec:
+        if "seed" in self.vllm.model_fields_set:
+            raise ValueError(
+                "vllm.seed: PPO seeds its vLLM engine from the run's seed (run.seed); remove it"
+            )
+        return self
 
     def vllm_config(self, seed: int) -> VLLMConfig:
-        """The vLLM engine's settings these fields stand for."""
-        return VLLMConfig(
-            gpu_memory_utilization=self.gpu_memory_utilization,
-            tensor_parallel_size=self.tensor_parallel_size,
-            enable_sleep_mode=self.sleep,
-            max_lora_rank=self.max_lora_rank,
-            max_model_len=self.max_model_len,
-            seed=seed,
-        )
+        """The vLLM engine's settings, seeded by the run."""
+        return self.vllm.model_copy(update={"seed": seed})
 
 
 #: TRL-style trainer options (as in a ``train:`` block, or TRL's old PPOConfig) -> our field.

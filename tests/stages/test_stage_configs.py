@@ -14,6 +14,7 @@ from trl import DPOConfig
 
 from alignkit.config import validate_pipeline
 from alignkit.errors import UserError
+from alignkit.rollouts.vllm import VLLMConfig
 from alignkit.stages import stage_kinds
 from alignkit.stages.dpo import LOSS_TYPES
 
@@ -116,3 +117,22 @@ def test_an_adapter_block_a_stage_would_ignore_is_refused():
           "from": "sft", "from_sft": True, "adapter": lora}  # fmt: skip
     with pytest.raises(UserError, match="from_sft: true continues"):
         validate_pipeline({"stages": [sft, rm]}, stage_kinds())
+
+
+def test_vllm_settings_are_one_block_in_every_stage():
+    """PPO's and GRPO's ``rollout.vllm`` is the rollout job's ``vllm`` block; the flat keys of
+    earlier releases name their new place, and GRPO refuses what TRL's engine does not take."""
+    sft = {"name": "sft", "kind": "sft", "data": {"source": "builtin:sft"}}
+    ppo = {"name": "ppo", "kind": "ppo", "data": {"source": "builtin:prompts"}, "rewards": ["gold"]}
+    rollout = {"engine": "vllm", "vllm": {"enable_sleep_mode": True, "max_lora_rank": 32}}
+    cfg = validate_pipeline({"stages": [sft, {**ppo, "rollout": rollout}]}, stage_kinds())
+    settings = cfg.stage("ppo").rollout.vllm_config(seed=7)
+    assert isinstance(settings, VLLMConfig)
+    assert (settings.gpu_memory_utilization, settings.enable_sleep_mode) == (0.3, True)
+    assert (settings.max_lora_rank, settings.seed) == (32, 7)
+    with pytest.raises(UserError, match=r"rollout.vllm.enable_sleep_mode instead of rollout.sleep"):
+        validate_pipeline({"stages": [sft, {**ppo, "rollout": {"sleep": True}}]}, stage_kinds())
+    grpo = {"name": "grpo", "kind": "grpo", "data": {"source": "builtin:prompts"},
+            "rewards": ["gold"], "rollout": {"vllm": {"enforce_eager": True}}}  # fmt: skip
+    with pytest.raises(UserError, match="TRL's colocated vLLM engine takes only .*enforce_eager"):
+        validate_pipeline({"stages": [sft, grpo]}, stage_kinds())
