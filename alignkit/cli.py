@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from alignkit import interrupts
+from alignkit.config import COMPARE_SAMPLES, DEFAULT_SAMPLING
 from alignkit.errors import UserError
 
 app = typer.Typer(
@@ -223,18 +224,18 @@ def rollout(
     model: Annotated[str | None, typer.Option(help="Hub id, path or builtin:tiny")] = None,
     adapter: Annotated[str | None, typer.Option(help="PEFT adapter dir on --model")] = None,
     stage: Annotated[str | None, typer.Option(help="A finished stage RUN_DIR/STAGE")] = None,
-    n: Annotated[int, typer.Option(help="Samples per prompt")] = 4,
+    n: Annotated[int, typer.Option(help="Samples per prompt")] = COMPARE_SAMPLES,
     engine: Annotated[str, typer.Option(help="hf | vllm")] = "hf",
     reward: Annotated[
         list[str] | None, typer.Option(help="gold, a rule, module:function or an RM dir; SPEC*W")
     ] = None,
     best_of_n: Annotated[bool, typer.Option(help="Also write DIR/preferences.jsonl")] = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: Annotated[int, typer.Option(help="0 = off")] = 0,
-    max_new_tokens: int = 128,
+    temperature: float = DEFAULT_SAMPLING.temperature,
+    top_p: float = DEFAULT_SAMPLING.top_p,
+    top_k: Annotated[int, typer.Option(help="0 = off")] = DEFAULT_SAMPLING.top_k,
+    max_new_tokens: int = DEFAULT_SAMPLING.max_new_tokens,
     stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable)")] = None,
-    seed: int = 0,
+    seed: int = DEFAULT_SAMPLING.seed,
     split: Annotated[str | None, typer.Option(help="Split of a Hub/builtin source")] = None,
     max_prompts: int | None = None,
     on_bad_rows: Annotated[str, typer.Option(help="error | skip")] = "error",
@@ -242,8 +243,10 @@ def rollout(
     quantization: Annotated[str | None, typer.Option(help="none | 4bit | 8bit")] = None,
     chunk_prompts: Annotated[int | None, typer.Option(help="Prompts per write")] = None,
     batch_size: Annotated[int, typer.Option(help="HF: sequences per forward")] = 64,
-    gpu_memory_utilization: Annotated[float, typer.Option(help="vLLM")] = 0.9,
-    tensor_parallel_size: Annotated[int, typer.Option(help="vLLM")] = 1,
+    gpu_memory_utilization: Annotated[
+        float | None, typer.Option(help="vLLM: share of the GPU it may take")
+    ] = None,
+    tensor_parallel_size: Annotated[int | None, typer.Option(help="vLLM: GPUs per engine")] = None,
 ) -> None:
     """Generate n completions per prompt, score them, write sharded JSONL (resumable)."""
     options = dict(locals())  # every flag above, before anything else is defined
@@ -270,16 +273,22 @@ def compare(
         typer.Option(help="gold, a rule, module:function or an RM dir (repeatable)"),
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Output dir (samples cached there)")] = None,
-    n: Annotated[int | None, typer.Option(help="Samples per prompt (default 4)")] = None,
+    n: Annotated[
+        int | None, typer.Option(help=f"Samples per prompt (default {COMPARE_SAMPLES})")
+    ] = None,
     engine: Annotated[str | None, typer.Option(help="hf | vllm")] = None,
     head_to_head: Annotated[
         bool | None, typer.Option("--head-to-head", help="Also compare aligned models pairwise")
     ] = None,
     split: Annotated[str | None, typer.Option(help="Split of a Hub/builtin source")] = None,
     max_prompts: Annotated[int | None, typer.Option(help="First N prompts (default 256)")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(help="Default 128")] = None,
-    temperature: Annotated[float | None, typer.Option(help="Default 1.0")] = None,
-    seed: Annotated[int | None, typer.Option(help="Default 0")] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(help=f"Default {DEFAULT_SAMPLING.max_new_tokens}")
+    ] = None,
+    temperature: Annotated[
+        float | None, typer.Option(help=f"Default {DEFAULT_SAMPLING.temperature}")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help=f"Default {DEFAULT_SAMPLING.seed}")] = None,
 ) -> None:
     """Compare aligned models with their base: rewards, win rates with CIs, KL, a report."""
     options = dict(locals())

@@ -174,6 +174,13 @@ class SamplingSpec(Strict):
         )
 
 
+#: Samples per prompt where samples are compared (a comparison, a rollout job or stage): each
+#: prompt gives a best-vs-worst pair and a mean over more than one sample.
+COMPARE_SAMPLES = 4
+#: The sampling defaults, for what shows them without holding a spec (the CLI's flags).
+DEFAULT_SAMPLING = SamplingSpec()
+
+
 class HeldoutSpec(Strict):
     """Held-out evaluation after a policy stage: sample the policy and its reference on the same
     prompts, score both, and estimate KL(policy || reference) from the policy's samples."""

@@ -25,6 +25,8 @@ from pydantic import Field, ValidationError, model_validator
 from rich.console import Console
 
 from alignkit.config import (
+    COMPARE_SAMPLES,
+    DEFAULT_SAMPLING,
     MaxNewTokens,
     Samples,
     SamplingSpec,
@@ -60,12 +62,16 @@ class CompareConfig(Strict):
     rewards: list[str] = Field(min_length=1)
     """``gold``, a rule, ``module:function`` or a reward-model dir; each reported on its own."""
     out: str
-    n: Samples = 4
+    n: Samples = COMPARE_SAMPLES
     """Samples per prompt and model."""
-    temperature: Temperature = 1.0
-    top_p: TopP = 1.0
-    max_new_tokens: MaxNewTokens = 128
-    seed: int = 0
+    temperature: Temperature = DEFAULT_SAMPLING.temperature
+    """Sampling temperature of every model (top-k off: their own distributions)."""
+    top_p: TopP = DEFAULT_SAMPLING.top_p
+    """Nucleus sampling; 1 keeps every token."""
+    max_new_tokens: MaxNewTokens = DEFAULT_SAMPLING.max_new_tokens
+    """New tokens per sample."""
+    seed: int = DEFAULT_SAMPLING.seed
+    """Sampling seed: every model samples with it, so comparisons are paired and repeatable."""
     engine: EngineName = "hf"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     quantization: Literal["none", "4bit", "8bit"] | None = None

@@ -20,6 +20,7 @@ from pydantic import Field
 
 from alignkit.config import (
     BUILTIN_MODEL,
+    COMPARE_SAMPLES,
     MaxNewTokens,
     Samples,
     StageBase,
@@ -51,7 +52,7 @@ class EvalStageConfig(StageBase):
     rewards: list[str] = []
     """Reward specs as ``alignkit compare --reward`` takes them; the name of a reward_model
     stage of this run works too. Default on ``builtin:tiny``: ``gold``."""
-    n: Samples = 4
+    n: Samples = COMPARE_SAMPLES
     """Samples per prompt and model."""
     max_prompts: int = Field(128, ge=1)
     """Compare on the first this many prompts."""

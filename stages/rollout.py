@@ -27,7 +27,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from alignkit.config import DataSpec, StageBase
+from alignkit.config import COMPARE_SAMPLES, DataSpec, StageBase
 from alignkit.errors import UserError
 from alignkit.models import ADAPTER_DIR, FULL_MODEL_DIR, resolve_model_path
 from alignkit.pipeline import StageContext, StageResult
@@ -54,7 +54,7 @@ class RolloutStageConfig(StageBase):
 
     data: DataSpec
     """Prompts (any prompt source); ``max_rows`` caps how many are sampled."""
-    sampling: SamplingSpec = SamplingSpec(n=4, max_new_tokens=128)
+    sampling: SamplingSpec = SamplingSpec(n=COMPARE_SAMPLES)
     """n samples per prompt (at least 2 to compare), at the policy's own distribution."""
     labeller: list[str] = []
     """Reward specs that rank the samples (``gold``, a reward_model stage name, a rule,
