@@ -20,7 +20,15 @@ from rich.console import Console
 from rich.markup import escape
 
 from alignkit import interrupts
-from alignkit.config import COMPARE_SAMPLES, DEFAULT_SAMPLING
+from alignkit.config import (
+    COMPARE_SAMPLES,
+    DEFAULT_SAMPLING,
+    ModelSpec,
+    apply_override,
+    load_pipeline,
+    parent_of,
+    validate_pipeline,
+)
 from alignkit.errors import UserError
 
 app = typer.Typer(
@@ -38,20 +46,21 @@ SetOpt = Annotated[
 
 
 def _registry():
+    # the areas load torch (seconds): only the commands that run them import them
     from alignkit.stages import REGISTRY
 
     return REGISTRY
 
 
 def _load(config: Path, overrides: list[str] | None):
-    from alignkit.config import load_pipeline
+    # the areas load torch (seconds): only the commands that run them import them
     from alignkit.stages import stage_kinds
 
     return load_pipeline(config, stage_kinds(), overrides)
 
 
 def _run(cfg, run_dir: Path | None) -> None:
-    from alignkit.pipeline import run_pipeline
+    from alignkit.pipeline import run_pipeline  # the runner starts the accelerate state
 
     target = run_dir or Path(cfg.run.dir or f"runs/{cfg.run.name}")
     run_pipeline(cfg, _registry(), target, console)
@@ -97,12 +106,10 @@ def sft(
 
 def _single_stage(kind, config, data, model, adapter, quantization, stage, run_dir, overrides):
     """Run one stage kind from a config (with the stages it starts from) or from flags."""
-    from alignkit.config import apply_override, validate_pipeline
+    # the areas load torch (seconds): only the commands that run them import them
     from alignkit.stages import stage_kinds
 
     if config is not None:
-        from alignkit.config import parent_of
-
         cfg = _load(config, overrides)
         needed: set[str] = set()
         for target in (s for s in cfg.stages if s.kind == kind):
@@ -156,7 +163,7 @@ def merge(
     out: Annotated[Path, typer.Option(help="Directory for the merged model")],
 ) -> None:
     """Merge a stage's adapter into its base and save a full model for serving."""
-    from alignkit.models import merge_stage
+    from alignkit.models import merge_stage  # torch and transformers: seconds to import
 
     console.print(f"merged model written to [bold]{merge_stage(stage, out)}[/]")
 
@@ -176,7 +183,7 @@ def status(
     ] = False,
 ) -> None:
     """Show a run's stages, their status, key metrics and health."""
-    from alignkit import status as view
+    from alignkit import status as view  # each command imports only what it runs
 
     if as_json:
         print(json.dumps(view.load_status(run_dir), indent=2))
@@ -196,7 +203,7 @@ def data_check(
     ] = None,
 ) -> None:
     """Summarize a dataset (rows, formats, length percentiles) and list bad rows."""
-    from alignkit.data import check as checks
+    from alignkit.data import check as checks  # each command imports only what it runs
 
     check = {
         "sft": checks.check_sft,
@@ -207,8 +214,7 @@ def data_check(
         raise UserError(f"--kind {kind!r}: supported kinds: sft, preference, prompts")
     tok = None
     if tokenizer is not None:
-        from alignkit.config import ModelSpec
-        from alignkit.models import load_tokenizer, resolve_model_path
+        from alignkit.models import load_tokenizer, resolve_model_path  # transformers: seconds
 
         tok = load_tokenizer(resolve_model_path(ModelSpec(name=tokenizer)))
     report = check(source, split=split, tokenizer=tok)
@@ -250,6 +256,7 @@ def rollout(
 ) -> None:
     """Generate n completions per prompt, score them, write sharded JSONL (resumable)."""
     options = dict(locals())  # every flag above, before anything else is defined
+    # the areas load torch (seconds): only the commands that run them import them
     from alignkit.rollouts.job import job_config, run_rollout_job
 
     run_rollout_job(job_config(**options), console)
@@ -292,6 +299,7 @@ def compare(
 ) -> None:
     """Compare aligned models with their base: rewards, win rates with CIs, KL, a report."""
     options = dict(locals())
+    # the areas load torch (seconds): only the commands that run them import them
     from alignkit.eval.compare import compare_config, run_compare
 
     options["rewards"] = options.pop("reward")
@@ -312,7 +320,7 @@ def _usage_errors() -> tuple[type, ...]:
     """Click's usage-error base: typer >= 0.20 vendors click (``typer.TyperException``); older
     typers raise click's own."""
     kinds: list[type] = [t for t in (getattr(typer, "TyperException", None),) if t]
-    try:
+    try:  # older typers only: newer ones vendor click, which may then be absent
         import click
 
         kinds.append(click.ClickException)
@@ -323,7 +331,7 @@ def _usage_errors() -> tuple[type, ...]:
 
 def _abort_kinds() -> tuple[type, ...]:
     kinds: list[type] = [KeyboardInterrupt, typer.Abort]
-    try:
+    try:  # older typers only, as above
         import click
 
         kinds.append(click.exceptions.Abort)

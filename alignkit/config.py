@@ -22,7 +22,15 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from alignkit.errors import UserError
 
@@ -330,8 +338,6 @@ _TRAIN_RANGES: dict[str, tuple[str, float]] = {
 def _trainer_value_problem(cls: type, key: str, value: Any) -> str | None:
     """Why ``value`` cannot be TRL config ``cls``'s field ``key``, or None: its type (from the
     dataclass annotation) and, for common knobs, its range. ``max_steps`` is -1 (epochs) or > 0."""
-    from pydantic import TypeAdapter
-
     try:
         hint = typing.get_type_hints(cls)[key]
     except Exception:  # noqa: BLE001 (an annotation we cannot resolve: leave it to TRL)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_callback import ExportableState
 
 from alignkit import models  # through the module: tests swap save_stage_model
@@ -250,10 +252,6 @@ def save_trained(trainer, tokenizer, ctx, adapter_type: str) -> str:
 def weights_sharded() -> bool:
     """Whether each rank holds only a shard of the weights (DeepSpeed ZeRO-3, FSDP): then any
     forward pass is a collective every rank must join."""
-    import os
-
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
         return True
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
     return is_deepspeed_zero3_enabled()

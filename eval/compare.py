@@ -35,10 +35,13 @@ from alignkit.config import (
     TopP,
     read_yaml,
 )
+from alignkit.data.prompts import load_prompts
 from alignkit.errors import UserError
-from alignkit.eval import scoring
+from alignkit.eval import metrics, plots, report, scoring
 from alignkit.eval.cache import GenerationCache
 from alignkit.handoff import StageOutput
+from alignkit.models import load_tokenizer
+from alignkit.rewards.registry import resolve_rewards
 from alignkit.rollouts.source import ModelSource, model_source
 from alignkit.rollouts.types import EngineName, encode_prompts
 from alignkit.rollouts.vllm import VLLMConfig
@@ -151,11 +154,6 @@ class Entry:
 
 def run_compare(cfg: CompareConfig, console: Console | None = None) -> dict:
     """Run (or resume) the comparison into ``cfg.out``; returns the results (``results.json``)."""
-    from alignkit.data.prompts import load_prompts
-    from alignkit.eval import metrics, plots, report
-    from alignkit.models import load_tokenizer
-    from alignkit.rewards.registry import resolve_rewards
-
     console = console or Console(stderr=True)
     rewards = resolve_rewards(cfg.rewards)
     rows = _unique(load_prompts(cfg.prompts, cfg.split).rows)[: cfg.max_prompts]

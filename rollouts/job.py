@@ -33,7 +33,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from alignkit.config import COMPARE_SAMPLES, Strict
+from alignkit.data.prompts import load_prompts
 from alignkit.errors import UserError
+from alignkit.rewards.registry import resolve_rewards
 from alignkit.rollouts import ModelSource, make_engine, model_source
 from alignkit.rollouts.best_of_n import write_preferences
 from alignkit.rollouts.shards import ShardWriter, read_rollouts, repair_torn_tail, shard_paths
@@ -113,9 +115,6 @@ def run_rollout_job(
 
     ``source``: the policy to sample, when the caller (the pipeline's rollout stage) has
     resolved it already; otherwise it comes from ``cfg.model``/``adapter``/``stage``."""
-    from alignkit.data.prompts import load_prompts
-    from alignkit.rewards.registry import resolve_rewards
-
     console = console or Console(stderr=True)
     if cfg.best_of_n and (not cfg.rewards or cfg.sampling.n < 2):
         raise UserError("--best-of-n needs at least one --reward and --n 2 or more")

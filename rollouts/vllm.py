@@ -26,10 +26,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
+import torch
 from pydantic import Field
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from alignkit.config import Strict
 from alignkit.errors import UserError
+from alignkit.models import load_tokenizer
 from alignkit.rollouts.source import ModelSource
 from alignkit.rollouts.types import Prompt, RolloutBatch, SamplingSpec, encode_prompts
 
@@ -134,7 +138,6 @@ def check_adapter(adapter_dir: str | Path, model_path: str, revision: str | None
 
 
 def _lora_modules(adapter_dir: Path) -> set[str]:
-    from safetensors import safe_open
 
     weights = adapter_dir / "adapter_model.safetensors"
     if not weights.is_file():
@@ -152,9 +155,6 @@ def _lora_modules(adapter_dir: Path) -> set[str]:
 
 def _module_types(model_path: str, revision: str | None) -> dict[str, str]:
     """Module name -> class name of the base model, built on the meta device (no weights)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     config = AutoConfig.from_pretrained(model_path, revision=revision)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
@@ -162,7 +162,7 @@ def _module_types(model_path: str, revision: str | None) -> dict[str, str]:
 
 
 def _import_vllm():
-    try:
+    try:  # the optional vllm extra (CUDA only): imported when a vLLM engine is built
         import vllm
         from vllm.lora.request import LoRARequest
     except ImportError as e:
@@ -177,10 +177,6 @@ class VLLMEngine:
     """``generate(prompts, SamplingSpec) -> RolloutBatch`` on a ``vllm.LLM``."""
 
     def __init__(self, source: ModelSource, config: VLLMConfig | None = None):
-        import torch
-        from transformers import AutoConfig
-
-        from alignkit.models import load_tokenizer
 
         vllm, self._lora_request_cls = _import_vllm()
         config = config or VLLMConfig()
@@ -259,7 +255,7 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
 
     def generate(self, prompts: Sequence[Prompt], cfg: SamplingSpec) -> RolloutBatch:
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # the optional extra, as above
 
         prompt_ids = encode_prompts(self.tokenizer, prompts)
         params = [

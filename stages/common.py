@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import importlib.util
 
+import torch
 from pydantic import model_validator
+from transformers import TrainerCallback
 
 from alignkit.config import Strict
+from alignkit.data.prompts import load_prompts
 from alignkit.errors import UserError
+from alignkit.eval.heldout import evaluate_policy
+from alignkit.eval.probe import HealthProbe
+from alignkit.health import HealthMonitor
 from alignkit.rollouts.types import EngineName
 from alignkit.rollouts.vllm import GpuMemoryUtilization, VLLMConfig
+from alignkit.training import weights_sharded
 
 #: Flat keys of earlier releases -> their place in the one vLLM settings block.
 MOVED_VLLM_KEYS = {
@@ -58,8 +65,6 @@ class RolloutSpec(Strict):
 
 def check_vllm(where: str) -> None:
     """Fail before any model loads: rollouts on vLLM need the extra and a CUDA GPU."""
-    import torch
-
     if importlib.util.find_spec("vllm") is None:
         raise UserError(
             f"{where}.rollout.engine: vllm is not installed; install the extra "
@@ -77,9 +82,6 @@ def heldout_evaluation(cfg, ctx, policy, reference, tokenizer, reward=None) -> d
     rank (one process, DDP, ZeRO-2) only the main process samples; with sharded weights (ZeRO-3,
     FSDP) every forward is a collective, so every rank samples the same prompts in step.
     """
-    from alignkit.eval.heldout import evaluate_policy
-    from alignkit.training import weights_sharded
-
     if not ctx.is_main and not weights_sharded():
         return {}
     builtin = cfg.data.source.startswith("builtin:")
@@ -100,10 +102,6 @@ def heldout_evaluation(cfg, ctx, policy, reference, tokenizer, reward=None) -> d
 def health_monitor(cfg, ctx, policy, reference, tokenizer):
     """The stage's health monitor and probe (see :mod:`alignkit.health`), or ``None`` when
     ``health.enabled`` is false. ``reference`` may be ``None`` (no KL checks then)."""
-    from alignkit.data.prompts import load_prompts
-    from alignkit.eval.probe import HealthProbe
-    from alignkit.health import HealthMonitor
-
     spec = cfg.health
     if not spec.enabled:
         return None
@@ -139,8 +137,6 @@ ONLINE_LOGS = {"reward": "reward"}
 def health_callback(check: HealthCheck | None, every: int, log_keys: dict[str, str]):
     """A TRL callback running ``check`` before training and every ``every`` steps, with the
     trainer's latest logged values (renamed by ``log_keys``). ``[]`` without a check."""
-    from transformers import TrainerCallback
-
     if check is None:
         return []
 

@@ -10,9 +10,14 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
+import torch
+from datasets import Dataset
 from pydantic import Field, field_validator
+from trl import DPOConfig, DPOTrainer
 
 from alignkit.config import AdapterSpec, DataSpec, HeldoutSpec, StageBase
+from alignkit.data.preference import load_preference
+from alignkit.data.split import train_eval_rows
 from alignkit.handoff import PolicyPair
 from alignkit.health import HealthSpec
 from alignkit.models import load_base, load_stage_model
@@ -89,12 +94,6 @@ def run(cfg: DPOStageConfig, ctx: StageContext) -> StageResult:
 def build_trainer(cfg: DPOStageConfig, ctx: StageContext) -> policy.PolicyTrainer:
     """Data, policy (+ reference) and the DPOTrainer. Separate from :func:`run` so tests can
     inspect the handoff."""
-    import torch
-    from trl import DPOConfig, DPOTrainer
-
-    from alignkit.data.preference import load_preference
-    from alignkit.data.split import train_eval_rows
-
     torch.manual_seed(ctx.seed)
     train_rows, eval_rows = train_eval_rows(cfg.data, load_preference, ctx.seed)
 
@@ -140,7 +139,6 @@ def build_trainer(cfg: DPOStageConfig, ctx: StageContext) -> policy.PolicyTraine
 
 
 def _dataset(rows: list[dict]):
-    from datasets import Dataset
 
     return Dataset.from_list(
         [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]

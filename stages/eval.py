@@ -28,6 +28,8 @@ from alignkit.config import (
     did_you_mean,
 )
 from alignkit.errors import UserError
+from alignkit.eval.compare import CompareConfig, run_compare
+from alignkit.eval.report import reward_label
 from alignkit.handoff import StageOutput, run_stages
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.rollouts.types import EngineName
@@ -69,7 +71,6 @@ class EvalStageConfig(StageBase):
 
 
 def run(cfg: EvalStageConfig, ctx: StageContext) -> StageResult:
-    from alignkit.eval.compare import CompareConfig, run_compare
 
     if not ctx.is_main:  # one process compares; the others wait for the stage to finish
         return StageResult(metrics={}, adapter_type="none")
@@ -140,7 +141,6 @@ def _reward(spec: str, run_dir: Path) -> str:
 
 
 def _metrics(results: dict) -> dict[str, float]:
-    from alignkit.eval.report import reward_label
 
     out: dict[str, float] = {}
     for m in results["models"]:

@@ -16,7 +16,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar, Literal
 
+import torch
+from datasets import Dataset
 from pydantic import Field, model_validator
+from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 from alignkit.config import (
     AdapterSpec,
@@ -27,11 +30,13 @@ from alignkit.config import (
     SamplingSpec,
     StageBase,
 )
+from alignkit.data.prompts import load_prompts
 from alignkit.errors import UserError
 from alignkit.handoff import PolicyPair, StageOutput, find_stage, run_stages
 from alignkit.health import HealthSpec
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.rewards.registry import WeightedReward, known_names, resolve_reward, split_weight
+from alignkit.rewards.reward_model import RewardModelScorer
 from alignkit.stages import policy
 from alignkit.stages.common import ONLINE_LOGS, RolloutSpec, check_vllm
 from alignkit.training import make_trl_trainer, trl_args
@@ -126,11 +131,6 @@ def run(cfg: OnlineRLConfig, ctx: StageContext) -> StageResult:
 def build_trainer(cfg: OnlineRLConfig, ctx: StageContext):
     """Prompts, rewards, policy (+ "ref" adapter) and the TRL trainer. Separate from :func:`run`
     so tests can inspect the handoff."""
-    import torch
-    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
-
-    from alignkit.data.prompts import load_prompts
-
     config_cls, trainer_cls = {
         "grpo": (GRPOConfig, GRPOTrainer),
         "rloo": (RLOOConfig, RLOOTrainer),
@@ -261,15 +261,12 @@ class NamedReward:
 
 def _move_reward_models(reward, device) -> None:
     """A reward model loads on the CPU; score on the policy's device (a quantized one is there)."""
-    from alignkit.rewards.reward_model import RewardModelScorer
-
     for _, fn, _ in reward.components:
         if isinstance(fn, RewardModelScorer) and next(fn.model.parameters()).device != device:
             fn.model.to(device)
 
 
 def _dataset(rows: list[dict]):
-    from datasets import Dataset
 
     return Dataset.from_list(
         [{"prompt": r["prompt"], "reference": r["reference"], "id": r["id"]} for r in rows]

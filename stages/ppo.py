@@ -27,9 +27,11 @@ from alignkit.config import (
 from alignkit.errors import UserError
 from alignkit.handoff import ADAPTER_DIR, PolicyPair
 from alignkit.health import HealthSpec
+from alignkit.models import save_stage_model
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.rollouts.vllm import VLLMConfig
-from alignkit.stages.common import RolloutSpec, check_vllm
+from alignkit.stages.common import RolloutSpec, check_vllm, heldout_evaluation
+from alignkit.stages.ppo_loop import PPOTrainer
 from alignkit.stages.ppo_model import HELDOUT_REWARD, REWARD
 
 #: Health defaults when a reward model scores (a user's explicit setting wins): a hacked RM is
@@ -197,15 +199,12 @@ class PPOStageConfig(StageBase):
 
 def _heldout(cfg, ctx, trainer) -> dict[str, float]:
     """Held-out metrics; the reward is the one PPO trained on (RM adapter and/or functions)."""
-    from alignkit.stages.common import heldout_evaluation
-
     pair = PolicyPair.of(trainer.model.peft)
     custom = None if cfg.heldout.rewards else trainer.scoring.reward
     return heldout_evaluation(cfg, ctx, pair.policy, pair.reference, trainer.tokenizer, custom)
 
 
 def run(cfg: PPOStageConfig, ctx: StageContext) -> StageResult:
-    from alignkit.stages.ppo_loop import PPOTrainer
 
     ctx.require_policy_parent("ppo", required=True)
     if cfg.reward_model is None and not cfg.rewards:
@@ -238,7 +237,5 @@ def run(cfg: PPOStageConfig, ctx: StageContext) -> StageResult:
     metrics = trainer.train()
     metrics.update(_heldout(cfg, ctx, trainer))
     if ctx.is_main:
-        from alignkit.models import save_stage_model
-
         save_stage_model(trainer.model.peft, trainer.tokenizer, ctx.out_dir)
     return StageResult(metrics=metrics, adapter_type="lora", outputs={"weights": ADAPTER_DIR})

@@ -11,7 +11,14 @@ from __future__ import annotations
 import math
 from typing import ClassVar, Literal
 
+import torch
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
+from trl.chat_template_utils import get_training_chat_template
+
 from alignkit.config import AdapterSpec, DataSpec, HeldoutSpec, StageBase
+from alignkit.data.sft import load_sft
+from alignkit.data.split import train_eval_rows
 from alignkit.errors import UserError
 from alignkit.handoff import PolicyPair
 from alignkit.pipeline import StageContext, StageResult
@@ -39,11 +46,6 @@ class SFTStageConfig(StageBase):
 
 
 def run(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
-    import torch
-    from trl import SFTConfig, SFTTrainer
-
-    from alignkit.data.sft import load_sft
-    from alignkit.data.split import train_eval_rows
 
     torch.manual_seed(ctx.seed)
     # 1. data first: a bad row stops the stage before any model is loaded
@@ -118,7 +120,6 @@ def _trl_format(rows: list[dict], tokenizer, loss_on: str) -> str:
             "the tokenizer has no chat template, so conversations cannot be rendered; "
             "use a chat/instruct model or plain-text rows"
         )
-    from trl.chat_template_utils import get_training_chat_template
 
     try:
         get_training_chat_template(tokenizer)  # None (already marked) or a patched template
@@ -128,7 +129,6 @@ def _trl_format(rows: list[dict], tokenizer, loss_on: str) -> str:
 
 
 def _to_dataset(rows: list[dict], fmt: str):
-    from datasets import Dataset
 
     if fmt == "text":
         return Dataset.from_list([{"text": r["text"]} for r in rows])

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
+import torch
+from datasets import Dataset
 from pydantic import Field
 
 from alignkit.config import AdapterSpec, DataSpec, HeldoutSpec, StageBase
+from alignkit.data.preference import load_preference
+from alignkit.data.split import train_eval_rows
 from alignkit.handoff import PolicyPair
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.stages import policy
@@ -60,12 +64,6 @@ def run(cfg: _ReferenceFree, ctx: StageContext) -> StageResult:
 def build_trainer(cfg: _ReferenceFree, ctx: StageContext) -> policy.PolicyTrainer:
     """Data, policy and TRL's CPOTrainer (SimPO) or ORPOTrainer. No reference is trained
     against: the held-out KL is measured to the policy the stage started from."""
-    import torch
-    from datasets import Dataset
-
-    from alignkit.data.preference import load_preference
-    from alignkit.data.split import train_eval_rows
-
     torch.manual_seed(ctx.seed)
     train_rows, eval_rows = train_eval_rows(cfg.data, load_preference, ctx.seed)
     model, tokenizer, adapter, saved = policy.start_policy(cfg, ctx, cfg.kind)
@@ -75,11 +73,13 @@ def build_trainer(cfg: _ReferenceFree, ctx: StageContext) -> policy.PolicyTraine
         return Dataset.from_list([{k: r[k] for k in keep} for r in rows]) if rows else None
 
     if isinstance(cfg, SimPOStageConfig):
+        # trl.experimental warns on import that its API is unstable: only SimPO/ORPO import it
         from trl.experimental.cpo import CPOConfig as config_cls
         from trl.experimental.cpo import CPOTrainer as trainer_cls
 
         ours = {"loss_type": "simpo", "cpo_alpha": 0.0, "simpo_gamma": cfg.gamma}
     else:
+        # trl.experimental warns on import that its API is unstable: only SimPO/ORPO import it
         from trl.experimental.orpo import ORPOConfig as config_cls
         from trl.experimental.orpo import ORPOTrainer as trainer_cls
 

@@ -192,7 +192,7 @@ def _first_bad_utf8_line(path: Path) -> int:
 
 
 def _parquet_rows(path: Path) -> list[Row]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # only for Parquet files
 
     try:
         table = pq.read_table(path)
@@ -203,7 +203,7 @@ def _parquet_rows(path: Path) -> list[Row]:
 
 def _hub_rows(name: str, split: str) -> list[Row]:
     """``owner/name`` or ``owner/name:config`` (a dataset with several configs, e.g. gsm8k:main)."""
-    import datasets
+    import datasets  # ~1 s: only for Hub sources
 
     name, _, config = name.partition(":")
     try:
