@@ -21,6 +21,15 @@ from alignkit.handoff import weights_subdir
 from alignkit.rundir import read_json_or_none, write_json_atomic
 
 
+def stage_trl_args(cls: type, cfg, ctx, *, seed: int | None = None, **ours: Any):
+    """:func:`trl_args` for a stage: its ``train:`` block, checkpoints in its partial dir, the
+    run's seed (or ``seed``), errors named by the stage."""
+    seed = ctx.seed if seed is None else seed
+    return trl_args(
+        cls, cfg.train, output_dir=ctx.checkpoint_dir, seed=seed, where=ctx.where, **ours
+    )
+
+
 def trl_args(
     cls: type, user: dict[str, Any], *, output_dir: Path, seed: int, where: str, **ours: Any
 ):

@@ -15,7 +15,6 @@ from datasets import Dataset
 from pydantic import Field, field_validator
 from trl import DPOConfig, DPOTrainer
 
-from alignkit.config import AdapterSpec, DataSpec, HeldoutSpec, StageBase
 from alignkit.data.preference import load_preference
 from alignkit.data.split import train_eval_rows
 from alignkit.handoff import PolicyPair
@@ -24,7 +23,7 @@ from alignkit.models import load_base, load_stage_model
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.stages import policy
 from alignkit.stages.common import DPO_LOGS
-from alignkit.training import make_trl_trainer, trl_args
+from alignkit.training import make_trl_trainer, stage_trl_args
 
 #: TRL 1.16 DPOTrainer loss types. TRL exposes no list to import (only the help text of
 #: ``DPOConfig.loss_type`` and the trainer's if-chain), so this copy is checked against that help
@@ -48,18 +47,10 @@ LOSS_TYPES = (
 )
 
 
-class DPOStageConfig(StageBase):
+class DPOStageConfig(policy.PreferenceStageConfig):
     kind: Literal["dpo"] = "dpo"
     trainer_config: ClassVar[str] = "trl.DPOConfig"
-    is_policy: ClassVar[bool] = True
-    default_parent: ClassVar[bool] = True
 
-    data: DataSpec
-    """Preference pairs (any format the preference loader detects)."""
-    adapter: AdapterSpec | None = None
-    """Adapter for a DPO stage without a parent (a parent's adapter is continued)."""
-    beta: float = Field(0.1, gt=0)
-    """Strength of the pull towards the reference (higher: smaller drift)."""
     loss_type: list[str] = ["sigmoid"]
     """One or more TRL loss types (sigmoid, ipo, hinge, robust, ...); several are summed with
     ``train.loss_weights``."""
@@ -67,10 +58,6 @@ class DPOStageConfig(StageBase):
     """Probability that a label is flipped (robust DPO); 0 for plain DPO."""
     precompute_ref_log_probs: bool = False
     """Compute the reference's log-probs once before training instead of at every step."""
-    max_length: int = 1024
-    """Prompt + completion tokens; longer pairs are truncated."""
-    heldout: HeldoutSpec = HeldoutSpec()
-    """Sample the trained policy and its reference on held-out prompts (gold reward, KL)."""
     health: HealthSpec = HealthSpec()
     """Training health checks (DPO collapse, KL, length, repetition, reward vs gold)."""
 
@@ -105,12 +92,10 @@ def build_trainer(cfg: DPOStageConfig, ctx: StageContext) -> policy.PolicyTraine
         else:
             ref_model = load_base(ctx.model, tokenizer)
 
-    args = trl_args(
+    args = stage_trl_args(
         DPOConfig,
-        cfg.train,
-        output_dir=ctx.checkpoint_dir,
-        seed=ctx.seed,
-        where=ctx.where,
+        cfg,
+        ctx,
         beta=cfg.beta,
         loss_type=cfg.loss_type,
         label_smoothing=cfg.label_smoothing,

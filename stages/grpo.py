@@ -39,7 +39,7 @@ from alignkit.rewards.registry import WeightedReward, known_names, resolve_rewar
 from alignkit.rewards.reward_model import RewardModelScorer
 from alignkit.stages import policy
 from alignkit.stages.common import ONLINE_LOGS, RolloutSpec, check_vllm
-from alignkit.training import make_trl_trainer, trl_args
+from alignkit.training import make_trl_trainer, stage_trl_args
 
 STAGE_PREFIX = "stage:"
 REWARD_KINDS = ("reward_model",)
@@ -160,12 +160,10 @@ def build_trainer(cfg: OnlineRLConfig, ctx: StageContext):
         cfg.num_generations, cfg.temperature, cfg.max_completion_length, ctx.seed
     )
     try:
-        args = trl_args(
+        args = stage_trl_args(
             config_cls,
-            cfg.train,
-            output_dir=ctx.checkpoint_dir,
-            seed=ctx.seed,
-            where=ctx.where,
+            cfg,
+            ctx,
             beta=cfg.beta,
             num_generations=cfg.num_generations,
             per_device_train_batch_size=cfg.num_generations,

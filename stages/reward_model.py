@@ -47,8 +47,8 @@ from alignkit.training import (
     make_trl_trainer,
     save_trained,
     snapshot_adapter,
+    stage_trl_args,
     train_and_evaluate,
-    trl_args,
     weights_sharded,
 )
 
@@ -146,12 +146,11 @@ def run(cfg: RewardModelStageConfig, ctx: StageContext) -> StageResult:
     # 3. trainer
     train_ds = _dataset(train_rows, cfg.use_margin)
     eval_ds = _dataset(eval_rows, cfg.use_margin) if eval_rows else None
-    args = trl_args(
+    args = stage_trl_args(
         RewardConfig,
-        cfg.train,
-        output_dir=ctx.checkpoint_dir,
+        cfg,
+        ctx,
         seed=seed,
-        where=ctx.where,
         max_length=cfg.max_length,
         center_rewards_coefficient=cfg.center_rewards,
         per_device_eval_batch_size=32,

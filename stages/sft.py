@@ -23,7 +23,7 @@ from alignkit.errors import UserError
 from alignkit.handoff import PolicyPair
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.stages import policy
-from alignkit.training import make_trl_trainer, trl_args
+from alignkit.training import make_trl_trainer, stage_trl_args
 
 
 class SFTStageConfig(StageBase):
@@ -64,12 +64,10 @@ def run(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
     )
 
     # 4. trainer
-    args = trl_args(
+    args = stage_trl_args(
         SFTConfig,
-        cfg.train,
-        output_dir=ctx.checkpoint_dir,
-        seed=ctx.seed,
-        where=ctx.where,
+        cfg,
+        ctx,
         max_length=cfg.max_length,
         packing=cfg.packing,
         eval_packing=False,

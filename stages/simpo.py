@@ -14,33 +14,15 @@ import torch
 from datasets import Dataset
 from pydantic import Field
 
-from alignkit.config import AdapterSpec, DataSpec, HeldoutSpec, StageBase
 from alignkit.data.preference import load_preference
 from alignkit.data.split import train_eval_rows
 from alignkit.handoff import PolicyPair
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.stages import policy
-from alignkit.training import make_trl_trainer, trl_args
+from alignkit.training import make_trl_trainer, stage_trl_args
 
 
-class _ReferenceFree(StageBase):
-    is_policy: ClassVar[bool] = True
-    default_parent: ClassVar[bool] = True
-
-    data: DataSpec
-    """Preference pairs (any format the preference loader detects)."""
-    adapter: AdapterSpec | None = None
-    """Adapter for a stage without a parent (a parent's adapter is continued)."""
-    beta: float = Field(0.1, gt=0)
-    """The method's loss scale (each kind documents and defaults its own)."""
-    max_length: int = 1024
-    """Prompt + completion tokens; longer pairs are truncated."""
-    heldout: HeldoutSpec = HeldoutSpec()
-    """Sample the trained policy and the policy it started from on held-out prompts (gold
-    reward, KL): no reference is trained against, so the starting policy is the yardstick."""
-
-
-class SimPOStageConfig(_ReferenceFree):
+class SimPOStageConfig(policy.PreferenceStageConfig):
     kind: Literal["simpo"] = "simpo"
     trainer_config: ClassVar[str] = "trl.experimental.cpo.CPOConfig"
     beta: float = Field(2.0, gt=0)
@@ -49,19 +31,21 @@ class SimPOStageConfig(_ReferenceFree):
     """Target reward margin (SimPO's γ, as a fraction of β in TRL's ``simpo_gamma``)."""
 
 
-class ORPOStageConfig(_ReferenceFree):
+class ORPOStageConfig(policy.PreferenceStageConfig):
     kind: Literal["orpo"] = "orpo"
     trainer_config: ClassVar[str] = "trl.experimental.orpo.ORPOConfig"
     beta: float = Field(0.1, gt=0)
     """Weight of the odds-ratio term (ORPO's λ)."""
 
 
-def run(cfg: _ReferenceFree, ctx: StageContext) -> StageResult:
+def run(cfg: SimPOStageConfig | ORPOStageConfig, ctx: StageContext) -> StageResult:
     built = build_trainer(cfg, ctx)
     return policy.finish(cfg, ctx, built, policy.train(cfg, ctx, built))
 
 
-def build_trainer(cfg: _ReferenceFree, ctx: StageContext) -> policy.PolicyTrainer:
+def build_trainer(
+    cfg: SimPOStageConfig | ORPOStageConfig, ctx: StageContext
+) -> policy.PolicyTrainer:
     """Data, policy and TRL's CPOTrainer (SimPO) or ORPOTrainer. No reference is trained
     against: the held-out KL is measured to the policy the stage started from."""
     torch.manual_seed(ctx.seed)
@@ -84,9 +68,9 @@ def build_trainer(cfg: _ReferenceFree, ctx: StageContext) -> policy.PolicyTraine
         from trl.experimental.orpo import ORPOTrainer as trainer_cls
 
         ours = {}
-    args = trl_args(
-        config_cls, cfg.train, output_dir=ctx.checkpoint_dir, seed=ctx.seed, where=ctx.where,
-        beta=cfg.beta, max_length=cfg.max_length, per_device_eval_batch_size=32, **ours,
+    args = stage_trl_args(
+        config_cls, cfg, ctx, beta=cfg.beta, max_length=cfg.max_length,
+        per_device_eval_batch_size=32, **ours,
     )  # fmt: skip
     trainer = make_trl_trainer(
         trainer_cls,
