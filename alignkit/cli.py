@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from alignkit import interrupts
+from alignkit import interrupts, reference
 from alignkit.config import (
     COMPARE_SAMPLES,
     DEFAULT_SAMPLING,
@@ -304,6 +304,15 @@ def compare(
 
     options["rewards"] = options.pop("reward")
     run_compare(compare_config(options.pop("config"), **options), console)
+
+
+@app.command("config-reference")
+def config_reference() -> None:
+    """Print every stage kind's fields and blocks as Markdown (docs/config-reference.md)."""
+    # the areas load torch (seconds): only the commands that run them import them
+    from alignkit.stages import stage_kinds
+
+    print(reference.config_reference(stage_kinds()), end="")
 
 
 def _quiet_libraries() -> None:

@@ -41,7 +41,12 @@ _STAGE_NAME = re.compile(r"[\w.-]{1,100}")
 class Strict(BaseModel):
     """Base for every config block: unknown keys are errors, values are checked on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(
+        extra="forbid",
+        validate_assignment=True,
+        protected_namespaces=(),
+        use_attribute_docstrings=True,  # a field's docstring is its description (see reference.py)
+    )
 
 
 class RunSpec(Strict):
