@@ -8,7 +8,7 @@ import torch
 from pydantic import model_validator
 from transformers import TrainerCallback
 
-from alignkit.config import Strict
+from alignkit.config import DataSpec, Strict
 from alignkit.data.prompts import load_prompts
 from alignkit.errors import UserError
 from alignkit.eval.heldout import evaluate_policy
@@ -26,6 +26,20 @@ MOVED_VLLM_KEYS = {
     "max_lora_rank": "max_lora_rank",
     "max_model_len": "max_model_len",
 }
+
+#: DataSpec keys about held-out rows: a stage that samples prompts reads none of them, or only
+#: ``eval_split`` (PPO's health probe); its held-out prompts are ``heldout.prompts``.
+HELDOUT_DATA_KEYS = ("eval_source", "eval_split", "eval_size", "max_eval_rows")
+
+
+def refuse_unread_data_keys(data: DataSpec, kind: str, unread=HELDOUT_DATA_KEYS) -> None:
+    """Raise (in a config validator) when ``data`` sets keys a ``kind`` stage never reads."""
+    given = [f"data.{k}" for k in unread if k in data.model_fields_set]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)}: not read by a {kind} stage (it samples prompts from "
+            "data.source/data.split); held-out prompts go in heldout.prompts and heldout.split"
+        )
 
 
 class ColocatedVLLMConfig(VLLMConfig):

@@ -38,7 +38,7 @@ from alignkit.pipeline import StageContext, StageResult
 from alignkit.rewards.registry import WeightedReward, known_names, resolve_reward, split_weight
 from alignkit.rewards.reward_model import RewardModelScorer
 from alignkit.stages import policy
-from alignkit.stages.common import ONLINE_LOGS, RolloutSpec, check_vllm
+from alignkit.stages.common import ONLINE_LOGS, RolloutSpec, check_vllm, refuse_unread_data_keys
 from alignkit.training import make_trl_trainer, stage_trl_args
 
 STAGE_PREFIX = "stage:"
@@ -104,8 +104,7 @@ class OnlineRLConfig(StageBase):
 
     @model_validator(mode="after")
     def _check(self) -> OnlineRLConfig:
-        if self.data.eval_source or self.data.eval_split:
-            raise ValueError("data: held-out prompts go in heldout.prompts and heldout.split")
+        refuse_unread_data_keys(self.data, self.kind)
         not_trl = sorted(set(self.rollout.vllm.model_fields_set) - set(TRL_VLLM))
         if not_trl:
             raise ValueError(

@@ -30,7 +30,13 @@ from alignkit.health import HealthSpec
 from alignkit.models import save_stage_model
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.rollouts.vllm import VLLMConfig
-from alignkit.stages.common import RolloutSpec, check_vllm, heldout_evaluation
+from alignkit.stages.common import (
+    HELDOUT_DATA_KEYS,
+    RolloutSpec,
+    check_vllm,
+    heldout_evaluation,
+    refuse_unread_data_keys,
+)
 from alignkit.stages.ppo_loop import PPOTrainer
 from alignkit.stages.ppo_model import HELDOUT_REWARD, REWARD
 
@@ -177,6 +183,13 @@ class PPOStageConfig(StageBase):
     health: HealthSpec = HealthSpec()
     """Training health checks (KL, length, repetition, invalid words, reward vs gold or vs the
     held-out reward model); with a learned reward the defaults tighten (``RM_HEALTH``)."""
+
+    @model_validator(mode="after")
+    def _data_keys(self) -> PPOStageConfig:
+        # eval_split is read: without other health prompts, the probe samples that split
+        unread = [k for k in HELDOUT_DATA_KEYS if k != "eval_split"]
+        refuse_unread_data_keys(self.data, self.kind, unread)
+        return self
 
     @field_validator("normalize_scores", mode="before")
     @classmethod

@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from alignkit.config import COMPARE_SAMPLES, DataSpec, StageBase
 from alignkit.errors import UserError
@@ -37,6 +37,7 @@ from alignkit.rollouts.best_of_n import PREFERENCES_FILE, PairMode, write_prefer
 from alignkit.rollouts.job import RolloutJobConfig, run_rollout_job
 from alignkit.rollouts.shards import read_rollouts
 from alignkit.rollouts.types import EngineName, SamplingSpec
+from alignkit.stages.common import refuse_unread_data_keys
 
 ROLLOUTS_DIR = "rollouts"
 #: A rollout stage has no trainer checkpoints. This marker tells the runner that an interrupted
@@ -76,6 +77,11 @@ class RolloutStageConfig(StageBase):
 
     def uses_stages(self) -> list[str]:
         return [s for s in self.labeller if _is_stage_name(s)]
+
+    @model_validator(mode="after")
+    def _data_keys(self) -> RolloutStageConfig:
+        refuse_unread_data_keys(self.data, self.kind)
+        return self
 
 
 def _is_stage_name(spec: str) -> bool:

@@ -136,3 +136,27 @@ def test_vllm_settings_are_one_block_in_every_stage():
             "rewards": ["gold"], "rollout": {"vllm": {"enforce_eager": True}}}  # fmt: skip
     with pytest.raises(UserError, match="TRL's colocated vLLM engine takes only .*enforce_eager"):
         validate_pipeline({"stages": [sft, grpo]}, stage_kinds())
+
+
+@pytest.mark.parametrize(
+    ("stage", "refused"),
+    [
+        (
+            {"kind": "grpo", "rewards": ["gold"], "data": {"max_eval_rows": 64}},
+            "data.max_eval_rows",
+        ),
+        (
+            {"kind": "ppo", "rewards": ["gold"], "data": {"eval_source": "x.jsonl"}},
+            "data.eval_source",
+        ),
+        ({"kind": "rollout", "data": {"eval_split": "test"}}, "data.eval_split"),
+    ],
+)
+def test_held_out_data_keys_a_prompt_stage_never_reads_are_refused(stage, refused):
+    """Stages that sample prompts read data.source/split; their held-out prompts are
+    heldout.prompts, so data.eval_* would be ignored."""
+    sft = {"name": "sft", "kind": "sft", "data": {"source": "builtin:sft"}}
+    data = {"source": "builtin:prompts", **stage["data"]}
+    raw = {"stages": [sft, {**stage, "name": stage["kind"], "data": data}]}
+    with pytest.raises(UserError, match=f"{refused}: not read by a {stage['kind']} stage"):
+        validate_pipeline(raw, stage_kinds())
