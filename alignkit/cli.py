@@ -23,10 +23,14 @@ from alignkit import interrupts, reference
 from alignkit.config import (
     COMPARE_SAMPLES,
     DEFAULT_SAMPLING,
+    CleanSpec,
     ModelSpec,
     apply_override,
     load_pipeline,
     parent_of,
+    read_pipeline,
+    read_yaml,
+    validate_block,
     validate_pipeline,
 )
 from alignkit.errors import UserError
@@ -34,7 +38,7 @@ from alignkit.errors import UserError
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Alignment training: SFT, RM, DPO, PPO."
 )
-data_app = typer.Typer(no_args_is_help=True, help="Inspect and validate datasets.")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect, validate and clean datasets.")
 app.add_typer(data_app, name="data")
 console = Console()
 err_console = Console(stderr=True)
@@ -63,8 +67,13 @@ def _run(cfg, run_dir: Path | None) -> None:
     from alignkit.pipeline import run_pipeline  # the runner starts the accelerate state
 
     target = run_dir or Path(cfg.run.dir or f"runs/{cfg.run.name}")
-    run_pipeline(cfg, _registry(), target, console)
+    try:
+        run_pipeline(cfg, _registry(), target, console)
+    finally:  # a failed or interrupted run gets its page too: it shows where it stopped
+        page = _write_run_page(target)
     console.print(f"run directory: [bold]{target}[/]  (alignkit status {target})")
+    if page is not None:
+        console.print(f"run page: [bold]{page}[/]  (one HTML file, open it in a browser)")
     for stage in cfg.stages:
         report = target / stage.name / "report.md"
         if stage.kind == "eval" and report.exists():
@@ -81,6 +90,52 @@ def run(
 ) -> None:
     """Run every stage of a pipeline YAML, skipping finished ones and resuming interrupted ones."""
     _run(_load(config, set_), run_dir)
+
+
+def _write_run_page(run_dir: Path) -> Path | None:
+    """The run's report.html, written by the main process at the end of ``alignkit run``. A
+    page that cannot be written is a warning: the run's own outcome is what counts here."""
+    from alignkit.eval.run_page import write_run_report  # an area: matplotlib, seconds
+
+    main = os.environ.get("RANK", "0") == "0"  # torchrun and accelerate launch set RANK
+    if not main or not (run_dir / "manifest.json").exists():
+        return None
+    try:
+        return write_run_report(run_dir)
+    except Exception as e:  # noqa: BLE001 (see the docstring)
+        err_console.print(f"[yellow]warning[/] the run page was not written: {escape(str(e))}")
+        return None
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory")],
+    out: Annotated[
+        Path | None, typer.Option("-o", "--out", help="HTML file (default RUN_DIR/report.html)")
+    ] = None,
+) -> None:
+    """Write one self-contained HTML page for a run: stage graph, curves, health, samples."""
+    from alignkit.eval.run_page import write_run_report  # an area: matplotlib, seconds
+
+    console.print(f"run page written to [bold]{write_run_report(run_dir, out)}[/]")
+
+
+@app.command()
+def sweep(
+    config: Annotated[Path, typer.Argument(help="Pipeline YAML with a sweep: block")],
+    set_: SetOpt = None,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="Run directory (default: run.dir or runs/<name>)")
+    ] = None,
+) -> None:
+    """Search one stage's hyperparameters on Optuna: shared upstream stages, one run per trial,
+    pruning, a resumable study; report with the best config, a table and plots."""
+    # the areas load torch (seconds): only the commands that run them import them
+    from alignkit.stages import stage_kinds
+    from alignkit.sweep.study import run_sweep
+
+    raw = read_pipeline(config, set_)
+    run_sweep(raw, str(config), stage_kinds(), _registry(), run_dir, console)
 
 
 @app.command()
@@ -221,6 +276,52 @@ def data_check(
     checks.print_report(report, console)
     if report.problems or report.refusal:
         raise typer.Exit(2)
+
+
+@data_app.command("clean")
+def data_clean(
+    source: Annotated[str, typer.Argument(help="Input: file, Hub dataset name or builtin:NAME")],
+    out: Annotated[Path, typer.Argument(help="Cleaned rows: .jsonl or .parquet (report beside)")],
+    kind: Annotated[str, typer.Option(help="Dataset kind: sft, preference or prompts")] = "sft",
+    against: Annotated[
+        list[str] | None,
+        typer.Option(help="Eval/test source whose text must not be in OUT (repeatable)"),
+    ] = None,
+    split: Annotated[str | None, typer.Option(help="Split for Hub/builtin sources")] = None,
+    tokenizer: Annotated[
+        str | None, typer.Option(help="Tokenizer (model id/path) for length_unit=tokens")
+    ] = None,
+    max_bad_fraction: Annotated[
+        float, typer.Option(help="Fail (writing nothing) past this share of unreadable rows")
+    ] = 0.05,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Clean setting, e.g. near_dup_threshold=0.9, max_length=512"),
+    ] = None,
+) -> None:
+    """Remove duplicates, near duplicates, eval-set overlap and broken rows; mask PII."""
+    # each command imports only what it runs
+    from alignkit.data.clean import clean_file
+    from alignkit.data.clean_report import print_report, report_path
+
+    raw: dict = {}
+    for item in set_ or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. near_dup_threshold=0.9")
+        raw[key.strip()] = read_yaml(text)
+    raw["decontaminate"] = [*raw.get("decontaminate", []), *(against or [])]
+    spec = validate_block(CleanSpec, raw, "data clean --set")
+    tok = None
+    if tokenizer is not None:
+        from alignkit.models import load_tokenizer, resolve_model_path  # transformers: seconds
+
+        tok = load_tokenizer(resolve_model_path(ModelSpec(name=tokenizer)))
+    report = clean_file(
+        source, out, kind, spec, split=split, tokenizer=tok, max_bad_fraction=max_bad_fraction
+    )
+    print_report(report, console)
+    console.print(f"cleaned rows: [bold]{out}[/]  report: [bold]{report_path(out)}[/] (+ .md)")
 
 
 @app.command()

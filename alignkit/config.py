@@ -33,6 +33,7 @@ from pydantic import (
 )
 
 from alignkit.errors import UserError
+from alignkit.rundir import RESERVED_NAMES
 
 BUILTIN_MODEL = "builtin:tiny"
 _STAGE_NAME = re.compile(r"[\w.-]{1,100}")
@@ -56,6 +57,19 @@ class RunSpec(Strict):
     """Run directory; default ``runs/<name>``. ``alignkit run --run-dir`` overrides it."""
     seed: int = 0
     """Seed for data shuffling, adapter init and sampling; each stage derives its own from it."""
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = []
+    """Experiment trackers every stage logs to, each under its stage name (see
+    :mod:`alignkit.tracking`); empty (or ``none``): files only. Not part of any stage's hash."""
+    tracking_dir: str | None = None
+    """Where the trackers write (TensorBoard event files, W&B offline runs, the MLflow file
+    store); default ``<run dir>/tracking``."""
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_none(cls, v):
+        if isinstance(v, str):  # ``report_to: tensorboard`` / ``none`` as in transformers
+            return [] if v == "none" else [v]
+        return v
 
 
 class ModelSpec(Strict):
@@ -77,11 +91,44 @@ class ModelSpec(Strict):
     """Passed to ``from_pretrained`` (``sdpa``, ``eager``, ``flash_attention_2``)."""
 
 
+#: LoRA initialisations that move the adapter's starting point into the base weights (PiSSA's
+#: principal singular vectors, OLoRA's QR factors): the base is changed in memory, so the
+#: trained adapter is converted before saving to apply to the original base.
+BASE_CHANGING_INITS = ("pissa", "olora")
+_LORA_INIT = re.compile(r"default|gaussian|olora|pissa|pissa_niter_[1-9][0-9]*")
+
+
+class AdaLoraSpec(Strict):
+    """AdaLoRA's rank budget schedule (``adapter.type: adalora``): every module starts at
+    ``init_r``; after a warm-up the least important singular triplets are pruned (cubic schedule)
+    until the average rank is the adapter's ``r``, then the ranks stay fixed to the end."""
+
+    init_r: int | None = Field(None, gt=0)
+    """Starting rank of every adapted module (``r`` is the average rank at the end); default
+    ``1.5 * r``, peft's own ratio (12 for 8)."""
+    tinit: float = Field(0.1, ge=0, lt=1)
+    """Share of the training steps before pruning starts (warm-up at ``init_r``)."""
+    tfinal: float = Field(0.2, ge=0, lt=1)
+    """Share of the training steps at the end with the ranks fixed."""
+    delta_t: int = Field(1, gt=0)
+    """Steps between two budget re-allocations during pruning."""
+    orth_reg_weight: float = Field(0.5, ge=0)
+    """Weight of the orthogonality penalty on P and Q (added where the model computes the loss:
+    SFT; DPO computes its own loss and does not get it)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> AdaLoraSpec:
+        if self.tinit + self.tfinal >= 1:
+            raise ValueError("tinit + tfinal must be below 1: no steps would be left for pruning")
+        return self
+
+
 class AdapterSpec(Strict):
-    type: Literal["lora", "full", "ia3", "prefix", "prompt"] = "lora"
-    """``lora`` (QLoRA when the base is 4-bit), ``full`` fine-tuning, or another PEFT method."""
+    type: Literal["lora", "adalora", "full", "ia3", "prefix", "prompt"] = "lora"
+    """``lora`` (QLoRA when the base is 4-bit), ``full`` fine-tuning, or another PEFT method
+    (``adalora``: LoRA with a rank budget, see ``adalora``)."""
     r: int = Field(16, gt=0)
-    """LoRA rank."""
+    """LoRA rank (AdaLoRA: the average rank the budget ends at)."""
     alpha: float = 32
     """LoRA scaling numerator: updates are scaled by ``alpha / r``."""
     dropout: float = Field(0.0, ge=0, lt=1)
@@ -96,6 +143,112 @@ class AdapterSpec(Strict):
     """Prefix and prompt tuning: number of virtual tokens."""
     modules_to_save: list[str] = []
     """Extra modules trained in full and saved with the adapter (e.g. ``embed_tokens``)."""
+    init_lora_weights: str = "default"
+    """LoRA initialisation: ``default`` (B = 0, Kaiming A), ``gaussian`` (B = 0, Gaussian A),
+    ``pissa`` / ``pissa_niter_N`` (principal singular vectors; N: randomized SVD iterations) or
+    ``olora`` (QR). PiSSA and OLoRA move those components out of the base weights; the saved
+    adapter is converted (rank 2r) to apply to the original base."""
+    loraplus_ratio: float | None = Field(None, ge=1)
+    """LoRA+: the B matrices learn this many times faster than A (the paper suggests 16);
+    ``null`` trains both at the trainer's learning rate."""
+    adalora: AdaLoraSpec = AdaLoraSpec()
+    """AdaLoRA's budget schedule (``type: adalora`` only)."""
+
+    @model_validator(mode="after")
+    def _check_lora_options(self) -> AdapterSpec:
+        if not _LORA_INIT.fullmatch(self.init_lora_weights):
+            raise ValueError(
+                f"init_lora_weights: {self.init_lora_weights!r} is not one of default, gaussian, "
+                "pissa, pissa_niter_N (N >= 1), olora"
+            )
+        if self.init_lora_weights != "default" and self.type != "lora":
+            raise ValueError(f"init_lora_weights applies to type: lora, not {self.type!r}")
+        if self.loraplus_ratio is not None and self.type != "lora":
+            raise ValueError(f"loraplus_ratio applies to type: lora, not {self.type!r}")
+        if self.changes_base_weights and (self.modules_to_save or self.use_dora):
+            raise ValueError(
+                f"init_lora_weights: {self.init_lora_weights} cannot be combined with "
+                "modules_to_save or use_dora: peft's conversion to the original base keeps only "
+                "the LoRA matrices"
+            )
+        if self.type == "adalora" and (self.use_dora or self.use_rslora):
+            raise ValueError("use_dora and use_rslora are LoRA options; AdaLoRA has neither")
+        init_r = self.adalora.init_r
+        if self.type == "adalora" and init_r is not None and init_r < self.r:
+            raise ValueError(f"adalora.init_r ({self.adalora.init_r}) must be >= r ({self.r})")
+        return self
+
+    @property
+    def saved_type(self) -> str:
+        """The adapter type a stage saves (and stage.json records): AdaLoRA is saved as the LoRA
+        adapter it amounts to (see :func:`alignkit.adapters.save_adalora_as_lora`)."""
+        return "lora" if self.type == "adalora" else self.type
+
+    @property
+    def changes_base_weights(self) -> bool:
+        """Whether creating this adapter rewrites the base weights (PiSSA, OLoRA)."""
+        return self.init_lora_weights.startswith(BASE_CHANGING_INITS)
+
+
+PII_KINDS = ("email", "phone", "ip", "key")
+
+
+class CleanSpec(Strict):
+    """Data cleaning (``alignkit data clean`` and a stage's ``data.clean``). Rules run in the
+    order of the report: bad rows, filters, decontamination, exact then near duplicates; a row
+    is counted under the first rule that removes it. The PII scrub masks text (it removes
+    nothing); it is a regex scrub, not a guarantee that no personal data is left."""
+
+    exact_dedup: bool = True
+    """Drop a row whose text equals an earlier row's (after lower-casing and collapsing spaces)."""
+    near_dup_threshold: float | None = Field(0.8, gt=0, le=1)
+    """Drop a row whose estimated Jaccard similarity (word shingles, MinHash LSH) to an earlier
+    kept row is at least this; ``null`` turns near-duplicate removal off (it keeps an index that
+    grows with the rows: about 2.7 KB per kept row)."""
+    num_perm: int = Field(64, ge=16, le=512)
+    """MinHash permutations: more estimate Jaccard more precisely, at more memory and time."""
+    shingle_words: int = Field(3, ge=1)
+    """Words per shingle for near duplicates."""
+    decontaminate: list[str] = []
+    """Eval/test sources (any file, Hub dataset or builtin; ``SOURCE@SPLIT``, default split
+    ``test``) whose text must not appear in the training rows. In a stage, its held-out rows and
+    ``heldout`` prompts are always included."""
+    ngram: int = Field(8, ge=3)
+    """Decontamination: a training turn sharing any ``ngram``-word sequence with an eval text is
+    contaminated; an eval text shorter than this (3 words or more) counts when a training turn
+    equals it."""
+    length_unit: Literal["words", "tokens"] = "words"
+    """Unit of ``min_length``/``max_length``; ``tokens`` uses the tokenizer (the stage's model,
+    or ``--tokenizer`` on the command line)."""
+    min_length: int | None = Field(None, ge=1)
+    """Drop rows shorter than this (all turns together)."""
+    max_length: int | None = Field(None, ge=1)
+    """Drop rows longer than this (all turns together; for a pair, the prompt and the longer
+    reply)."""
+    empty_turns: bool = True
+    """Drop rows with an empty or whitespace-only turn."""
+    max_repeated_ngram_share: float | None = Field(0.5, ge=0, le=1)
+    """Drop rows with a turn in which more than this share of its word n-grams repeat an earlier
+    n-gram of the same turn (degenerate, looping text); ``null``: off."""
+    repeated_ngram: int = Field(3, ge=1)
+    """n of the repeated-n-gram filter."""
+    non_text: bool = True
+    """Drop rows holding control characters (besides tab and newlines), U+FFFD replacement
+    characters, private-use or surrogate code points: binary junk or broken decoding."""
+    identical_pairs: bool = True
+    """Drop preference pairs whose chosen equals rejected (also after lower-casing and
+    collapsing spaces)."""
+    pii: list[Literal["email", "phone", "ip", "key"]] = list(PII_KINDS)
+    """Mask these in every text: ``[EMAIL]``, ``[PHONE]``, ``[IP]``, ``[KEY]`` (API keys, tokens,
+    private keys, ``password=...`` values). ``[]``: no scrub."""
+    examples: int = Field(3, ge=0)
+    """Examples per rule in the report."""
+
+    @model_validator(mode="after")
+    def _check(self) -> CleanSpec:
+        if self.min_length and self.max_length and self.min_length > self.max_length:
+            raise ValueError(f"min_length {self.min_length} > max_length {self.max_length}")
+        return self
 
 
 class DataSpec(Strict):
@@ -117,6 +270,28 @@ class DataSpec(Strict):
     """``error``: any bad row stops before training (exit 2). ``skip``: drop bad rows, report counts."""
     max_bad_fraction: float = Field(0.05, ge=0, le=1)
     """With ``skip``: fail when more than this fraction of rows is bad."""
+    clean: CleanSpec | None = None
+    """Clean the rows before training (``clean: {}`` for the defaults): duplicates, filters,
+    decontamination against the held-out rows and prompts, PII scrub. The report goes to the
+    stage's ``data_clean.json``."""
+    stratify_by: str | None = None
+    """When held-out rows are split off the training rows (``eval_size``): a row field
+    (``source``, ``category``, ``language``) whose every value keeps its share in both sets."""
+    group_by: str | None = None
+    """When held-out rows are split off: ``prompt`` (or a row field such as ``conversation_id``)
+    whose rows all land in the same set, so no prompt is in both."""
+
+    @model_validator(mode="after")
+    def _check_split(self) -> DataSpec:
+        held_apart = self.eval_source is not None or self.eval_split is not None
+        for key in ("stratify_by", "group_by"):
+            if getattr(self, key) is not None and held_apart:
+                raise ValueError(
+                    f"{key} shapes the held-out rows split off the training rows (eval_size); "
+                    "with eval_source/eval_split the held-out set is given. Set clean: {} to drop "
+                    "training rows that overlap it"
+                )
+        return self
 
 
 #: Sampling knobs, each defined once; every config that samples reuses them (and keeps its own
@@ -226,6 +401,95 @@ class HeldoutSpec(Strict):
         )
 
 
+class EarlyStoppingSpec(Strict):
+    """Stop when the held-out metric stops improving; the best checkpoint is what the stage
+    saves (transformers' ``EarlyStoppingCallback`` with ``load_best_model_at_end``)."""
+
+    metric: str = "eval_loss"
+    """A metric the trainer's evaluation reports (``eval_loss``, ``eval_accuracy`` (RM),
+    ``eval_rewards/accuracies`` (DPO), ...); ``eval_`` is added when missing."""
+    mode: Literal["auto", "min", "max"] = "auto"
+    """Whether lower or higher is better; ``auto``: lower for names ending in ``loss``."""
+    patience: int = Field(3, ge=1)
+    """Evaluations in a row without an improvement of more than ``min_delta`` before stopping."""
+    min_delta: float = Field(0.0, ge=0)
+    """The smallest change that counts as an improvement for ``patience`` (the best checkpoint
+    is the best value seen, whatever the margin)."""
+    every: int = Field(50, gt=0)
+    """Evaluate (and save a checkpoint) every this many steps."""
+
+    #: Trainer options early stopping sets; given in ``train:`` as well they would disagree.
+    OWNED: ClassVar[tuple[str, ...]] = (
+        "eval_strategy", "eval_steps", "save_strategy", "save_steps", "load_best_model_at_end",
+        "metric_for_best_model", "greater_is_better",
+    )  # fmt: skip
+
+    @property
+    def eval_metric(self) -> str:
+        return self.metric if self.metric.startswith("eval_") else f"eval_{self.metric}"
+
+    @property
+    def greater_is_better(self) -> bool:
+        if self.mode == "auto":
+            return not self.eval_metric.endswith("loss")
+        return self.mode == "max"
+
+    def trainer_args(self) -> dict[str, Any]:
+        """The TRL/transformers config fields that run it: evaluate and save every ``every``
+        steps, track ``metric``, and load the best checkpoint when training ends."""
+        return {
+            "eval_strategy": "steps",
+            "eval_steps": self.every,
+            "save_strategy": "steps",
+            "save_steps": self.every,
+            "load_best_model_at_end": True,
+            "metric_for_best_model": self.eval_metric,
+            "greater_is_better": self.greater_is_better,
+        }
+
+
+class LayerwiseLrSpec(Strict):
+    """Learning rate by depth for full fine-tuning: the head (and final norm) at ``head``, each
+    transformer block ``decay`` times the one above it, the embeddings at ``embeddings``."""
+
+    head: float | None = Field(None, gt=0)
+    """Learning rate of the top (final norm, LM or score head); default the trainer's."""
+    decay: float = Field(0.9, gt=0, le=1)
+    """Block i of L gets ``head * decay ** (L - i)``: the top block ``head * decay``."""
+    embeddings: float | None = Field(None, gt=0)
+    """Learning rate of the input (and tied output) embeddings; default
+    ``head * decay ** (L + 1)``, one step below the lowest block."""
+
+
+class TrainerOptions(BaseModel):
+    """Optimizer options of every stage on a TRL trainer (mixed into their configs)."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)  # as Strict's (a mixin: no Strict)
+
+    layerwise_lr: LayerwiseLrSpec | None = None
+    """Full fine-tuning only: learning rates by depth (see ``LayerwiseLrSpec``); LoRA has
+    ``adapter.loraplus_ratio`` instead."""
+
+
+class EvaluatedTrainerOptions(TrainerOptions):
+    """Options of TRL stages that evaluate on held-out data (SFT, RM, DPO, SimPO/ORPO)."""
+
+    early_stopping: EarlyStoppingSpec | None = None
+    """Stop when ``metric`` stops improving; save the best checkpoint, not the last."""
+
+    @model_validator(mode="after")
+    def _early_stopping_owns_its_options(self):
+        if self.early_stopping is None:
+            return self
+        for key in getattr(self, "train", {}):
+            if key in EarlyStoppingSpec.OWNED:
+                raise ValueError(
+                    f"'train.{key}' is set by early_stopping (evaluation and checkpoints every "
+                    "early_stopping.every steps); remove it from train"
+                )
+        return self
+
+
 class StageBase(Strict):
     """Fields every stage has. A stage kind subclasses this with its own fields."""
 
@@ -314,8 +578,10 @@ class StageBase(Strict):
                 "stage name must be a plain directory name: letters, digits, '_', '-', '.', at "
                 "most 100 characters, not starting with '.'"
             )
-        if v in ("manifest.json", ".lock"):
-            raise ValueError(f"{v!r} is a file of the run directory; choose another stage name")
+        if v in RESERVED_NAMES:
+            raise ValueError(
+                f"{v!r} is taken by the run directory itself; choose another stage name"
+            )
         return v
 
 
@@ -375,6 +641,9 @@ class PipelineConfig(Strict):
     model: ModelSpec = ModelSpec()
     adapter: AdapterSpec = AdapterSpec()
     stages: list[StageBase]
+    sweep: dict[str, Any] | None = None
+    """A hyperparameter search over one stage (:class:`alignkit.sweep.space.SweepSpec`), checked
+    and run by ``alignkit sweep``; ``alignkit run`` runs the pipeline as written."""
 
     def stage(self, name: str) -> StageBase:
         for s in self.stages:
@@ -412,6 +681,11 @@ def load_pipeline(
     path: str | Path, stage_kinds: StageKinds, overrides: list[str] | None = None
 ) -> PipelineConfig:
     """Read, override and validate a pipeline YAML; raise :class:`UserError` on any problem."""
+    return validate_pipeline(read_pipeline(path, overrides), stage_kinds, where=str(path))
+
+
+def read_pipeline(path: str | Path, overrides: list[str] | None = None) -> dict:
+    """The raw pipeline config of a YAML file with ``--set`` overrides applied (not validated)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
@@ -426,7 +700,7 @@ def load_pipeline(
         raise UserError(f"{path}: the top level must be a mapping (run, model, adapter, stages)")
     for item in overrides or []:
         apply_override(raw, item)
-    return validate_pipeline(raw, stage_kinds, where=str(path))
+    return raw
 
 
 def validate_pipeline(raw: dict, stage_kinds: StageKinds, where: str = "config") -> PipelineConfig:
@@ -574,6 +848,14 @@ def did_you_mean(key: str, valid) -> str:
     """`` (did you mean X?)`` for the valid name nearest ``key``, or nothing when none is near."""
     close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def validate_block(model: type[BaseModel], raw: dict, where: str):
+    """One config block validated on its own (e.g. ``data clean --set``); UserError on problems."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(_format_errors(e, model, where)) from None
 
 
 def _format_errors(err: ValidationError, root: type[BaseModel], where: str) -> str:

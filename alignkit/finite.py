@@ -48,6 +48,12 @@ def stop_message(where: str, what: str, step: int, checkpoint: str | None) -> st
     )
 
 
+def _pruned_rank(name: str, tensor: torch.Tensor) -> bool:
+    """An AdaLoRA factor whose module its budget pruned to rank 0: 2-d with one side 0 (an
+    unsharded ZeRO-3/FSDP save is flat instead)."""
+    return ".lora_" in name and tensor.ndim == 2 and max(tensor.shape) > 0
+
+
 def check_saved_weights(stage_dir: Path, where: str) -> None:
     """Raise :class:`NonFiniteError` when any saved ``*.safetensors`` under ``stage_dir``
     (checkpoints excluded) holds a NaN or an inf, or an empty tensor (a shard of a ZeRO-3 or
@@ -57,7 +63,7 @@ def check_saved_weights(stage_dir: Path, where: str) -> None:
             continue
         with safe_open(str(path), framework="pt") as f:
             tensors = [(k, f.get_tensor(k)) for k in f.keys()]
-        empty = [k for k, t in tensors if t.numel() == 0]
+        empty = [k for k, t in tensors if t.numel() == 0 and not _pruned_rank(k, t)]
         if empty:
             raise NonFiniteError(
                 f"{where}: the saved weights hold empty tensors ({path.relative_to(stage_dir)}: "

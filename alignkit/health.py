@@ -44,6 +44,7 @@ from rich.markup import escape
 from alignkit.config import MaxNewTokens, Samples, Strict
 from alignkit.errors import UserError
 from alignkit.rundir import read_json_or_none, write_json_atomic
+from alignkit.tracking import NO_TRACKING, StageTracker
 
 HEALTH_FILE = "health.json"
 SAMPLES_FILE = "samples.jsonl"
@@ -123,9 +124,17 @@ class HealthMonitor:
     """Keeps the checks' history in ``out_dir/health.json`` (so a resumed stage keeps its
     baseline and its trips) and applies the thresholds of a :class:`HealthSpec`."""
 
-    def __init__(self, spec: HealthSpec, where: str, out_dir: Path, console: Console | None = None):
+    def __init__(
+        self,
+        spec: HealthSpec,
+        where: str,
+        out_dir: Path,
+        console: Console | None = None,
+        tracker: StageTracker = NO_TRACKING,
+    ):
         self.spec, self.where, self.path = spec, where, out_dir / HEALTH_FILE
         self.console = console or Console(stderr=True)
+        self.tracker = tracker
         self.history: list[dict] = []
         self.trips: list[Trip] = []
         saved = read_json_or_none(self.path)
@@ -146,6 +155,12 @@ class HealthMonitor:
         new = [t for t in self._checks(step) if t.check not in tripped]
         self.trips.extend(new)
         self._save()
+        self.tracker.log(values, step, prefix="health/")
+        for trip in new:
+            self.tracker.log({trip.check: 1.0}, step, prefix="health/trip/")
+            self.tracker.text(
+                "health/trips", f"**{trip.check}** (step {step}): {trip.message}", step
+            )
         for trip in new:
             self.console.print(
                 f"[bold yellow]health warning[/] {escape(self.where)} step {trip.step}: "

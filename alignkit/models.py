@@ -9,6 +9,7 @@ plus the tokenizer with its chat template.
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import peft
@@ -23,6 +24,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from alignkit.adapters import INITIAL_ADAPTER_DIR, save_adalora_as_lora
 from alignkit.builtin import ensure_tiny_model
 from alignkit.config import BUILTIN_MODEL, AdapterSpec, ModelSpec
 from alignkit.errors import UserError
@@ -185,6 +187,23 @@ def peft_config(adapter: AdapterSpec, task_type: str = "CAUSAL_LM"):
             target_modules=adapter.target_modules,
             use_dora=adapter.use_dora,
             use_rslora=adapter.use_rslora,
+            init_lora_weights=True
+            if adapter.init_lora_weights == "default"
+            else adapter.init_lora_weights,
+            modules_to_save=adapter.modules_to_save or None,
+            task_type=task_type,
+        )
+    if adapter.type == "adalora":
+        spec = adapter.adalora
+        return peft.AdaLoraConfig(
+            target_r=adapter.r,
+            init_r=spec.init_r or (3 * adapter.r + 1) // 2,
+            lora_alpha=adapter.alpha,
+            lora_dropout=adapter.dropout,
+            target_modules=adapter.target_modules,
+            orth_reg_weight=spec.orth_reg_weight,
+            deltaT=spec.delta_t,
+            total_step=1,  # the trainer's step count, set when training begins (AdaLoraBudget)
             modules_to_save=adapter.modules_to_save or None,
             task_type=task_type,
         )
@@ -280,11 +299,24 @@ def save_stage_model(
     loads with plain peft/transformers (and vLLM). ``state_dict``: the model's full weights when
     they were gathered from shards (ZeRO-3, FSDP). Returns the subdir name written.
     """
-    if isinstance(model, PeftModel):
+    if isinstance(model, PeftModel) and model.peft_config[POLICY_ADAPTER].peft_type == "ADALORA":
         sub = ADAPTER_DIR
-        model.save_pretrained(
-            str(out_dir / sub), selected_adapters=[POLICY_ADAPTER], state_dict=state_dict
+        save_adalora_as_lora(model, out_dir / sub, state_dict)
+    elif isinstance(model, PeftModel):
+        sub = ADAPTER_DIR
+        initial = out_dir / INITIAL_ADAPTER_DIR
+        # PiSSA/OLoRA trained on changed base weights: peft converts the adapter (rank 2r) to
+        # apply to the original base, what every later stage and plain peft load
+        convert = (
+            {"path_initial_model_for_weight_conversion": str(initial)} if initial.is_dir() else {}
         )
+        if convert:  # peft converts from the live weights: whole on every rank (never sharded:
+            state_dict = None  # keep_initial_adapter refuses that) and holding the initial one
+        model.save_pretrained(
+            str(out_dir / sub), selected_adapters=[POLICY_ADAPTER], state_dict=state_dict, **convert
+        )
+        if convert:
+            shutil.rmtree(initial)
     else:
         sub = FULL_MODEL_DIR
         model.save_pretrained(str(out_dir / sub), state_dict=state_dict)

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from rich.console import Console
 from rich.table import Table
@@ -39,8 +39,26 @@ from alignkit.rundir import (
     read_json_or_none,
     trim_logs_to_step,
 )
+from alignkit.tracking import NO_TRACKING, StageTracker, check_trackers, open_stage_tracker
 
 log = logging.getLogger(__name__)
+
+
+class TrialReport(Protocol):
+    """Where a stage run as a sweep's trial hands intermediate objective values (implemented by
+    :class:`alignkit.sweep.study.TrialReport` on an Optuna trial)."""
+
+    stage: str
+    """The stage that reports."""
+    objective: str
+    """The metric to report, named as the stage records it."""
+
+    def due(self, step: int) -> bool:
+        """Whether the stage should evaluate and report after training step ``step``."""
+
+    def report(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Hand over the value of ``objective`` in ``metrics``; raises ``optuna.TrialPruned``
+        to stop the trial (the stage lets it propagate, like an interrupt)."""
 
 
 @dataclass
@@ -56,6 +74,12 @@ class StageContext:
     """Latest trainer checkpoint of an interrupted attempt, to resume from."""
     console: Console
     is_main: bool = True
+    tracker: StageTracker = NO_TRACKING
+    """The run's experiment trackers, opened for this stage (does nothing when tracking is off
+    and on every rank but the main one)."""
+    trial: TrialReport | None = None
+    """In a sweep's trial: where the stage reports intermediate objective values when
+    ``trial.due(step)`` (may stop the trial)."""
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -103,6 +127,9 @@ class StageResult:
     metrics: dict[str, float]
     adapter_type: str
     outputs: dict[str, str] = field(default_factory=dict)
+    early_stopping: dict[str, Any] | None = None
+    """Recorded in stage.json when the stage ran with early stopping (see
+    :func:`alignkit.training.early_stopping_record`)."""
 
 
 @dataclass(frozen=True)
@@ -205,10 +232,13 @@ def run_pipeline(
     registry: Mapping[str, StageKind],
     run_dir: str | Path,
     console: Console | None = None,
+    trial: TrialReport | None = None,
 ) -> list[Decision]:
+    """Plan and run the stages; ``trial``: the sweep trial the stage ``trial.stage`` reports to."""
     from accelerate import PartialState  # see _cuda: the runner plans without torch
 
     console = console or Console()
+    check_trackers(cfg.run.report_to)
     state = PartialState(cpu=not _cuda())
     rd = RunDir(run_dir, is_main=state.is_main_process)
     with rd.lock():
@@ -226,11 +256,33 @@ def run_pipeline(
         rd.write_manifest(manifest)
         for i, d in enumerate(decisions):
             if d.action != "skip":
-                _run_stage(cfg, registry, rd, d, manifest, manifest["stages"][i], state, console)
+                report = trial if trial is not None and trial.stage == d.stage.name else None
+                entry = manifest["stages"][i]
+                _run_stage(cfg, registry, rd, d, manifest, entry, state, console, report)
+        if state.is_main_process and any(d.action != "skip" for d in decisions):
+            print_timings(decisions, manifest, console)
     return decisions
 
 
-def _run_stage(cfg, registry, rd: RunDir, d: Decision, manifest, entry, state, console) -> None:
+def print_timings(decisions: list[Decision], manifest: dict, console: Console) -> None:
+    """Wall-clock seconds of each stage run now (also in the manifest and each ``stage.json``)."""
+    table = Table(title="stage times", show_edge=False)
+    for col, justify in (("stage", "left"), ("kind", "left"), ("action", "left"), ("s", "right")):
+        table.add_column(col, justify=justify)
+    total = 0.0
+    for d, entry in zip(decisions, manifest["stages"], strict=True):
+        if d.action == "skip":
+            continue
+        seconds = entry.get("seconds", 0.0)
+        total += seconds
+        table.add_row(d.stage.name, d.stage.kind, d.action, f"{seconds:.1f}")
+    table.add_row("[bold]total[/]", "", "", f"[bold]{total:.1f}[/]")
+    console.print(table)
+
+
+def _run_stage(
+    cfg, registry, rd: RunDir, d: Decision, manifest, entry, state, console, trial
+) -> None:
     from alignkit.finite import check_saved_weights  # torch; see _cuda
 
     entry.update(status="running", started=_now())
@@ -251,10 +303,12 @@ def _run_stage(cfg, registry, rd: RunDir, d: Decision, manifest, entry, state, c
         resume_from=resume,
         console=console,
         is_main=state.is_main_process,
+        trial=trial,
     )
     if state.is_main_process:
         console.rule(f"[bold]{d.stage.name}[/] ({d.stage.kind}): {d.action}")
     started = time.time()
+    ctx.tracker = _open_tracker(cfg, rd, d, state.is_main_process)
     try:
         result = registry[d.stage.kind].run(d.stage, ctx)
         if state.is_main_process:
@@ -263,19 +317,48 @@ def _run_stage(cfg, registry, rd: RunDir, d: Decision, manifest, entry, state, c
         if isinstance(e, KeyboardInterrupt):
             interrupts.acknowledge()  # being handled: no second one inside the handler
         _record_failure(rd, manifest, entry, out_dir, e, console)
+        _close_tracker(ctx.tracker)
         raise
     record = _stage_record(cfg, d, result, parent, started)
     record["resumed_from"] = resume.name if resume else None
+    if result.early_stopping is not None:
+        record["early_stopping"] = result.early_stopping
+    seconds = round(time.time() - started, 1)  # this attempt's (a resumed stage: since resuming)
+    record["seconds"] = seconds
     record.update(_health(out_dir))
     state.wait_for_everyone()
     rd.finish_stage(d.stage.name, record)
-    entry.update(status="complete", finished=_now(), metrics=result.metrics)
+    entry.update(status="complete", finished=_now(), seconds=seconds, metrics=result.metrics)
     rd.write_manifest(manifest)
+    ctx.tracker.final(result.metrics, int(result.metrics.get("global_step", 0)))
+    ctx.tracker.close()
     if state.is_main_process:
         summary = ", ".join(f"{k}={v:.4g}" for k, v in _headline(result.metrics).items())
         console.print(
             f"[green]✓[/] {d.stage.name} complete in {time.time() - started:.0f}s  {summary}"
         )
+
+
+def _open_tracker(cfg: PipelineConfig, rd: RunDir, d: Decision, is_main: bool):
+    return open_stage_tracker(
+        cfg.run.report_to,
+        cfg.run.tracking_dir,
+        rd.path,
+        cfg.run.name,
+        d.stage.name,
+        d.stage.kind,
+        redact(d.stage.model_dump(mode="json", by_alias=True)),
+        is_main,
+        checkpoint_step(d.resume_from) if d.resume_from is not None else None,
+    )
+
+
+def _close_tracker(tracker: StageTracker) -> None:
+    """Close a failed stage's trackers; a tracker's own error must not hide the stage's."""
+    try:
+        tracker.close()
+    except Exception as e:  # noqa: BLE001
+        log.warning("could not close the stage's trackers: %s", e)
 
 
 def _record_failure(rd: RunDir, manifest, entry, out_dir: Path, error, console) -> None:
@@ -331,11 +414,13 @@ def _cuda() -> bool:
 def _manifest(cfg: PipelineConfig, rd: RunDir, decisions: list[Decision]) -> dict:
     old = {s["name"]: s for s in (rd.manifest() or {}).get("stages", [])}
     stages = []
+    names = {d.stage.name for d in decisions}
     for d in decisions:
         entry = {
             "name": d.stage.name,
             "kind": d.stage.kind,
             "parent": d.parent.name if d.parent else None,
+            "uses": [n for n in d.stage.uses_stages() if n in names],
             "config_hash": d.hash,
             "output": d.stage.name,
             "status": "complete" if d.action == "skip" else "pending",

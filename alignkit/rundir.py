@@ -3,6 +3,8 @@
 Layout of ``<run_dir>``::
 
     manifest.json        stages in order: status, config hash, parent, output dir
+    report.html          the run page (``alignkit report``), written at the end of ``alignkit run``
+    tracking/            the trackers' files when ``run.report_to`` is set (default tracking_dir)
     <stage>/             a finished stage (complete only when stage.json exists)
     .<stage>.partial/    a stage in progress: trainer checkpoints live here until it finishes
 
@@ -35,7 +37,9 @@ MANIFEST_FILE = "manifest.json"
 HASH_FILE = ".config_hash"
 LOCK_FILE = ".lock"
 #: Names a stage may not take: they would collide with the run directory's own files.
-RESERVED_NAMES = (MANIFEST_FILE, LOCK_FILE)
+REPORT_FILE = "report.html"
+TRACKING_DIR = "tracking"
+RESERVED_NAMES = (MANIFEST_FILE, LOCK_FILE, REPORT_FILE, TRACKING_DIR)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 

@@ -10,35 +10,53 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
+from transformers import EarlyStoppingCallback, TrainerCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_callback import ExportableState
 
 from alignkit import models  # through the module: tests swap save_stage_model
+from alignkit.adapters import AdaLoraBudget
+from alignkit.config import AdapterSpec, TrainerOptions, did_you_mean
 from alignkit.errors import UserError
 from alignkit.finite import NonFiniteError, nonfinite_names, stop_message
 from alignkit.handoff import weights_subdir
+from alignkit.optim import grouped_optimizer
 from alignkit.rundir import read_json_or_none, write_json_atomic
 
 
 def stage_trl_args(cls: type, cfg, ctx, *, seed: int | None = None, **ours: Any):
     """:func:`trl_args` for a stage: its ``train:`` block, checkpoints in its partial dir, the
-    run's seed (or ``seed``), errors named by the stage."""
+    run's seed (or ``seed``), errors named by the stage, and what its config asks of the trainer
+    (early stopping)."""
     seed = ctx.seed if seed is None else seed
     return trl_args(
-        cls, cfg.train, output_dir=ctx.checkpoint_dir, seed=seed, where=ctx.where, **ours
-    )
+        cls, cfg.train, output_dir=ctx.checkpoint_dir, seed=seed, where=ctx.where, options=cfg,
+        **ours,
+    )  # fmt: skip
 
 
 def trl_args(
-    cls: type, user: dict[str, Any], *, output_dir: Path, seed: int, where: str, **ours: Any
+    cls: type,
+    user: dict[str, Any],
+    *,
+    output_dir: Path,
+    seed: int,
+    where: str,
+    options: TrainerOptions | None = None,
+    **ours: Any,
 ):
     """Build a TRL config: our defaults (``ours``), overridden by the user's ``train:`` block.
 
-    Defaults that matter everywhere: no external loggers, checkpoints in the stage's partial dir
+    Defaults that matter everywhere: no loggers of the trainer's own (``make_trl_trainer`` attaches
+    the run's trackers), checkpoints in the stage's partial dir
     (so an interrupted stage resumes), and no bf16/gradient checkpointing on CPU (TRL turns both on
-    by default; neither works there).
+    by default; neither works there). ``options``: the stage's config, whose ``early_stopping``
+    sets evaluation, checkpoints and best-model tracking (the config refuses those keys in
+    ``train:`` then).
     """
+    stopping = getattr(options, "early_stopping", None)
+    if stopping is not None:
+        ours = {**ours, **stopping.trainer_args()}
     cuda = torch.cuda.is_available()
     defaults: dict[str, Any] = {
         "output_dir": str(output_dir),
@@ -156,19 +174,110 @@ class TokenCount(TrainerCallback, ExportableState):
             )
 
 
-def make_trl_trainer(trainer_cls, ctx, saved_adapter: dict[str, torch.Tensor], **kwargs):
+def make_trl_trainer(
+    trainer_cls,
+    ctx,
+    saved_adapter: dict[str, torch.Tensor],
+    *,
+    options: TrainerOptions | None = None,
+    adapter: AdapterSpec | None = None,
+    **kwargs,
+):
     """A TRL trainer that stops at the first non-finite value (:class:`FiniteGuard`), logs to
-    the stage's metrics.jsonl (main process) and keeps its token count across a resume
+    the stage's metrics.jsonl and the run's trackers (main process) and keeps its token count across a resume
     (:class:`TokenCount`), with the adapter weights of :func:`snapshot_adapter` put back after
-    TRL's constructor cast them."""
+    TRL's constructor cast them.
+
+    ``options`` (the stage's config) and ``adapter`` add what they ask for: early stopping
+    (transformers' ``EarlyStoppingCallback``; ``args`` from :func:`trl_args` with the same
+    options), layer-wise learning rates or LoRA+ (an optimizer factory, see
+    :mod:`alignkit.optim`) and AdaLoRA's rank budget (:class:`~alignkit.adapters.AdaLoraBudget`).
+    """
     counter = TokenCount()
     callbacks = [FiniteGuard(ctx.where), counter, *kwargs.pop("callbacks", [])]
+    stopping = getattr(options, "early_stopping", None)
+    if stopping is not None:
+        if kwargs.get("eval_dataset") is None:
+            raise UserError(
+                f"{ctx.where}.early_stopping: needs held-out data to evaluate on; give "
+                "data.eval_source, data.eval_split or data.eval_size > 0"
+            )
+        callbacks += [
+            MetricPresent(stopping.eval_metric, ctx.where),
+            ResumableEarlyStopping(stopping.patience, stopping.min_delta),
+        ]
+    if adapter is not None and adapter.type == "adalora":
+        callbacks.append(AdaLoraBudget(adapter.adalora, ctx.where))
     if ctx.is_main:
         callbacks.append(MetricsCallback(ctx.metrics_path))
     trainer = trainer_cls(callbacks=callbacks, **kwargs)
+    for tracking in ctx.tracker.trainer_callbacks():  # the run's trackers, under this stage
+        trainer.remove_callback(type(tracking))  # one a `train.report_to` added: ours instead
+        trainer.add_callback(tracking)
     counter.trainer = trainer
     restore_adapter(trainer.model, saved_adapter)
+    if adapter is not None:
+        layerwise = getattr(options, "layerwise_lr", None)
+        trainer.optimizer_cls_and_kwargs = grouped_optimizer(
+            trainer.args, adapter, layerwise, ctx.where
+        )
     return trainer
+
+
+class ResumableEarlyStopping(EarlyStoppingCallback):
+    """transformers' early stopping whose count of evaluations without improvement survives a
+    resume. The trainer restores callback states only with ``restore_callback_states_from_
+    checkpoint``, which rebuilds every stateful callback from its saved arguments (and would cut
+    :class:`TokenCount` from its trainer), so the count is read back here, as TokenCount does."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        saved = state.stateful_callbacks.get(type(self).__name__)
+        if state.global_step > 0 and isinstance(saved, dict):
+            attributes = saved.get("attributes", {})
+            self.early_stopping_patience_counter = attributes.get(
+                "early_stopping_patience_counter", 0
+            )
+
+
+class MetricPresent(TrainerCallback):
+    """Fails at the first evaluation (the baseline, before any step is trained) when the
+    early-stopping metric is not among the trainer's evaluation metrics."""
+
+    def __init__(self, metric: str, where: str):
+        self.metric, self.where = metric, where
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if metrics and self.metric not in metrics:
+            found = ", ".join(sorted(k for k in metrics if k.startswith("eval_")))
+            raise UserError(
+                f"{self.where}.early_stopping.metric: the evaluation reports no {self.metric!r}"
+                f"{did_you_mean(self.metric, metrics)}; it reports: {found}"
+            )
+
+
+def early_stopping_record(trainer) -> dict[str, Any] | None:
+    """What stage.json records of early stopping (``None`` when it was off): the metric, its
+    best value and step (the weights the stage saved), and the step training stopped at."""
+    args, state = trainer.args, trainer.state
+    stopper = next(
+        (c for c in trainer.callback_handler.callbacks if isinstance(c, EarlyStoppingCallback)),
+        None,
+    )
+    if stopper is None:
+        return None
+    return {
+        "metric": args.metric_for_best_model,
+        "greater_is_better": args.greater_is_better,
+        "best_metric": state.best_metric,
+        "best_step": state.best_global_step,
+        "stopped_at": state.global_step,
+        "max_steps": state.max_steps,
+        "stopped_early": state.global_step < state.max_steps,
+        "patience": stopper.early_stopping_patience,
+        "min_delta": stopper.early_stopping_threshold,
+        "every": args.eval_steps,
+    }
 
 
 def evaluate_before_training(trainer, ctx, prefix: str = "before_") -> dict[str, float]:

@@ -136,7 +136,7 @@ def step_rollouts(work: Path, dry: bool) -> dict:
 def step_ppo_memory(work: Path, dry: bool) -> dict:
     csv_path = work / "ppo_memory.csv"
     cmd = [sys.executable, "bench/ppo_memory.py", "--csv", str(csv_path)]
-    cmd += ["--shape", "tiny", "--batch", "1", "--seq", "16"] if dry else []
+    cmd += ["--shape", "tiny", "--batch", "1", "--seq", "16", "--runs", "1"] if dry else []
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         return {"status": "failed", "why": proc.stderr[-2000:]}

@@ -46,8 +46,8 @@ def evaluate_policy(
 
     Metrics: ``gold_reward``/``gold_reward_ref`` (with ``has_gold``), ``reward``/``reward_ref``
     (the weighted sum of ``spec.rewards``; the gold reward when none is configured),
-    ``*_gain_ci_low``/``*_gain_ci_high`` (95% bootstrap CI over prompts of policy minus
-    reference), ``kl_ref`` (mean nats per sequence), ``kl_ref_per_token``, ``response_length``
+    ``*_gain`` with ``*_gain_ci_low``/``*_gain_ci_high`` (policy minus reference, 95% bootstrap
+    CI over prompts), ``kl_ref`` (mean nats per sequence), ``kl_ref_per_token``, ``response_length``
     and ``eos_rate`` (with ``_ref`` twins for the reference), ``heldout_prompts``.
     """
     source = spec.prompts or default_prompts
@@ -90,6 +90,7 @@ def evaluate_policy(
             {
                 name: float(np.mean(ours)),
                 f"{name}_ref": float(np.mean(theirs)),
+                f"{name}_gain": float(np.mean(ours - theirs)),
                 f"{name}_gain_ci_low": low,
                 f"{name}_gain_ci_high": high,
             }

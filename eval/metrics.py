@@ -179,6 +179,7 @@ def write_samples(out: Path, rows: list[dict], data: dict[str, ModelSamples]) ->
                 record = {
                     "model": s.label,
                     "prompt_id": r["prompt_id"],
+                    "prompt": _prompt_text(rows[i]["prompt"]),
                     "sample": r["sample"],
                     "completion": r["completion"],
                     "tokens": int(s.tokens[i, j]),

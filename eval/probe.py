@@ -5,7 +5,8 @@ log-probs under the policy and its reference (KL per sequence), and measures res
 repetition (share of token 3-grams that repeat an earlier one in the same response), the
 invalid-token rate (undecodable bytes and unknown tokens; on the builtin task, words outside its
 vocabulary) and, on the builtin task, the gold reward. Each call appends its samples to
-``samples.jsonl`` with the step, so a run can be read back as it went.
+``samples.jsonl`` with the step, so a run can be read back as it went (and to the run's trackers
+as a table).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from alignkit.eval.logprobs import sequence_logprobs
 from alignkit.handoff import AdapterView
 from alignkit.health import SAMPLES_FILE, HealthSpec
 from alignkit.rewards.gold import gold_reward
+from alignkit.tracking import NO_TRACKING, StageTracker
 
 
 class HealthProbe:
@@ -36,10 +38,12 @@ class HealthProbe:
         out_dir: Path,
         builtin: bool,
         is_main: bool = True,
+        tracker: StageTracker = NO_TRACKING,
     ):
         self.rows = prompts[: spec.sample_prompts]
         self.policy, self.reference, self.tokenizer = policy, reference, tokenizer
         self.path, self.builtin, self.is_main = out_dir / SAMPLES_FILE, builtin, is_main
+        self.tracker = tracker
         self.sampling = HeldoutSpec(
             num_prompts=spec.sample_prompts,
             samples_per_prompt=spec.samples_per_prompt,
@@ -87,21 +91,24 @@ class HealthProbe:
         return bad / max(tokens, 1)
 
     def _write(self, step, prompts, batch, kl, gold) -> None:
+        rows = []
+        for k, text in enumerate(batch.completion_text):
+            prompt = prompts[k // batch.n]
+            row = {
+                "step": step,
+                "prompt": prompt if isinstance(prompt, str) else prompt[-1]["content"],
+                "completion": text,
+                "tokens": len(batch.completion_ids[k]),
+                "finish_reason": batch.finish_reason[k],
+            }
+            if kl is not None:
+                row["kl"] = round(kl[k], 4)
+            if gold is not None:
+                row["gold"] = round(gold[k], 4)
+            rows.append(row)
         with self.path.open("a") as f:
-            for k, text in enumerate(batch.completion_text):
-                prompt = prompts[k // batch.n]
-                row = {
-                    "step": step,
-                    "prompt": prompt if isinstance(prompt, str) else prompt[-1]["content"],
-                    "completion": text,
-                    "tokens": len(batch.completion_ids[k]),
-                    "finish_reason": batch.finish_reason[k],
-                }
-                if kl is not None:
-                    row["kl"] = round(kl[k], 4)
-                if gold is not None:
-                    row["gold"] = round(gold[k], 4)
-                f.write(json.dumps(row) + "\n")
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        self.tracker.table("samples", rows, step)
 
 
 def repetition(ids: list[int], n: int = 3) -> float:

@@ -110,6 +110,28 @@ def drift_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def comparison_rows(results: dict, code: bool = False) -> tuple[list[str], list[list[str]]]:
+    """One row per comparison: wins/ties/losses, win rate [CI], both tests' p, gain [CI], KL
+    (``code``: the reward as markdown code)."""
+    header = ["model", "against", "reward", "wins / ties / losses", "win rate [95% CI]",
+              "p (sign)", "p (Wilcoxon)", "gain [95% CI]", "KL/seq"]  # fmt: skip
+    rows = [
+        [
+            c["model"],
+            c["against"],
+            f"`{c['reward']}`" if code else reward_label(c["reward"]),
+            f"{c['wins']} / {c['ties']} / {c['losses']}",
+            f"{_f(c['win_rate'], 3)} [{_f(c['ci_low'], 3)}, {_f(c['ci_high'], 3)}]",
+            _p(c["p_value"]),
+            _p(c["p_value_wilcoxon"]),
+            f"{_f(c['gain']['mean'])} [{_f(c['gain']['ci_low'])}, {_f(c['gain']['ci_high'])}]",
+            _f(c["kl_per_sequence"]) if c["kl_per_sequence"] is not None else "-",
+        ]
+        for c in results["comparisons"]
+    ]
+    return header, rows
+
+
 def print_summary(results: dict, console: Console) -> None:
     title = f"{results['n_prompts']} prompts x {results['samples_per_prompt']} samples"
     for name, (header, rows) in (
@@ -159,32 +181,7 @@ def write_report(out: Path, results: dict) -> Path:
         "p: two-sided sign test on wins vs losses; Wilcoxon: signed-rank test on the per-prompt differences.",
         "",
     ]
-    header = [
-        "model",
-        "against",
-        "reward",
-        "wins / ties / losses",
-        "win rate [95% CI]",
-        "p (sign)",
-        "p (Wilcoxon)",
-        "gain [95% CI]",
-        "KL/seq",
-    ]
-    rows = [
-        [
-            c["model"],
-            c["against"],
-            f"`{c['reward']}`",
-            f"{c['wins']} / {c['ties']} / {c['losses']}",
-            f"{_f(c['win_rate'], 3)} [{_f(c['ci_low'], 3)}, {_f(c['ci_high'], 3)}]",
-            _p(c["p_value"]),
-            _p(c["p_value_wilcoxon"]),
-            f"{_f(c['gain']['mean'])} [{_f(c['gain']['ci_low'])}, {_f(c['gain']['ci_high'])}]",
-            _f(c["kl_per_sequence"]) if c["kl_per_sequence"] is not None else "-",
-        ]
-        for c in results["comparisons"]
-    ]
-    lines += _markdown_table(header, rows) + [""]
+    lines += _markdown_table(*comparison_rows(results, code=True)) + [""]
     titles = {
         "reward_distributions.png": "Reward distributions",
         "win_rates.png": "Win rates",

@@ -8,12 +8,14 @@ import torch
 from pydantic import model_validator
 from transformers import TrainerCallback
 
-from alignkit.config import DataSpec, Strict
+from alignkit.config import DataSpec, HeldoutSpec, Strict
 from alignkit.data.prompts import load_prompts
+from alignkit.data.split import DataContext
 from alignkit.errors import UserError
 from alignkit.eval.heldout import evaluate_policy
 from alignkit.eval.probe import HealthProbe
 from alignkit.health import HealthMonitor
+from alignkit.models import load_tokenizer, resolve_model_path
 from alignkit.rollouts.types import EngineName
 from alignkit.rollouts.vllm import GpuMemoryUtilization, VLLMConfig
 from alignkit.training import weights_sharded
@@ -27,9 +29,12 @@ MOVED_VLLM_KEYS = {
     "max_model_len": "max_model_len",
 }
 
-#: DataSpec keys about held-out rows: a stage that samples prompts reads none of them, or only
-#: ``eval_split`` (PPO's health probe); its held-out prompts are ``heldout.prompts``.
-HELDOUT_DATA_KEYS = ("eval_source", "eval_split", "eval_size", "max_eval_rows")
+#: DataSpec keys about held-out rows and how they are split off: a stage that samples prompts
+#: reads none of them, or only ``eval_split`` (PPO's health probe); its held-out prompts are
+#: ``heldout.prompts``.
+HELDOUT_DATA_KEYS = (
+    "eval_source", "eval_split", "eval_size", "max_eval_rows", "stratify_by", "group_by",
+)  # fmt: skip
 
 
 def refuse_unread_data_keys(data: DataSpec, kind: str, unread=HELDOUT_DATA_KEYS) -> None:
@@ -88,6 +93,23 @@ def check_vllm(where: str) -> None:
         raise UserError(f"{where}.rollout.engine: vllm needs a CUDA GPU; use engine: hf on CPU")
 
 
+def data_context(ctx, data: DataSpec, heldout: HeldoutSpec | None = None) -> DataContext:
+    """What ``data.clean`` needs from a stage: the prompts its held-out evaluation samples (the
+    same default as :func:`heldout_evaluation`), where the report goes, the model's tokenizer."""
+    sources = []
+    if heldout is not None and heldout.enabled:
+        builtin = data.source.startswith("builtin:")
+        source = heldout.prompts or ("builtin:prompts" if builtin else None)
+        if source is not None:
+            sources.append((source, heldout.split))
+    return DataContext(
+        where=f"{ctx.where}.data",
+        heldout=sources,
+        report_dir=ctx.out_dir if ctx.is_main else None,
+        tokenizer=lambda: load_tokenizer(resolve_model_path(ctx.model)),
+    )
+
+
 def heldout_evaluation(cfg, ctx, policy, reference, tokenizer, reward=None) -> dict[str, float]:
     """Run the stage's held-out evaluation (``cfg.heldout``); the main process's numbers.
 
@@ -127,8 +149,10 @@ def health_monitor(cfg, ctx, policy, reference, tokenizer):
     else:  # the stage's own data: its held-out split when it has one
         data = cfg.data
         rows = load_prompts(data.source, data.eval_split or data.split, "skip", 1.0).rows
-    monitor = HealthMonitor(spec, ctx.where, ctx.out_dir, ctx.console)
-    probe = HealthProbe(spec, rows, policy, reference, tokenizer, ctx.out_dir, builtin, ctx.is_main)
+    monitor = HealthMonitor(spec, ctx.where, ctx.out_dir, ctx.console, ctx.tracker)
+    probe = HealthProbe(
+        spec, rows, policy, reference, tokenizer, ctx.out_dir, builtin, ctx.is_main, ctx.tracker
+    )
     return HealthCheck(monitor, probe)
 
 

@@ -22,7 +22,7 @@ from alignkit.health import HealthSpec
 from alignkit.models import load_base, load_stage_model
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.stages import policy
-from alignkit.stages.common import DPO_LOGS
+from alignkit.stages.common import DPO_LOGS, data_context
 from alignkit.training import make_trl_trainer, stage_trl_args
 
 #: TRL 1.16 DPOTrainer loss types. TRL exposes no list to import (only the help text of
@@ -82,7 +82,9 @@ def build_trainer(cfg: DPOStageConfig, ctx: StageContext) -> policy.PolicyTraine
     """Data, policy (+ reference) and the DPOTrainer. Separate from :func:`run` so tests can
     inspect the handoff."""
     torch.manual_seed(ctx.seed)
-    train_rows, eval_rows = train_eval_rows(cfg.data, load_preference, ctx.seed)
+    train_rows, eval_rows = train_eval_rows(
+        cfg.data, load_preference, ctx.seed, data_context(ctx, cfg.data, cfg.heldout)
+    )
 
     model, tokenizer, adapter, saved = policy.start_policy(cfg, ctx, "dpo")
     ref_model = None
@@ -107,6 +109,8 @@ def build_trainer(cfg: DPOStageConfig, ctx: StageContext) -> policy.PolicyTraine
         DPOTrainer,
         ctx,
         saved,
+        options=cfg,
+        adapter=adapter,
         model=model,
         ref_model=ref_model,
         args=args,
@@ -124,7 +128,6 @@ def build_trainer(cfg: DPOStageConfig, ctx: StageContext) -> policy.PolicyTraine
 
 
 def _dataset(rows: list[dict]):
-
     return Dataset.from_list(
         [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
     )

@@ -1,7 +1,8 @@
 """The ``eval`` stage: a pipeline ends by comparing its policy stages with the base model (and
 with each other), through the same comparison as ``alignkit compare``.
 
-Outputs in the stage dir: ``report.md``, ``results.json``, ``samples.jsonl``, the PNG plots and
+Outputs in the stage dir: ``report.md`` (linking to the run's page, ``report.html``),
+``results.json``, ``samples.jsonl``, the PNG plots and
 the cached samples (``generations/``). ``stage.json`` metrics name each comparison
 ``<model>/<reward>/win_rate`` (with ``/ci_low``, ``/ci_high``, ``/p_value``), and each model's
 ``<model>/<reward>/mean`` and ``<model>/kl`` (nats per sequence, to the base).
@@ -33,7 +34,7 @@ from alignkit.eval.report import reward_label
 from alignkit.handoff import StageOutput, run_stages
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.rollouts.types import EngineName
-from alignkit.rundir import MANIFEST_FILE, read_json
+from alignkit.rundir import MANIFEST_FILE, REPORT_FILE, read_json
 
 
 class EvalStageConfig(StageBase):
@@ -110,6 +111,12 @@ def run(cfg: EvalStageConfig, ctx: StageContext) -> StageResult:
         quantization=ctx.model.quantization,
     )
     results = run_compare(compare, ctx.console)
+    with (ctx.out_dir / "report.md").open("a") as f:  # the run page sits in the run directory
+        f.write(
+            f"\n---\n\nThe whole run on one page (stage graph, training curves, health checks, "
+            f"samples): [../{REPORT_FILE}](../{REPORT_FILE}), written when `alignkit run` ends "
+            f"or by `alignkit report {run_dir}`.\n"
+        )
     return StageResult(
         metrics=_metrics(results),
         adapter_type="none",

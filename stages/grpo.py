@@ -29,8 +29,10 @@ from alignkit.config import (
     PolicyTemperature,
     SamplingSpec,
     StageBase,
+    TrainerOptions,
 )
 from alignkit.data.prompts import load_prompts
+from alignkit.data.split import training_rows
 from alignkit.errors import UserError
 from alignkit.handoff import PolicyPair, StageOutput, find_stage, run_stages
 from alignkit.health import HealthSpec
@@ -38,7 +40,13 @@ from alignkit.pipeline import StageContext, StageResult
 from alignkit.rewards.registry import WeightedReward, known_names, resolve_reward, split_weight
 from alignkit.rewards.reward_model import RewardModelScorer
 from alignkit.stages import policy
-from alignkit.stages.common import ONLINE_LOGS, RolloutSpec, check_vllm, refuse_unread_data_keys
+from alignkit.stages.common import (
+    ONLINE_LOGS,
+    RolloutSpec,
+    check_vllm,
+    data_context,
+    refuse_unread_data_keys,
+)
 from alignkit.training import make_trl_trainer, stage_trl_args
 
 STAGE_PREFIX = "stage:"
@@ -61,7 +69,7 @@ OWNED_OPTIONS = {
 }
 
 
-class OnlineRLConfig(StageBase):
+class OnlineRLConfig(StageBase, TrainerOptions):
     """Fields GRPO and RLOO share. Batch sizes count completions, not prompts: every device
     step holds whole groups of ``num_generations`` (default ``per_device_train_batch_size``:
     one group)."""
@@ -137,9 +145,7 @@ def build_trainer(cfg: OnlineRLConfig, ctx: StageContext):
     torch.manual_seed(ctx.seed)
 
     # 1. prompts and reward functions first: a bad row or reward name stops before any model loads
-    data = cfg.data
-    rows = load_prompts(data.source, data.split, data.on_bad_rows, data.max_bad_fraction).rows
-    rows = rows[: data.max_rows] if data.max_rows is not None else rows
+    rows = training_rows(cfg.data, load_prompts, data_context(ctx, cfg.data, cfg.heldout))
     if not rows:
         raise UserError(f"{ctx.where}.data: no prompts")
     # the run dir: ctx.out_dir is the stage's partial dir inside it
@@ -187,6 +193,8 @@ def build_trainer(cfg: OnlineRLConfig, ctx: StageContext):
         trainer_cls,
         ctx,
         saved,
+        options=cfg,
+        adapter=adapter,
         model=model,
         reward_funcs=reward_funcs,
         args=args,
@@ -264,7 +272,6 @@ def _move_reward_models(reward, device) -> None:
 
 
 def _dataset(rows: list[dict]):
-
     return Dataset.from_list(
         [{"prompt": r["prompt"], "reference": r["reference"], "id": r["id"]} for r in rows]
     )

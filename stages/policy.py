@@ -19,18 +19,35 @@ from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple
 
 from pydantic import Field
+from transformers import TrainerCallback
 
 from alignkit import models  # through the module: tests swap its functions
-from alignkit.config import AdapterSpec, DataSpec, HeldoutSpec, StageBase
+from alignkit.adapters import INITIAL_ADAPTER_DIR, keep_initial_adapter
+from alignkit.config import (
+    AdapterSpec,
+    DataSpec,
+    EvaluatedTrainerOptions,
+    HeldoutSpec,
+    StageBase,
+)
+from alignkit.errors import UserError
 from alignkit.handoff import REFERENCE_ADAPTER, AdapterView, PolicyPair
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.stages.common import health_callback, health_monitor, heldout_evaluation
-from alignkit.training import save_trained, snapshot_adapter, train_and_evaluate, weights_sharded
+from alignkit.training import (
+    early_stopping_record,
+    evaluate_after_training,
+    save_trained,
+    snapshot_adapter,
+    train_and_evaluate,
+    weights_sharded,
+)
 
 
-class PreferenceStageConfig(StageBase):
+class PreferenceStageConfig(StageBase, EvaluatedTrainerOptions):
     """The fields every stage that trains a policy on preference pairs shares (DPO, SimPO, ORPO,
-    a new kind such as KTO): a kind adds its own and may redefine ``beta``'s default."""
+    a new kind such as KTO), early stopping included: a kind adds its own and may redefine
+    ``beta``'s default."""
 
     is_policy: ClassVar[bool] = True
     default_parent: ClassVar[bool] = True
@@ -87,13 +104,41 @@ def start_policy(cfg, ctx: StageContext, kind: str):
     :func:`~alignkit.training.make_trl_trainer`). A parent that is no policy is refused."""
     parent = ctx.require_policy_parent(kind)
     adapter = cfg.adapter or ctx.adapter
+    if (
+        parent is None
+        and kind != "sft"
+        and (adapter.type == "adalora" or adapter.changes_base_weights)
+    ):
+        method = "AdaLoRA" if adapter.type == "adalora" else adapter.init_lora_weights
+        raise UserError(
+            f"{ctx.where}: a new {method} adapter is created by an SFT stage; start this {kind} "
+            "stage from one (`from: sft`): it continues the saved adapter as plain LoRA"
+        )
     if parent is not None:  # the parent's adapter is continued, whatever this stage's says
-        adapter = AdapterSpec(type=parent.record.get("adapter_type", adapter.type))
+        adapter = continued_adapter(parent.record.get("adapter_type", adapter.type), adapter, ctx)
     model, tokenizer = models.load_policy(ctx.model, adapter, parent.dir if parent else None)
-    saved = snapshot_adapter(model, ctx.model.quantization != "none", models.torch_dtype(ctx.model))
+    quantized = ctx.model.quantization != "none"
+    if parent is None:
+        keep_initial_adapter(
+            model, adapter, ctx.out_dir,
+            quantized=quantized, sharded=weights_sharded(), is_main=ctx.is_main,
+        )  # fmt: skip
+    saved = snapshot_adapter(model, quantized, models.torch_dtype(ctx.model))
     trainable, total = models.count_parameters(model)
     ctx.console.print(f"trainable parameters: {trainable:,} of {total:,} ({adapter.type})")
     return model, tokenizer, adapter, saved
+
+
+def continued_adapter(parent_type: str, configured: AdapterSpec, ctx: StageContext) -> AdapterSpec:
+    """The spec of a parent's adapter this stage continues: its type, with the configured
+    LoRA+ ratio (an optimizer setting, not part of the saved adapter)."""
+    ratio = configured.loraplus_ratio
+    if ratio is not None and parent_type != "lora":
+        raise UserError(
+            f"{ctx.where}: adapter.loraplus_ratio is for LoRA; the parent's adapter is "
+            f"{parent_type}. Remove loraplus_ratio for this stage"
+        )
+    return AdapterSpec(type=parent_type, loraplus_ratio=ratio)
 
 
 def train(cfg, ctx: StageContext, built: PolicyTrainer) -> dict[str, float]:
@@ -104,7 +149,34 @@ def train(cfg, ctx: StageContext, built: PolicyTrainer) -> dict[str, float]:
         check = health_monitor(cfg, ctx, pair.policy, pair.reference, built.tokenizer)
         for callback in health_callback(check, cfg.health.every, built.health_logs):
             built.trainer.add_callback(callback)
+    if ctx.trial is not None:  # a sweep's trial: intermediate values for Optuna's pruner
+        built.trainer.add_callback(_TrialCallback(cfg, ctx, built))
     return train_and_evaluate(built.trainer, ctx, evaluate=built.evaluate)
+
+
+class _TrialCallback(TrainerCallback):
+    """Every ``ctx.trial.every`` steps: the sweep's objective, from the trainer's latest logs if
+    it is a training metric, from ``trainer.evaluate()`` if it is an ``eval_*`` metric, else from
+    the held-out evaluation (the one :func:`finish` records), handed to the trial, which raises
+    ``optuna.TrialPruned`` out of ``train()`` when the pruner stops it. Added after the finite
+    guard (a NaN step is never reported) and runs before that step's checkpoint is saved."""
+
+    def __init__(self, cfg, ctx: StageContext, built: PolicyTrainer):
+        self.cfg, self.ctx, self.built = cfg, ctx, built
+
+    def on_step_end(self, args, state, control, **kwargs):
+        report = self.ctx.trial
+        if not report.due(state.global_step):
+            return
+        metrics: dict[str, float] = {}
+        for entry in state.log_history:
+            metrics.update(entry)
+        if report.objective not in metrics:
+            if report.objective.startswith("eval_") and self.built.evaluate:
+                metrics = evaluate_after_training(self.built.trainer)
+            else:
+                metrics = _heldout(self.cfg, self.ctx, self.built)
+        report.report(state.global_step, metrics)
 
 
 def finish(cfg, ctx: StageContext, built: PolicyTrainer, metrics: dict[str, float]) -> StageResult:
@@ -118,7 +190,12 @@ def finish(cfg, ctx: StageContext, built: PolicyTrainer, metrics: dict[str, floa
         metrics[f"train_{key}"] = metrics.pop(key)
     metrics.update(heldout)
     sub = save_trained(built.trainer, built.tokenizer, ctx, built.adapter_type)
-    return StageResult(metrics=metrics, adapter_type=built.adapter_type, outputs={"weights": sub})
+    return StageResult(
+        metrics=metrics,
+        adapter_type=built.adapter_type,
+        outputs={"weights": sub},
+        early_stopping=early_stopping_record(built.trainer),
+    )
 
 
 def _heldout(cfg, ctx: StageContext, built: PolicyTrainer) -> dict[str, float]:
@@ -134,7 +211,11 @@ def _starting_policy(ctx: StageContext, built: PolicyTrainer) -> AdapterView:
     SFT): the policy the stage started from, on the same base when it is an adapter."""
     model = built.trainer.model
     start = None if built.reference_is_base else ctx.parent
+    initial = ctx.out_dir / INITIAL_ADAPTER_DIR
     if hasattr(model, "peft_config"):
+        if start is None and initial.is_dir():  # PiSSA/OLoRA: the base alone is no longer it
+            model.load_adapter(str(initial), adapter_name=REFERENCE_ADAPTER)
+            return AdapterView(model, REFERENCE_ADAPTER)
         if start is None or start.adapter_dir is None:
             return AdapterView.base_of(model)
         model.load_adapter(str(start.adapter_dir), adapter_name=REFERENCE_ADAPTER)

@@ -218,7 +218,6 @@ def _heldout(cfg, ctx, trainer) -> dict[str, float]:
 
 
 def run(cfg: PPOStageConfig, ctx: StageContext) -> StageResult:
-
     ctx.require_policy_parent("ppo", required=True)
     if cfg.reward_model is None and not cfg.rewards:
         raise UserError(f"{ctx.where}: give reward_model (a reward_model stage) and/or rewards")
@@ -247,7 +246,7 @@ def run(cfg: PPOStageConfig, ctx: StageContext) -> StageResult:
         tighter = {k: v for k, v in RM_HEALTH.items() if k not in cfg.health.model_fields_set}
         cfg = cfg.model_copy(update={"health": cfg.health.model_copy(update=tighter)})
     trainer = PPOTrainer(cfg, ctx, reward_dirs, reward_model_apart)
-    metrics = trainer.train()
+    metrics = trainer.train(heldout=lambda: _heldout(cfg, ctx, trainer))
     metrics.update(_heldout(cfg, ctx, trainer))
     if ctx.is_main:
         save_stage_model(trainer.model.peft, trainer.tokenizer, ctx.out_dir)

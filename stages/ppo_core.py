@@ -150,7 +150,24 @@ def value_loss(
     return loss, masked_mean((loss_clipped > loss_unclipped).float(), mask).detach()
 
 
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``log p(token)`` under ``logits`` [B, T, V] for ``tokens`` [B, T]: the logit minus the
+    log-sum-exp, so no [B, T, V] log-softmax is kept for the backward (equal to
+    ``log_softmax(logits).gather(tokens)`` to float rounding)."""
+    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Per-position entropy [B, T] of ``logits`` [B, T, V]. Without gradients (the default PPO
+    config, ``entropy_coef: 0``, logs it only) one sequence at a time, so the [B, T, V]
+    temporaries never exist at once beside the activations the backward still needs."""
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _entropy(logits)
+    return torch.cat([_entropy(row) for row in logits.split(1)])
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
     logp = torch.log_softmax(logits.float(), dim=-1)
     return -(logp.exp() * logp).sum(-1)
 

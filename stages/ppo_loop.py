@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 
 from alignkit.data.prompts import load_prompts
+from alignkit.data.split import training_rows
 from alignkit.errors import UserError
 from alignkit.finite import NonFiniteError, nonfinite_names, stop_message
 from alignkit.handoff import PolicyPair, StageOutput
@@ -23,11 +24,11 @@ from alignkit.rewards.registry import WeightedReward, resolve_reward, resolve_re
 from alignkit.rewards.reward_model import RewardModelScorer
 from alignkit.rollouts.types import RolloutBatch
 from alignkit.stages import ppo_core as core
-from alignkit.stages.common import health_monitor
+from alignkit.stages import ppo_update as update
+from alignkit.stages.common import data_context, health_monitor
 from alignkit.stages.ppo_checkpoint import read_checkpoint, restore_checkpoint, save_checkpoint
 from alignkit.stages.ppo_model import (
     HELDOUT_REWARD,
-    REFERENCE,
     REWARD,
     VALUE,
     SharedBaseRewardModel,
@@ -52,7 +53,9 @@ class PPOTrainer:
         it): accelerator → prompts → model (four adapters) → scoring → optimizer (prepared) →
         rollout engine → health monitor → KL controller → the checkpoint to resume from."""
         self.cfg, self.ctx = cfg, ctx
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        # the update's policy and value passes each use part of the trainable parameters
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         torch.manual_seed(ctx.seed)
         self.prompts = self._load_prompts()
@@ -83,9 +86,8 @@ class PPOTrainer:
             self._load(ctx.resume_from)
 
     def _load_prompts(self) -> list[dict]:
-        data = self.cfg.data
-        rows = load_prompts(data.source, data.split, data.on_bad_rows, data.max_bad_fraction).rows
-        return rows if data.max_rows is None else rows[: data.max_rows]
+        cfg = self.cfg
+        return training_rows(cfg.data, load_prompts, data_context(self.ctx, cfg.data, cfg.heldout))
 
     def _build_scoring(
         self, reward_dirs: dict[str, Path], reward_model_apart: Path | None
@@ -124,8 +126,9 @@ class PPOTrainer:
         return scoring, flagged
 
     # --- the loop ---------------------------------------------------------------------------
-    def train(self) -> dict[str, float]:
-        """Run the remaining steps; the mean of the last ten steps' statistics."""
+    def train(self, heldout: Callable[[], dict[str, float]] | None = None) -> dict[str, float]:
+        """Run the remaining steps; the mean of the last ten steps' statistics. ``heldout``:
+        the stage's held-out evaluation, for a sweep trial's intermediate values."""
         if self.health is not None and not self.health.monitor.has_baseline:
             self._health_check({"rm_flagged": self.rm_flagged})
         bar = tqdm(
@@ -148,6 +151,10 @@ class PPOTrainer:
             bar.set_postfix(reward=f"{stats['score_mean']:.3f}", kl=f"{stats['kl']:.2f}")
             if self.health is not None and self.step % self.cfg.health.every == 0:
                 self._health_check(self._trained(stats))  # before saving
+            trial = self.ctx.trial
+            if trial is not None and trial.due(self.step):  # may stop a sweep's trial here
+                metrics = stats if trial.objective in stats or heldout is None else heldout()
+                trial.report(self.step, metrics)
             if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
                 self._save()
         self.rollouts.close()
@@ -162,6 +169,7 @@ class PPOTrainer:
         t0 = time.time()
         batch = self._rollout(prompts, step)
         gen_seconds = time.time() - t0
+        t1 = time.time()
         ids, attn, pos, cmask, P = pack(
             batch.prompt_ids, batch.completion_ids, self.tokenizer.pad_token_id,
             self.accelerator.device,
@@ -169,7 +177,7 @@ class PPOTrainer:
         self._recent = (ids[:4], attn[:4], pos[:4], P)
         scores_raw = self.scoring.raw(prompts, batch).to(self.accelerator.device)
         scores = self.scoring.shape(scores_raw, batch.finish_reason)
-        old_logp, ref_logp, values = self._evaluate(ids, attn, pos, P)
+        old_logp, ref_logp, values = update.price(self.model, ids, attn, pos, P, cfg.temperature)
         kl = core.kl_estimate(old_logp, ref_logp, cfg.kl_estimator) * cmask
         rewards = core.token_rewards(scores, kl, cmask, self.kl.value)
         all_sum = self._all_sum if self.world > 1 else None
@@ -188,6 +196,8 @@ class PPOTrainer:
             "eos_rate": sum(r == "stop" for r in batch.finish_reason) / len(batch),
             "completion_tokens": float(lengths.sum().item()),
             "train_tokens": float(attn.sum().item()),
+            # scoring: the reward, the policy's and the reference's log-probs, values and GAE
+            "score_seconds": time.time() - t1,
         }
         return core.Experience(
             ids, attn, pos, cmask, P, old_logp, values, advantages, returns, scores, stats,
@@ -204,15 +214,6 @@ class PPOTrainer:
         """One completion per prompt from the policy, seeded per run, step and rank."""
         sampling = self.cfg.sampling(self.ctx.seed * 100003 + step + 7919 * self.rank)
         return self.rollouts.generate(prompts, sampling, self.step)
-
-    def _evaluate(self, ids, attn, pos, P):
-        """The sampling policy's and the reference's log-probs and the values, each [B, T]."""
-        model = self.model
-        model.eval()
-        old_logp = self._logprobs(model.logits(ids, attn, pos), ids, P)
-        with model.role(REFERENCE):
-            ref_logp = self._logprobs(model.logits(ids, attn, pos), ids, P)
-        return old_logp, ref_logp, self._values(ids, attn, pos, P)
 
     def _update(self, exp: core.Experience) -> dict[str, float]:
         """``ppo_epochs`` passes of clipped policy and value updates over minibatches; each
@@ -232,12 +233,13 @@ class PPOTrainer:
                 idx_mb = order[start : start + mb]
                 chunks = [idx_mb[c : c + micro] for c in range(0, len(idx_mb), micro)]
                 for k, idx in enumerate(chunks):
-                    sync = k == len(chunks) - 1
-                    with nullcontext() if sync else acc.no_sync(self.wrapped):
-                        losses = self._losses(exp, idx)
-                        acc.backward(losses.pop("loss") * len(idx) / len(idx_mb))
+                    weight = len(idx) / len(idx_mb)
+                    losses = update.backward(
+                        acc, self.wrapped, cfg, exp, idx, weight, k == len(chunks) - 1,
+                        self._check_finite,
+                    )  # fmt: skip
                     for key, val in losses.items():
-                        sums[key] = sums.get(key, 0.0) + float(val) * len(idx) / len(idx_mb)
+                        sums[key] = sums.get(key, 0.0) + float(val) * weight
                 acc.clip_grad_norm_(self.model.policy_parameters(), cfg.max_grad_norm)
                 acc.clip_grad_norm_(self.model.value_parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
@@ -246,24 +248,6 @@ class PPOTrainer:
         stats = {k: v / n for k, v in sums.items()}
         stats["explained_variance"] = core.explained_variance(exp.values, exp.returns, exp.cmask)
         return stats
-
-    def _losses(self, exp: core.Experience, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        """PPO's loss on sequences ``idx`` (``loss``) and its parts, detached, for the logs."""
-        cfg = self.cfg
-        ids, attn, pos, cmask, old_logp, old_values, advantages, returns = exp.rows(idx)
-        logits, values = self.wrapped(ids, attn, pos, exp.P)
-        logits = logits.float() / cfg.temperature
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, exp.P :].unsqueeze(-1))
-        pl = core.policy_loss(logp.squeeze(-1), old_logp, advantages, cmask, cfg.clip_range)
-        entropy = core.masked_mean(core.entropy_from_logits(logits), cmask)
-        vl, vclip = core.value_loss(values, old_values, returns, cmask, cfg.value_clip_range)
-        self._check_finite("policy loss", pl.loss)
-        self._check_finite("value loss", vl)
-        loss = pl.loss - cfg.entropy_coef * entropy + cfg.vf_coef * vl
-        parts = {"policy_loss": pl.loss, "clip_fraction": pl.clip_fraction,
-                 "approx_kl": pl.approx_kl, "entropy": entropy, "value_loss": vl,
-                 "value_clip_fraction": vclip}  # fmt: skip
-        return {"loss": loss, **{k: torch.as_tensor(v).detach() for k, v in parts.items()}}
 
     # --- log, health, summary ---------------------------------------------------------------
     def _add_timings(self, stats: dict[str, float], exp: core.Experience, t0: float) -> None:
@@ -275,11 +259,13 @@ class PPOTrainer:
         )
 
     def _log(self, stats: dict[str, float]) -> dict[str, float]:
-        """The step's record, appended to metrics.jsonl by the main process."""
+        """The step's record, appended to metrics.jsonl and sent to the run's trackers
+        (``train/<name>``) by the main process."""
         record = {"step": self.step, **{k: float(v) for k, v in stats.items()}}
         if self.ctx.is_main:
             with self.ctx.metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            self.ctx.tracker.log(stats, self.step)
         return record
 
     @staticmethod
@@ -334,21 +320,6 @@ class PPOTrainer:
             raise stop
 
     # --- model forwards and finiteness ------------------------------------------------------
-    def _completion(self, logits, P, ids):
-        T = ids.shape[1] - P
-        return logits[:, P - 1 : P - 1 + T].float() / self.cfg.temperature
-
-    def _logprobs(self, logits, ids, P):
-        lp = torch.log_softmax(self._completion(logits, P, ids), dim=-1)
-        return lp.gather(-1, ids[:, P:].unsqueeze(-1)).squeeze(-1)
-
-    def _values(self, ids, attn, pos, P):
-        switch = self.model.peft.active_adapter != VALUE
-        with self.model.role(VALUE) if switch else nullcontext():
-            hidden = self.model.hidden(ids, attn, pos)
-        T = ids.shape[1] - P
-        return self.model.value_head(hidden[:, P - 1 : P - 1 + T].float()).squeeze(-1)
-
     def _check_finite(self, what: str, value: torch.Tensor) -> None:
         if not torch.isfinite(value).all():
             where = self.last_checkpoint or "none yet"
@@ -367,8 +338,8 @@ class PPOTrainer:
         if not bad and self._recent is not None:
             ids, attn, pos, P = self._recent
             self.model.eval()
-            logits = self.model.logits(ids, attn, pos)
-            values = self._values(ids, attn, pos, P)
+            logits = self.model.completion_logits(ids, attn, pos, P)
+            values = self.model(ids, attn, pos, P, VALUE)
             bad = [n for n, t in (("policy logits", logits), ("values", values))
                    if not torch.isfinite(t).all()]  # fmt: skip
         if bad:

@@ -8,6 +8,8 @@ set after each switch, and the loop runs each backward before switching away.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,22 +70,37 @@ class PPOModel(nn.Module):
             if (f".{VALUE}." in n or n.startswith("value_head")) and p.requires_grad
         ]
 
-    def forward(self, ids, attn, pos, prompt_width: int):
-        """Policy logits and value estimates over the completion positions, ``[B, T, V]`` and
-        ``[B, T]``, in one call. This is what DDP (or FSDP/DeepSpeed) wraps and the update
-        calls: gradients are synchronised only for what runs through the wrapper's forward,
-        never for :meth:`logits`/:meth:`hidden` called on the inner module."""
+    def forward(self, ids, attn, pos, prompt_width: int, part: str):
+        """One part of the update's forward: the policy's logits over the completion positions
+        (``part`` POLICY, ``[B, T, V]``) or the value estimates there (VALUE, ``[B, T]``). The
+        update runs the two one after the other, each with its own backward, so only one pass's
+        activations are held at a time (the parts share no trainable parameter). This is what
+        DDP wraps: gradients are synchronised only for what runs through the wrapper's forward,
+        never for :meth:`completion_logits`/:meth:`hidden` called on the inner module."""
+        if part == POLICY:
+            return self.completion_logits(ids, attn, pos, prompt_width)
+        if part != VALUE:
+            raise ValueError(f"part must be {POLICY!r} or {VALUE!r}, not {part!r}")
         T = ids.shape[1] - prompt_width
-        window = slice(prompt_width - 1, prompt_width - 1 + T)
-        logits = self.logits(ids, attn, pos)[:, window]
         with self.role(VALUE):  # restores the trainable flags before any backward
-            hidden = self.hidden(ids, attn, pos)
-        return logits, self.value_head(hidden[:, window].float()).squeeze(-1)
+            hidden = self.hidden(ids, attn, pos)[:, prompt_width - 1 : prompt_width - 1 + T]
+        return self.value_head(hidden.float()).squeeze(-1)
 
-    def logits(self, ids, attn, pos):
-        return self.peft(
-            input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False
-        ).logits
+    def completion_logits(self, ids, attn, pos, prompt_width: int):
+        """The active adapter's logits at the positions that predict the completion tokens,
+        ``[B, T, V]``. Where the model's forward takes ``logits_to_keep`` (every current decoder
+        in transformers) only those positions go through the LM head, so the prompt's logits
+        over the vocabulary are never made."""
+        T = ids.shape[1] - prompt_width
+        kwargs = dict(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
+        if self._keeps_logits:
+            return self.peft(**kwargs, logits_to_keep=T + 1).logits[:, :-1]
+        return self.peft(**kwargs).logits[:, prompt_width - 1 : prompt_width - 1 + T]
+
+    @functools.cached_property
+    def _keeps_logits(self) -> bool:
+        forward = self.peft.get_base_model().forward
+        return "logits_to_keep" in inspect.signature(forward).parameters
 
     def hidden(self, ids, attn, pos):
         return self.decoder(

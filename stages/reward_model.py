@@ -25,7 +25,7 @@ from pydantic import Field, model_validator
 from transformers import AutoModelForSequenceClassification
 from trl import RewardConfig, RewardTrainer
 
-from alignkit.config import AdapterSpec, DataSpec, StageBase, Strict
+from alignkit.config import AdapterSpec, DataSpec, EvaluatedTrainerOptions, StageBase, Strict
 from alignkit.data.preference import load_preference
 from alignkit.data.split import train_eval_rows
 from alignkit.errors import UserError
@@ -43,7 +43,9 @@ from alignkit.rewards.reward_model import RewardModelScorer
 from alignkit.rewards.sanity import probe_reward_model
 from alignkit.rollouts.best_of_n import PREFERENCES_FILE
 from alignkit.rundir import write_json_atomic
+from alignkit.stages.common import data_context
 from alignkit.training import (
+    early_stopping_record,
     make_trl_trainer,
     save_trained,
     snapshot_adapter,
@@ -82,7 +84,7 @@ class MixSpec(Strict):
         return self.stage or Path(self.source).stem.replace("-", "_")
 
 
-class RewardModelStageConfig(StageBase):
+class RewardModelStageConfig(StageBase, EvaluatedTrainerOptions):
     kind: Literal["reward_model"] = "reward_model"
     trainer_config: ClassVar[str] = "trl.RewardConfig"
 
@@ -122,11 +124,12 @@ class RewardModelStageConfig(StageBase):
 
 
 def run(cfg: RewardModelStageConfig, ctx: StageContext) -> StageResult:
-
     seed = ctx.seed + cfg.seed_offset
     torch.manual_seed(seed)
     # 1. data: every row validated before any model is loaded
-    train_rows, eval_rows = train_eval_rows(cfg.data, load_preference, ctx.seed)
+    train_rows, eval_rows = train_eval_rows(
+        cfg.data, load_preference, ctx.seed, data_context(ctx, cfg.data)
+    )
     mixed = [_mix_rows(m, ctx) for m in cfg.mix]
     for extra, _ in mixed:
         train_rows = train_rows + extra
@@ -159,6 +162,8 @@ def run(cfg: RewardModelStageConfig, ctx: StageContext) -> StageResult:
         RewardTrainer,
         ctx,
         saved,
+        options=cfg,
+        adapter=adapter,
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -186,6 +191,7 @@ def run(cfg: RewardModelStageConfig, ctx: StageContext) -> StageResult:
         metrics=metrics,
         adapter_type=adapter.type,
         outputs={"weights": sub, "max_length": cfg.max_length},
+        early_stopping=early_stopping_record(trainer),
     )
 
 
@@ -202,6 +208,12 @@ def load_reward_model_for_training(spec, adapter: AdapterSpec, sft_dir: Path | N
     if adapter.type != "lora":
         raise UserError(
             f"adapter.type: the reward model supports lora or full, not {adapter.type!r}"
+        )
+    if adapter.changes_base_weights:
+        raise UserError(
+            f"adapter.init_lora_weights: {adapter.init_lora_weights} is not supported for the "
+            "reward model (its score head is saved beside the adapter unconverted); use default "
+            "or gaussian"
         )
     if sft_dir is None:
         with_head = adapter.model_copy(update={"modules_to_save": [*adapter.modules_to_save, head]})
@@ -273,7 +285,6 @@ def _probe(model, tokenizer, cfg, eval_rows: list[dict], ctx: StageContext) -> d
 
 
 def _dataset(rows: list[dict], use_margin: bool):
-
     keep = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
     if use_margin:
         missing = sum(r.get("margin") is None for r in rows)

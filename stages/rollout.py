@@ -75,13 +75,18 @@ class RolloutStageConfig(StageBase):
     """Prompts per engine call and durable write: an interrupted stage resumes after the last
     whole chunk. Default: 64 (hf), 1024 (vllm)."""
 
+    @model_validator(mode="after")
+    def _check_data(self) -> RolloutStageConfig:
+        if self.data.clean is not None:
+            raise ValueError(
+                "data.clean: a rollout stage samples its prompts as given; clean them first "
+                "(alignkit data clean IN OUT --kind prompts) and point data.source at OUT"
+            )
+        refuse_unread_data_keys(self.data, self.kind)  # held-out keys, stratify_by, group_by
+        return self
+
     def uses_stages(self) -> list[str]:
         return [s for s in self.labeller if _is_stage_name(s)]
-
-    @model_validator(mode="after")
-    def _data_keys(self) -> RolloutStageConfig:
-        refuse_unread_data_keys(self.data, self.kind)
-        return self
 
 
 def _is_stage_name(spec: str) -> bool:

@@ -16,17 +16,18 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 from trl.chat_template_utils import get_training_chat_template
 
-from alignkit.config import AdapterSpec, DataSpec, HeldoutSpec, StageBase
+from alignkit.config import AdapterSpec, DataSpec, EvaluatedTrainerOptions, HeldoutSpec, StageBase
 from alignkit.data.sft import load_sft
 from alignkit.data.split import train_eval_rows
 from alignkit.errors import UserError
 from alignkit.handoff import PolicyPair
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.stages import policy
+from alignkit.stages.common import data_context
 from alignkit.training import make_trl_trainer, stage_trl_args
 
 
-class SFTStageConfig(StageBase):
+class SFTStageConfig(StageBase, EvaluatedTrainerOptions):
     kind: Literal["sft"] = "sft"
     trainer_config: ClassVar[str] = "trl.SFTConfig"
     is_policy: ClassVar[bool] = True
@@ -46,10 +47,11 @@ class SFTStageConfig(StageBase):
 
 
 def run(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
-
     torch.manual_seed(ctx.seed)
     # 1. data first: a bad row stops the stage before any model is loaded
-    train_rows, eval_rows = train_eval_rows(cfg.data, load_sft, ctx.seed)
+    train_rows, eval_rows = train_eval_rows(
+        cfg.data, load_sft, ctx.seed, data_context(ctx, cfg.data, cfg.heldout)
+    )
     if not train_rows:
         raise UserError(f"{ctx.where}.data: no training rows left")
 
@@ -79,18 +81,22 @@ def run(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
         SFTTrainer,
         ctx,
         saved,
+        options=cfg,
+        adapter=adapter,
         model=model,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
     )
-    # the reference is the base (adapters disabled), or a fresh base for full fine-tuning
+    # the reference is the base (adapters disabled), or a fresh base for full fine-tuning; after
+    # PiSSA/OLoRA moved part of the base into the adapter, the adapter as initialised on it
+    base = not adapter.changes_base_weights
     built = policy.PolicyTrainer(
         trainer,
         tokenizer,
-        PolicyPair.of(trainer.model, base_is_reference=True),
-        adapter.type,
+        PolicyPair.of(trainer.model, base_is_reference=base),
+        adapter.saved_type,
         {"train_rows": float(len(train_rows)), "eval_rows": float(len(eval_rows))},
         evaluate=eval_ds is not None,
         reference_is_base=True,
@@ -127,7 +133,6 @@ def _trl_format(rows: list[dict], tokenizer, loss_on: str) -> str:
 
 
 def _to_dataset(rows: list[dict], fmt: str):
-
     if fmt == "text":
         return Dataset.from_list([{"text": r["text"]} for r in rows])
     if fmt == "prompt_completion":

@@ -19,6 +19,7 @@ from alignkit.data.split import train_eval_rows
 from alignkit.handoff import PolicyPair
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.stages import policy
+from alignkit.stages.common import data_context
 from alignkit.training import make_trl_trainer, stage_trl_args
 
 
@@ -49,7 +50,9 @@ def build_trainer(
     """Data, policy and TRL's CPOTrainer (SimPO) or ORPOTrainer. No reference is trained
     against: the held-out KL is measured to the policy the stage started from."""
     torch.manual_seed(ctx.seed)
-    train_rows, eval_rows = train_eval_rows(cfg.data, load_preference, ctx.seed)
+    train_rows, eval_rows = train_eval_rows(
+        cfg.data, load_preference, ctx.seed, data_context(ctx, cfg.data, cfg.heldout)
+    )
     model, tokenizer, adapter, saved = policy.start_policy(cfg, ctx, cfg.kind)
 
     def dataset(rows):
@@ -76,6 +79,8 @@ def build_trainer(
         trainer_cls,
         ctx,
         saved,
+        options=cfg,
+        adapter=adapter,
         model=model,
         args=args,
         train_dataset=dataset(train_rows),

@@ -73,3 +73,9 @@ def test_quickstart_grpo_beats_its_reference(tmp_path):
     assert "reward" in record["health"]["last"]  # TRL's logged reward reached the monitor
     assert grpo["gold_reward_gain_ci_low"] > 0
     assert 0 < grpo["kl_ref"] < 10
+    # the run page: one file, every stage in its graph and a section each, pictures inline
+    page = (tmp_path / "report.html").read_text()
+    stages = [s["name"] for s in json.loads((tmp_path / "manifest.json").read_text())["stages"]]
+    for stage in stages:
+        assert f'id="stage-{stage}"' in page and f">{stage}</text>" in page
+    assert "<script" not in page and page.count("data:image/png;base64,") >= 9

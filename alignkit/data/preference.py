@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from alignkit.data.sft import check_trainable, parse_messages
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     import datasets
 
 __all__ = [
+    "IdenticalPairError",
     "PreferenceData",
     "load_preference",
     "normalize_preference_row",
@@ -50,6 +51,11 @@ _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 
 
+class IdenticalPairError(RowError):
+    """A pair whose chosen and rejected are the same: it teaches nothing (``data clean``
+    counts these under their own rule)."""
+
+
 @dataclass
 class PreferenceData:
     """Normalized preference pairs plus what loading found: formats seen and skipped bad rows."""
@@ -58,6 +64,8 @@ class PreferenceData:
     formats: Counter
     problems: list[tuple[str, str]]
     total: int
+    fields: list[dict] = field(default_factory=list)
+    """Raw values of the ``keep_fields`` asked for, one dict per row."""
 
 
 def load_preference(
@@ -65,10 +73,13 @@ def load_preference(
     split: str | None = None,
     on_bad_rows: BadRowPolicy = "error",
     max_bad_fraction: float = 0.05,
+    keep_fields: tuple[str, ...] = (),
 ) -> PreferenceData:
     """Load and normalize preference pairs from any source; raises DataError for unusable data."""
-    result = load_checked(source, split, normalize_preference_row, on_bad_rows, max_bad_fraction)
-    return PreferenceData(result.rows, result.formats, result.problems, result.total)
+    result = load_checked(
+        source, split, normalize_preference_row, on_bad_rows, max_bad_fraction, keep_fields
+    )
+    return PreferenceData(result.rows, result.formats, result.problems, result.total, result.fields)
 
 
 def to_trl_dataset(data: PreferenceData) -> datasets.Dataset:
@@ -114,7 +125,7 @@ def normalize_preference_row(data: dict) -> tuple[str, dict]:
         )
     prompt, chosen_messages, rejected_messages = pair
     if chosen_messages == rejected_messages:
-        raise RowError("chosen is identical to rejected")
+        raise IdenticalPairError("chosen is identical to rejected")
     return fmt, {
         "prompt": prompt,
         "chosen": chosen_messages,
@@ -185,7 +196,7 @@ def _check_prompt_matches(prompt: object, shared: list[dict]) -> None:
 def _split_shared_prefix(chosen: list[dict], rejected: list[dict]) -> tuple[list, list, list]:
     """Prompt = the longest run of identical leading turns; the rest are the completions."""
     if chosen == rejected:
-        raise RowError("chosen is identical to rejected")
+        raise IdenticalPairError("chosen is identical to rejected")
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1

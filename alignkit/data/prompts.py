@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from alignkit.data.preference import normalize_preference_row, prompt_messages
 from alignkit.data.sft import normalize_sft_row, parse_messages
@@ -43,6 +43,8 @@ class PromptData:
     formats: Counter
     problems: list[tuple[str, str]]
     total: int
+    fields: list[dict] = field(default_factory=list)
+    """Raw values of the ``keep_fields`` asked for, one dict per row."""
 
 
 def load_prompts(
@@ -50,10 +52,13 @@ def load_prompts(
     split: str | None = None,
     on_bad_rows: BadRowPolicy = "error",
     max_bad_fraction: float = 0.05,
+    keep_fields: tuple[str, ...] = (),
 ) -> PromptData:
     """Load and normalize prompt rows from any source; raises DataError for unusable data."""
-    result = load_checked(source, split, normalize_prompt_row, on_bad_rows, max_bad_fraction)
-    return PromptData(result.rows, result.formats, result.problems, result.total)
+    result = load_checked(
+        source, split, normalize_prompt_row, on_bad_rows, max_bad_fraction, keep_fields
+    )
+    return PromptData(result.rows, result.formats, result.problems, result.total, result.fields)
 
 
 def normalize_prompt_row(data: dict) -> tuple[str, dict]:

@@ -16,7 +16,7 @@ files (Parquet, Hub datasets) fill the columns of other formats with nulls.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from alignkit.data.sources import (
@@ -53,6 +53,8 @@ class SFTData:
     formats: Counter
     problems: list[tuple[str, str]]
     total: int
+    fields: list[dict] = field(default_factory=list)
+    """Raw values of the ``keep_fields`` asked for, one dict per row."""
 
     @property
     def kind(self) -> str:
@@ -65,13 +67,16 @@ def load_sft(
     split: str | None = None,
     on_bad_rows: BadRowPolicy = "error",
     max_bad_fraction: float = 0.05,
+    keep_fields: tuple[str, ...] = (),
 ) -> SFTData:
     """Load and normalize SFT rows from any source; raises DataError for unusable data."""
-    result = load_checked(source, split, normalize_sft_row, on_bad_rows, max_bad_fraction)
+    result = load_checked(
+        source, split, normalize_sft_row, on_bad_rows, max_bad_fraction, keep_fields
+    )
     mixed = mixed_kinds_problem(result)
     if mixed is not None:
         raise DataError(f"{source}: {mixed}", [])
-    return SFTData(result.rows, result.formats, result.problems, result.total)
+    return SFTData(result.rows, result.formats, result.problems, result.total, result.fields)
 
 
 def to_trl_dataset(data: SFTData) -> datasets.Dataset:

@@ -56,8 +56,14 @@ class RowError(Exception):
 
 def load_rows(source: str, split: str | None = None) -> list[Row]:
     """Read every row of ``source``. Raises UserError when the source cannot be read at all."""
+    return list(iter_rows(source, split))
+
+
+def iter_rows(source: str, split: str | None = None) -> Iterator[Row]:
+    """Rows of ``source`` one at a time: JSONL, CSV and Parquet files are streamed (bounded
+    memory); a ``.json`` array, a Hub dataset and a builtin are read whole first."""
     if source.startswith("builtin:"):
-        return _builtin_rows(source.removeprefix("builtin:"), split or "train")
+        return iter(_builtin_rows(source.removeprefix("builtin:"), split or "train"))
     path = Path(source).expanduser()
     if path.is_file():
         return _file_rows(path)
@@ -77,12 +83,12 @@ def _looks_like_path(source: str) -> bool:
     )
 
 
-def _file_rows(path: Path) -> list[Row]:
+def _file_rows(path: Path) -> Iterator[Row]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        return list(_jsonl_rows(path))
+        return _jsonl_rows(path)
     if suffix == ".json":
-        return _json_rows(path)
+        return iter(_json_rows(path))
     if suffix == ".csv":
         return _csv_rows(path)
     if suffix == ".parquet":
@@ -141,10 +147,9 @@ def _json_rows(path: Path) -> list[Row]:
     ]
 
 
-def _csv_rows(path: Path) -> list[Row]:
+def _csv_rows(path: Path) -> Iterator[Row]:
     # csv.reader counts physical lines, so a row's line stays exact even when quoted cells
     # span lines; cells stay strings ("" stays "", never NaN as pandas would make it).
-    rows: list[Row] = []
     csv.field_size_limit(MAX_CSV_CELL)
     reader = None
     try:
@@ -152,16 +157,16 @@ def _csv_rows(path: Path) -> list[Row]:
             reader = csv.reader(f)
             header = next(reader, None)
             if header is None:
-                return []
+                return
             start = reader.line_num + 1
             for cells in reader:
                 where, start = f"{path}:{start}", reader.line_num + 1
                 if not cells:  # blank line
                     continue
                 if len(cells) > len(header):
-                    rows.append(Row(None, where, f"{len(cells)} cells but {len(header)} columns"))
+                    yield Row(None, where, f"{len(cells)} cells but {len(header)} columns")
                     continue
-                rows.append(Row(dict(zip(header, cells, strict=False)), where))
+                yield Row(dict(zip(header, cells, strict=False)), where)
     except UnicodeDecodeError as e:
         raise UserError(
             f"{path}:{_first_bad_utf8_line(path)}: not UTF-8 text ({e.reason})"
@@ -169,7 +174,6 @@ def _csv_rows(path: Path) -> list[Row]:
     except csv.Error as e:
         line = f":{reader.line_num}" if reader is not None else ""
         raise UserError(f"{path}{line}: not readable as CSV: {e}") from None
-    return rows
 
 
 def _read_text(path: Path) -> str:
@@ -191,17 +195,21 @@ def _first_bad_utf8_line(path: Path) -> int:
     return 1
 
 
-def _parquet_rows(path: Path) -> list[Row]:
+def _parquet_rows(path: Path) -> Iterator[Row]:
     import pyarrow.parquet as pq  # only for Parquet files
 
     try:
-        table = pq.read_table(path)
+        batches = pq.ParquetFile(path).iter_batches(batch_size=4096)
+        i = 0
+        for batch in batches:  # one record batch at a time: bounded memory on a large file
+            for item in batch.to_pylist():
+                yield Row(item, f"{path}[row {i}]")
+                i += 1
     except Exception as e:  # pyarrow raises several types for unreadable files
         raise UserError(f"cannot read Parquet file {path}: {e}") from None
-    return [Row(item, f"{path}[row {i}]") for i, item in enumerate(table.to_pylist())]
 
 
-def _hub_rows(name: str, split: str) -> list[Row]:
+def _hub_rows(name: str, split: str) -> Iterator[Row]:
     """``owner/name`` or ``owner/name:config`` (a dataset with several configs, e.g. gsm8k:main)."""
     import datasets  # ~1 s: only for Hub sources
 
@@ -213,7 +221,9 @@ def _hub_rows(name: str, split: str) -> list[Row]:
             f"could not load Hub dataset {name!r} (split {split!r}): {type(e).__name__}: {e}. "
             "No network? Use a local file instead. Accepted sources: " + ACCEPTED
         ) from None
-    return [Row(dict(item), f"hub:{name}[{split}] row {i}") for i, item in enumerate(ds)]
+    # the dataset is memory-mapped Arrow: rows are materialized one at a time
+    for i, item in enumerate(ds):
+        yield Row(dict(item), f"hub:{name}[{split}] row {i}")
 
 
 def _builtin_rows(name: str, split: str) -> list[Row]:
@@ -239,32 +249,43 @@ class Normalized:
     formats: Counter = field(default_factory=Counter)
     problems: list[tuple[str, str]] = field(default_factory=list)
     total: int = 0
+    fields: list[dict] = field(default_factory=list)
+    """Per kept row, the raw values of the fields asked for (``keep_fields``), e.g. a category
+    to stratify by: normalized rows hold only what training reads."""
 
 
-def normalize_rows(rows: list[Row], normalize: Callable[[dict], tuple[str, dict]]) -> Normalized:
+def normalize_rows(
+    rows: list[Row],
+    normalize: Callable[[dict], tuple[str, dict]],
+    keep_fields: tuple[str, ...] = (),
+) -> Normalized:
     """Apply ``normalize`` (returns ``(format, example)``, raises RowError) to every row."""
     out = Normalized(total=len(rows))
     for row in rows:
-        if row.data is None:
-            out.problems.append((row.where, row.error or "unreadable row"))
-            continue
-        size = _text_size(row.data)
-        if size > MAX_ROW_CHARS:
-            out.problems.append((
-                row.where,
-                f"{size:,} characters of text, more than the {MAX_ROW_CHARS:,} any model context "
-                "holds; split or shorten it",
-            ))  # fmt: skip
-            continue
         try:
-            fmt, example = normalize(row.data)
+            fmt, example = normalize_row(row, normalize)
         except RowError as e:
             out.problems.append((row.where, str(e)))
             continue
         out.rows.append(example)
         out.wheres.append(row.where)
         out.formats[fmt] += 1
+        if keep_fields:
+            out.fields.append({name: row.data.get(name) for name in keep_fields})
     return out
+
+
+def normalize_row(row: Row, normalize: Callable[[dict], tuple[str, dict]]) -> tuple[str, dict]:
+    """``(format, example)`` for one row; raises RowError for an unreadable, huge or bad row."""
+    if row.data is None:
+        raise RowError(row.error or "unreadable row")
+    size = _text_size(row.data)
+    if size > MAX_ROW_CHARS:
+        raise RowError(
+            f"{size:,} characters of text, more than the {MAX_ROW_CHARS:,} any model context "
+            "holds; split or shorten it"
+        )
+    return normalize(row.data)
 
 
 def _text_size(value, depth: int = 0) -> int:
@@ -325,8 +346,9 @@ def load_checked(
     normalize,
     on_bad_rows: BadRowPolicy = "error",
     max_bad_fraction: float = 0.05,
+    keep_fields: tuple[str, ...] = (),
 ) -> Normalized:
     """Read a source, normalize every row and apply the bad-row policy (raises DataError)."""
-    result = normalize_rows(load_rows(source, split), normalize)
+    result = normalize_rows(load_rows(source, split), normalize, keep_fields)
     enforce_bad_row_policy(source, result, on_bad_rows, max_bad_fraction)
     return result

@@ -3,8 +3,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
-from alignkit.config import apply_override, config_hash, load_pipeline, validate_pipeline
+from alignkit.config import (
+    AdapterSpec,
+    apply_override,
+    config_hash,
+    load_pipeline,
+    validate_pipeline,
+)
 from alignkit.errors import UserError
 from alignkit.stages import stage_kinds
 
@@ -109,3 +116,22 @@ def test_cli_bad_config_exits_2_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "unknown key 'model.nmae'" in proc.stderr and "did you mean 'name'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("adapter", "error"),
+    [
+        ({"init_lora_weights": "svd"}, "not one of default, gaussian, pissa, pissa_niter_N"),
+        ({"init_lora_weights": "pissa_niter_0"}, "not one of default"),
+        ({"type": "ia3", "init_lora_weights": "gaussian"}, "applies to type: lora, not 'ia3'"),
+        ({"init_lora_weights": "pissa", "modules_to_save": ["embed_tokens"]}, "keeps only"),
+        ({"init_lora_weights": "olora", "use_dora": True}, "cannot be combined"),
+        ({"type": "adalora", "r": 8, "adalora": {"init_r": 4}}, r"init_r \(4\) must be >= r"),
+        ({"type": "adalora", "adalora": {"tinit": 0.5, "tfinal": 0.5}}, "tinit \\+ tfinal"),
+        ({"type": "adalora", "use_dora": True}, "AdaLoRA has neither"),
+        ({"type": "full", "loraplus_ratio": 16}, "loraplus_ratio applies to type: lora"),
+    ],
+)
+def test_adapter_options_that_cannot_work_are_refused(adapter, error):
+    with pytest.raises(ValidationError, match=error):
+        AdapterSpec(**adapter)

@@ -4,6 +4,7 @@ import json
 from typing import ClassVar, Literal
 
 import pytest
+from rich.console import Console
 
 from alignkit.config import StageBase, validate_pipeline
 from alignkit.errors import UserError
@@ -51,7 +52,8 @@ def _clear():
 
 
 def test_run_writes_stage_json_and_manifest(tmp_path):
-    run_pipeline(cfg(), REGISTRY, tmp_path)
+    console = Console(record=True, width=100)
+    run_pipeline(cfg(), REGISTRY, tmp_path, console)
     assert CALLS == ["a", "b", "c"]
     rd = RunDir(tmp_path)
     rec = rd.stage_json("b")
@@ -61,6 +63,10 @@ def test_run_writes_stage_json_and_manifest(tmp_path):
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert [s["status"] for s in manifest["stages"]] == ["complete"] * 3
     assert not list(tmp_path.glob(".*partial"))
+    seconds = [s["seconds"] for s in manifest["stages"]]  # each stage's time, also at the end
+    assert all(s >= 0 for s in seconds) and rec["seconds"] == seconds[1]
+    times = console.export_text().split("stage times")[1]
+    assert all(name in times for name in "abc") and "total" in times
 
 
 def test_rerun_skips_everything(tmp_path):

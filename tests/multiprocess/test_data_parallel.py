@@ -28,7 +28,9 @@ def step(root: Path, stage: str, n: int) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
-    return launch(1, 8, root / "one"), launch(2, 4, root / "two")
+    tracked = pipeline(4)
+    tracked["run"]["report_to"] = ["tensorboard"]  # only rank 0 may log
+    return launch(1, 8, root / "one"), launch(2, 4, root / "two", tracked)
 
 
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
@@ -104,6 +106,42 @@ def test_reward_model_and_simpo_on_two_processes_train_one_model_each(tmp_path):
         step(two, stage, 2)  # one metrics row per step: rank 0 wrote
 
 
+@pytest.mark.slow  # ~2 min on 2 cores
+def test_training_options_on_two_processes(tmp_path):
+    """Layer-wise rates and LoRA+ put the same parameters in the same groups on both ranks;
+    AdaLoRA (pruning from averaged gradients) and PiSSA (its SVD on every rank) train one
+    model on both."""
+    raw = pipeline(4)
+    sft = raw["stages"][0]
+    sft["train"] = {**sft["train"], "max_steps": 6, "save_steps": 3}
+    raw["stages"] = [
+        {**sft, "name": "full", "adapter": {"type": "full"},
+         "layerwise_lr": {"embeddings": 1e-5, "head": 1e-3, "decay": 0.5}},
+        {**sft, "name": "loraplus", "adapter": {"type": "lora", "r": 8, "loraplus_ratio": 16}},
+        {**sft, "name": "adalora", "adapter": {"type": "adalora", "r": 2, "adalora": {"init_r": 4}}},
+        {**sft, "name": "pissa", "adapter": {"type": "lora", "r": 4, "init_lora_weights": "pissa"}},
+    ]  # fmt: skip
+    two = launch(2, 4, tmp_path / "two", raw)
+    for stage in ("adalora", "pissa"):
+        assert_one_model(two, stage)
+    for stage in ("full", "loraplus"):
+        assert_one_model(two, stage)
+        rank0, rank1 = (
+            json.loads((two / f"{stage}-groups-rank{r}.json").read_text()) for r in (0, 1)
+        )
+        assert rank0 == rank1 and rank0
+    full = json.loads((two / "full-groups-rank0.json").read_text())
+    assert full["model.embed_tokens.weight"] == ["embeddings", 1e-5]
+    assert full["model.layers.0.mlp.up_proj.weight"] == ["layer.0", pytest.approx(2.5e-4)]
+    assert full["model.layers.1.mlp.up_proj.weight"] == ["layer.1", pytest.approx(5e-4)]
+    assert full["model.norm.weight"] == ["head", 1e-3]
+    lora = json.loads((two / "loraplus-groups-rank0.json").read_text())
+    for name, (group, lr) in lora.items():
+        assert [group, lr] == (["lora_B", 16 * 3e-3] if "lora_B" in name else ["lora_A", 3e-3])
+    adalora = json.loads((two / "run" / "adalora" / "adapter" / "adapter_config.json").read_text())
+    assert sum(adalora["rank_pattern"].values()) < 4 * len(adalora["rank_pattern"])  # it pruned
+
+
 def test_eval_on_two_processes_reports_once_with_one_process_numbers(tmp_path):
     raw = pipeline(8)
     raw["stages"][1] = {"name": "compare", "kind": "eval", "stages": ["sft"], "rewards": ["gold"],
@@ -163,13 +201,15 @@ def ppo_ranks(tmp_path_factory, tiny_pipeline_cfg):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return [json.loads((root / f"rank{r}.json").read_text()) for r in (0, 1)], [
-        torch.load(root / f"rank{r}.pt") for r in (0, 1)
-    ]
+    return (
+        [json.loads((root / f"rank{r}.json").read_text()) for r in (0, 1)],
+        [torch.load(root / f"rank{r}.pt") for r in (0, 1)],
+        root,
+    )
 
 
 def test_ppo_ranks_sample_different_prompts_and_end_with_one_policy(ppo_ranks):
-    records, tensors = ppo_ranks
+    records, tensors, _ = ppo_ranks
     assert records[0]["world"] == records[1]["world"] == 2
     ours, theirs = ({json.dumps(p) for p in r["prompts"]} for r in records)
     assert len(ours) == 8 and ours.isdisjoint(theirs)
@@ -178,11 +218,39 @@ def test_ppo_ranks_sample_different_prompts_and_end_with_one_policy(ppo_ranks):
         assert torch.allclose(tensors[0][name], tensors[1][name], atol=1e-6), name
 
 
+def test_ppo_update_averages_policy_and_value_gradients_over_ranks(ppo_ranks):
+    """The update back-propagates the policy and the value in separate passes (one pass's
+    activations at a time); the gradients the optimizer sees are still the mean of the ranks'."""
+    records, _, _ = ppo_ranks
+    for r in records:
+        assert r["update_grad_rank_spread"] > 0  # the ranks' own gradients differ
+        assert r["update_grad_error"] < 1e-5
+
+
 def test_ppo_whitens_advantages_over_both_ranks(ppo_ranks):
-    records, _ = ppo_ranks
+    records, _, _ = ppo_ranks
     adv = [torch.tensor(r["advantages"]) for r in records]
     mask = [torch.tensor(r["mask"]) for r in records]
     values = torch.cat([a[m.bool()] for a, m in zip(adv, mask, strict=True)])
     assert values.mean().abs() < 1e-5 and values.var().sub(1).abs() < 1e-3  # union: 0 and 1
     local = [a[m.bool()].mean().abs() for a, m in zip(adv, mask, strict=True)]
     assert max(local) > 1e-3  # each rank alone is not centred: the statistics were global
+
+
+def logged_once(stage_dir: Path, tag: str) -> list[int]:
+    """Steps of ``tag`` in a stage's TensorBoard files, which one process wrote."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    pids = {f.name.split(".")[-2] for f in stage_dir.glob("events.out.tfevents.*")}
+    assert len(pids) == 1, pids  # rank 0's only
+    events = EventAccumulator(str(stage_dir))
+    events.Reload()
+    return [e.step for e in events.Scalars(tag)]
+
+
+def test_only_rank_zero_logs_to_the_trackers(runs, ppo_ranks):
+    _, two = runs
+    for stage in ("sft", "dpo"):
+        assert logged_once(two / "run" / "tracking" / "tensorboard" / stage, "train/loss") == [1, 2]
+    ppo = ppo_ranks[2] / "tracking" / "tensorboard" / "ppo"
+    assert logged_once(ppo, "train/score_mean") == [1, 2]

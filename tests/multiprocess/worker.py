@@ -1,8 +1,8 @@
 """One rank of a multi-process pipeline run, for the 2-process tests (``torchrun`` runs it).
 
 Runs the pipeline in ``argv[1]`` (a JSON config) in run directory ``argv[2]`` and writes, for
-every rank, the trainable tensors its model ended with to ``argv[3]/rank<R>.pt``: the test then
-checks that the ranks trained one model, not one each.
+every rank, the trainable tensors its model ended with to ``argv[3]/<stage>-rank<R>.pt`` (and
+its optimizer's groups to ``<stage>-groups-rank<R>.json``): the test then checks that the ranks trained one model, not one each.
 """
 
 import json
@@ -23,12 +23,21 @@ real = transformers.Trainer.train
 
 
 def recording(self, *args, **kwargs):
-    """Every TRL trainer's train(), then this rank's trainable tensors to a file."""
+    """Every TRL trainer's train(), then this rank's trainable tensors and optimizer groups to
+    files."""
     result = real(self, *args, **kwargs)
     stage = Path(self.args.output_dir).parent.name.removeprefix(".").removesuffix(".partial")
     model = self.accelerator.unwrap_model(self.model)
     state = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    torch.save(state, out / f"{stage}-rank{os.environ.get('RANK', '0')}.pt")
+    rank = os.environ.get("RANK", "0")
+    torch.save(state, out / f"{stage}-rank{rank}.pt")
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = {  # parameter -> [optimizer group name, initial learning rate]
+        names[id(p)]: [g.get("name"), g["initial_lr"]]
+        for g in self.optimizer.param_groups
+        for p in g["params"]
+    }
+    (out / f"{stage}-groups-rank{rank}.json").write_text(json.dumps(groups))
     return result
 
 

@@ -20,6 +20,7 @@ from alignkit.models import load_stage_model
 from alignkit.pipeline import StageContext, StageKind, StageResult, run_pipeline
 from alignkit.rundir import STAGE_FILE
 from alignkit.stages import REGISTRY, policy
+from alignkit.stages.common import data_context
 from alignkit.training import make_trl_trainer, stage_trl_args
 
 
@@ -34,13 +35,15 @@ class KTOStageConfig(policy.PreferenceStageConfig):
 
 def run(cfg: KTOStageConfig, ctx: StageContext) -> StageResult:
     torch.manual_seed(ctx.seed)
-    train_rows, eval_rows = train_eval_rows(cfg.data, load_preference, ctx.seed)
+    context = data_context(ctx, cfg.data, cfg.heldout)
+    train_rows, eval_rows = train_eval_rows(cfg.data, load_preference, ctx.seed, context)
     model, tokenizer, adapter, saved = policy.start_policy(cfg, ctx, "kto")
     args = stage_trl_args(
         KTOConfig, cfg, ctx, beta=cfg.beta, max_length=cfg.max_length, per_device_eval_batch_size=16
     )
     trainer = make_trl_trainer(
-        KTOTrainer, ctx, saved, model=model, args=args, processing_class=tokenizer,
+        KTOTrainer, ctx, saved, options=cfg, adapter=adapter, model=model, args=args,
+        processing_class=tokenizer,
         train_dataset=unpaired(train_rows), eval_dataset=unpaired(eval_rows),
     )  # fmt: skip
     pair = PolicyPair.of(trainer.model, trainer.ref_model, base_is_reference=True)

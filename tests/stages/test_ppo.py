@@ -267,3 +267,36 @@ def test_no_checkpoint_is_written_from_weights_that_exploded(run_dir, tmp_path):
     with pytest.raises(NonFiniteError, match=r"stages\.ppo: non-finite .* at step 5; stopped"):
         trainer._save()
     assert not (tmp_path / "ppo" / "checkpoints" / "checkpoint-5").exists()
+
+
+class StopAt:
+    """A sweep trial stand-in: records what PPO reports and stops the trial at one step."""
+
+    stage, objective = "ppo", "gold_reward_gain"
+
+    def __init__(self, stop_step: int):
+        self.stop_step, self.reported = stop_step, []
+
+    def due(self, step: int) -> bool:
+        return True
+
+    def report(self, step, metrics) -> None:
+        self.reported.append((step, metrics[self.objective]))
+        if step == self.stop_step:
+            raise KeyError("pruned")  # any exception: optuna.TrialPruned in a sweep
+
+
+def test_a_sweep_trial_gets_heldout_values_between_steps_and_can_stop_ppo(run_dir, tmp_path):
+    trainer = make(run_dir, tmp_path / "ppo", steps=3, checkpoint_every=1)
+    trainer.ctx.trial = StopAt(2)
+    calls = []
+
+    def heldout():
+        calls.append(trainer.step)
+        return {"gold_reward_gain": 0.1 * trainer.step}
+
+    with pytest.raises(KeyError, match="pruned"):
+        trainer.train(heldout=heldout)
+    assert trainer.ctx.trial.reported == [(1, 0.1), (2, 0.2)] and calls == [1, 2]
+    checkpoints = sorted(p.name for p in (tmp_path / "ppo" / "checkpoints").iterdir())
+    assert checkpoints == ["checkpoint-1"]  # stopped before the pruned step's checkpoint

@@ -93,3 +93,20 @@ def test_without_kl_one_epoch_loss_is_the_plain_clipped_objective():
             a = adv[b, t].item()
             terms.append(-min(r * a, max(min(r, 1.2), 0.8) * a))
     assert math.isclose(got.item(), sum(terms) / len(terms), rel_tol=1e-5)
+
+
+def test_token_logprobs_and_chunked_entropy_match_the_full_log_softmax():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 50, requires_grad=True)
+    tokens = torch.randint(0, 50, (3, 5))
+    full = torch.log_softmax(logits, -1)
+    want = full.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    got = core.token_logprobs(logits, tokens)
+    assert torch.allclose(got, want, atol=1e-6)
+    (g_got,) = torch.autograd.grad(got.sum(), logits)
+    (g_want,) = torch.autograd.grad(want.sum(), logits)
+    assert torch.allclose(g_got, g_want, atol=1e-6)
+    entropy = -(full.exp() * full).sum(-1)
+    assert torch.allclose(core.entropy_from_logits(logits), entropy, atol=1e-6)  # with grad
+    with torch.no_grad():  # one sequence at a time
+        assert torch.allclose(core.entropy_from_logits(logits), entropy, atol=1e-6)

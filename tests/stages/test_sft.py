@@ -106,3 +106,29 @@ def test_other_peft_types_train_and_reload(tmp_path, monkeypatch, tiny_pipeline_
     base_logits = logits_of(base, tok)
     tail = captured["logits"][:, -base_logits.shape[1] :]  # prompt tuning prepends virtual tokens
     assert (base_logits - tail).abs().max() > 1e-4  # the adapter does something
+
+
+def test_sft_cleans_its_data_and_reports_in_the_stage_dir(tmp_path, tiny_pipeline_cfg):
+    import json
+
+    from alignkit.data.sources import load_rows
+
+    rows = [r.data for r in load_rows("builtin:sft")[:40]]
+    leaked = {
+        "messages": [
+            {"role": "user", "content": "Topic: forest market theater journey"},
+            rows[0]["messages"][1],
+        ]
+    }  # fmt: skip  (builtin:prompts[test] row 0)
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [*rows, rows[3], rows[7], leaked]))
+    raw = tiny_pipeline_cfg(tmp_path / "run", steps=2)
+    stage = raw["stages"][0]
+    stage["data"] = {"source": str(data), "eval_size": 4, "group_by": "prompt", "clean": {}}
+    stage["heldout"] = {**stage["heldout"], "prompts": "builtin:prompts"}
+    run_pipeline(validate_pipeline(raw, stage_kinds()), REGISTRY, tmp_path / "run")
+    report = json.loads((tmp_path / "run" / "sft" / "data_clean.json").read_text())
+    removed = {rule: c["count"] for rule, c in report["removed"].items() if c["count"]}
+    assert removed == {"exact_duplicate": 2, "contaminated": 1}
+    metrics = json.loads((tmp_path / "run" / "sft" / "stage.json").read_text())["metrics"]
+    assert (metrics["train_rows"], metrics["eval_rows"]) == (36, 4)

@@ -150,6 +150,7 @@ def test_vllm_settings_are_one_block_in_every_stage():
             "data.eval_source",
         ),
         ({"kind": "rollout", "data": {"eval_split": "test"}}, "data.eval_split"),
+        ({"kind": "grpo", "rewards": ["gold"], "data": {"group_by": "prompt"}}, "data.group_by"),
     ],
 )
 def test_held_out_data_keys_a_prompt_stage_never_reads_are_refused(stage, refused):
@@ -160,3 +161,20 @@ def test_held_out_data_keys_a_prompt_stage_never_reads_are_refused(stage, refuse
     raw = {"stages": [sft, {**stage, "name": stage["kind"], "data": data}]}
     with pytest.raises(UserError, match=f"{refused}: not read by a {stage['kind']} stage"):
         validate_pipeline(raw, stage_kinds())
+
+
+@pytest.mark.parametrize(
+    ("kind", "data", "message"),
+    [
+        ("rollout", {"clean": {}}, "clean them first (alignkit data clean"),
+        ("dpo", {"eval_split": "test", "stratify_by": "category"}, "with eval_source/eval_split"),
+        ("dpo", {"clean": {"min_length": 9, "max_length": 3}}, "min_length 9 > max_length 3"),
+        ("dpo", {"clean": {"near_dup_treshold": 0.9}}, "did you mean 'near_dup_threshold'"),
+    ],
+)
+def test_data_clean_and_split_keys_are_checked_at_load(kind, data, message):
+    source = {"rollout": "builtin:prompts", "dpo": "builtin:preference"}[kind]
+    stages = [{"name": "sft", "kind": "sft", "data": {"source": "builtin:sft"}}]
+    stages.append({"name": kind, "kind": kind, "data": {"source": source, **data}})
+    with pytest.raises(UserError, match=re.escape(message)):
+        validate_pipeline({"stages": stages}, stage_kinds())

@@ -1,0 +1,1 @@
+"""Hyperparameter sweeps over one pipeline stage on Optuna (``alignkit sweep CONFIG``)."""
