@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from peft import LoraConfig, get_peft_model_state_dict
+from peft.tuners.adalora import AdaLoraLayer
+from safetensors.torch import save_file
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
@@ -100,11 +104,6 @@ def save_adalora_as_lora(model, out_dir: Path, state_dict: dict | None = None) -
     module pruned to rank 0 is left out. Saved so, the adapter continues into DPO/GRPO (TRL
     copies a LoRA adapter into its frozen reference; it cannot copy an AdaLoRA one), PPO, merge
     and vLLM like any LoRA adapter. ``state_dict``: the weights gathered from every rank."""
-    import torch
-    from peft import LoraConfig, get_peft_model_state_dict
-    from peft.tuners.adalora import AdaLoraLayer
-    from safetensors.torch import save_file
-
     config = model.peft_config[POLICY_ADAPTER]
     live = dict(model.named_parameters())
 

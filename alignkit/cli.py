@@ -19,7 +19,20 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from alignkit import interrupts
+from alignkit import interrupts, reference
+from alignkit.config import (
+    COMPARE_SAMPLES,
+    DEFAULT_SAMPLING,
+    CleanSpec,
+    ModelSpec,
+    apply_override,
+    load_pipeline,
+    parent_of,
+    read_pipeline,
+    read_yaml,
+    validate_block,
+    validate_pipeline,
+)
 from alignkit.errors import UserError
 
 app = typer.Typer(
@@ -37,20 +50,21 @@ SetOpt = Annotated[
 
 
 def _registry():
+    # the areas load torch (seconds): only the commands that run them import them
     from alignkit.stages import REGISTRY
 
     return REGISTRY
 
 
 def _load(config: Path, overrides: list[str] | None):
-    from alignkit.config import load_pipeline
+    # the areas load torch (seconds): only the commands that run them import them
     from alignkit.stages import stage_kinds
 
     return load_pipeline(config, stage_kinds(), overrides)
 
 
 def _run(cfg, run_dir: Path | None) -> None:
-    from alignkit.pipeline import run_pipeline
+    from alignkit.pipeline import run_pipeline  # the runner starts the accelerate state
 
     target = run_dir or Path(cfg.run.dir or f"runs/{cfg.run.name}")
     try:
@@ -81,7 +95,7 @@ def run(
 def _write_run_page(run_dir: Path) -> Path | None:
     """The run's report.html, written by the main process at the end of ``alignkit run``. A
     page that cannot be written is a warning: the run's own outcome is what counts here."""
-    from alignkit.eval.run_page import write_run_report
+    from alignkit.eval.run_page import write_run_report  # an area: matplotlib, seconds
 
     main = os.environ.get("RANK", "0") == "0"  # torchrun and accelerate launch set RANK
     if not main or not (run_dir / "manifest.json").exists():
@@ -101,7 +115,7 @@ def report(
     ] = None,
 ) -> None:
     """Write one self-contained HTML page for a run: stage graph, curves, health, samples."""
-    from alignkit.eval.run_page import write_run_report
+    from alignkit.eval.run_page import write_run_report  # an area: matplotlib, seconds
 
     console.print(f"run page written to [bold]{write_run_report(run_dir, out)}[/]")
 
@@ -116,7 +130,7 @@ def sweep(
 ) -> None:
     """Search one stage's hyperparameters on Optuna: shared upstream stages, one run per trial,
     pruning, a resumable study; report with the best config, a table and plots."""
-    from alignkit.config import read_pipeline
+    # the areas load torch (seconds): only the commands that run them import them
     from alignkit.stages import stage_kinds
     from alignkit.sweep.study import run_sweep
 
@@ -147,12 +161,10 @@ def sft(
 
 def _single_stage(kind, config, data, model, adapter, quantization, stage, run_dir, overrides):
     """Run one stage kind from a config (with the stages it starts from) or from flags."""
-    from alignkit.config import apply_override, validate_pipeline
+    # the areas load torch (seconds): only the commands that run them import them
     from alignkit.stages import stage_kinds
 
     if config is not None:
-        from alignkit.config import parent_of
-
         cfg = _load(config, overrides)
         needed: set[str] = set()
         for target in (s for s in cfg.stages if s.kind == kind):
@@ -206,7 +218,7 @@ def merge(
     out: Annotated[Path, typer.Option(help="Directory for the merged model")],
 ) -> None:
     """Merge a stage's adapter into its base and save a full model for serving."""
-    from alignkit.models import merge_stage
+    from alignkit.models import merge_stage  # torch and transformers: seconds to import
 
     console.print(f"merged model written to [bold]{merge_stage(stage, out)}[/]")
 
@@ -226,7 +238,7 @@ def status(
     ] = False,
 ) -> None:
     """Show a run's stages, their status, key metrics and health."""
-    from alignkit import status as view
+    from alignkit import status as view  # each command imports only what it runs
 
     if as_json:
         print(json.dumps(view.load_status(run_dir), indent=2))
@@ -246,7 +258,7 @@ def data_check(
     ] = None,
 ) -> None:
     """Summarize a dataset (rows, formats, length percentiles) and list bad rows."""
-    from alignkit.data import check as checks
+    from alignkit.data import check as checks  # each command imports only what it runs
 
     check = {
         "sft": checks.check_sft,
@@ -257,8 +269,7 @@ def data_check(
         raise UserError(f"--kind {kind!r}: supported kinds: sft, preference, prompts")
     tok = None
     if tokenizer is not None:
-        from alignkit.config import ModelSpec
-        from alignkit.models import load_tokenizer, resolve_model_path
+        from alignkit.models import load_tokenizer, resolve_model_path  # transformers: seconds
 
         tok = load_tokenizer(resolve_model_path(ModelSpec(name=tokenizer)))
     report = check(source, split=split, tokenizer=tok)
@@ -289,7 +300,7 @@ def data_clean(
     ] = None,
 ) -> None:
     """Remove duplicates, near duplicates, eval-set overlap and broken rows; mask PII."""
-    from alignkit.config import CleanSpec, read_yaml, validate_block
+    # each command imports only what it runs
     from alignkit.data.clean import clean_file
     from alignkit.data.clean_report import print_report, report_path
 
@@ -303,8 +314,7 @@ def data_clean(
     spec = validate_block(CleanSpec, raw, "data clean --set")
     tok = None
     if tokenizer is not None:
-        from alignkit.config import ModelSpec
-        from alignkit.models import load_tokenizer, resolve_model_path
+        from alignkit.models import load_tokenizer, resolve_model_path  # transformers: seconds
 
         tok = load_tokenizer(resolve_model_path(ModelSpec(name=tokenizer)))
     report = clean_file(
@@ -321,18 +331,18 @@ def rollout(
     model: Annotated[str | None, typer.Option(help="Hub id, path or builtin:tiny")] = None,
     adapter: Annotated[str | None, typer.Option(help="PEFT adapter dir on --model")] = None,
     stage: Annotated[str | None, typer.Option(help="A finished stage RUN_DIR/STAGE")] = None,
-    n: Annotated[int, typer.Option(help="Samples per prompt")] = 4,
+    n: Annotated[int, typer.Option(help="Samples per prompt")] = COMPARE_SAMPLES,
     engine: Annotated[str, typer.Option(help="hf | vllm")] = "hf",
     reward: Annotated[
         list[str] | None, typer.Option(help="gold, a rule, module:function or an RM dir; SPEC*W")
     ] = None,
     best_of_n: Annotated[bool, typer.Option(help="Also write DIR/preferences.jsonl")] = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: Annotated[int, typer.Option(help="0 = off")] = 0,
-    max_new_tokens: int = 128,
+    temperature: float = DEFAULT_SAMPLING.temperature,
+    top_p: float = DEFAULT_SAMPLING.top_p,
+    top_k: Annotated[int, typer.Option(help="0 = off")] = DEFAULT_SAMPLING.top_k,
+    max_new_tokens: int = DEFAULT_SAMPLING.max_new_tokens,
     stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable)")] = None,
-    seed: int = 0,
+    seed: int = DEFAULT_SAMPLING.seed,
     split: Annotated[str | None, typer.Option(help="Split of a Hub/builtin source")] = None,
     max_prompts: int | None = None,
     on_bad_rows: Annotated[str, typer.Option(help="error | skip")] = "error",
@@ -340,11 +350,14 @@ def rollout(
     quantization: Annotated[str | None, typer.Option(help="none | 4bit | 8bit")] = None,
     chunk_prompts: Annotated[int | None, typer.Option(help="Prompts per write")] = None,
     batch_size: Annotated[int, typer.Option(help="HF: sequences per forward")] = 64,
-    gpu_memory_utilization: Annotated[float, typer.Option(help="vLLM")] = 0.9,
-    tensor_parallel_size: Annotated[int, typer.Option(help="vLLM")] = 1,
+    gpu_memory_utilization: Annotated[
+        float | None, typer.Option(help="vLLM: share of the GPU it may take")
+    ] = None,
+    tensor_parallel_size: Annotated[int | None, typer.Option(help="vLLM: GPUs per engine")] = None,
 ) -> None:
     """Generate n completions per prompt, score them, write sharded JSONL (resumable)."""
     options = dict(locals())  # every flag above, before anything else is defined
+    # the areas load torch (seconds): only the commands that run them import them
     from alignkit.rollouts.job import job_config, run_rollout_job
 
     run_rollout_job(job_config(**options), console)
@@ -368,23 +381,39 @@ def compare(
         typer.Option(help="gold, a rule, module:function or an RM dir (repeatable)"),
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Output dir (samples cached there)")] = None,
-    n: Annotated[int | None, typer.Option(help="Samples per prompt (default 4)")] = None,
+    n: Annotated[
+        int | None, typer.Option(help=f"Samples per prompt (default {COMPARE_SAMPLES})")
+    ] = None,
     engine: Annotated[str | None, typer.Option(help="hf | vllm")] = None,
     head_to_head: Annotated[
         bool | None, typer.Option("--head-to-head", help="Also compare aligned models pairwise")
     ] = None,
     split: Annotated[str | None, typer.Option(help="Split of a Hub/builtin source")] = None,
     max_prompts: Annotated[int | None, typer.Option(help="First N prompts (default 256)")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(help="Default 128")] = None,
-    temperature: Annotated[float | None, typer.Option(help="Default 1.0")] = None,
-    seed: Annotated[int | None, typer.Option(help="Default 0")] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(help=f"Default {DEFAULT_SAMPLING.max_new_tokens}")
+    ] = None,
+    temperature: Annotated[
+        float | None, typer.Option(help=f"Default {DEFAULT_SAMPLING.temperature}")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help=f"Default {DEFAULT_SAMPLING.seed}")] = None,
 ) -> None:
     """Compare aligned models with their base: rewards, win rates with CIs, KL, a report."""
     options = dict(locals())
+    # the areas load torch (seconds): only the commands that run them import them
     from alignkit.eval.compare import compare_config, run_compare
 
     options["rewards"] = options.pop("reward")
     run_compare(compare_config(options.pop("config"), **options), console)
+
+
+@app.command("config-reference")
+def config_reference() -> None:
+    """Print every stage kind's fields and blocks as Markdown (docs/config-reference.md)."""
+    # the areas load torch (seconds): only the commands that run them import them
+    from alignkit.stages import stage_kinds
+
+    print(reference.config_reference(stage_kinds()), end="")
 
 
 def _quiet_libraries() -> None:
@@ -401,7 +430,7 @@ def _usage_errors() -> tuple[type, ...]:
     """Click's usage-error base: typer >= 0.20 vendors click (``typer.TyperException``); older
     typers raise click's own."""
     kinds: list[type] = [t for t in (getattr(typer, "TyperException", None),) if t]
-    try:
+    try:  # older typers only: newer ones vendor click, which may then be absent
         import click
 
         kinds.append(click.ClickException)
@@ -412,7 +441,7 @@ def _usage_errors() -> tuple[type, ...]:
 
 def _abort_kinds() -> tuple[type, ...]:
     kinds: list[type] = [KeyboardInterrupt, typer.Abort]
-    try:
+    try:  # older typers only, as above
         import click
 
         kinds.append(click.exceptions.Abort)

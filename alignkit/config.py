@@ -22,7 +22,15 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from alignkit.errors import UserError
 from alignkit.rundir import RESERVED_NAMES
@@ -34,7 +42,12 @@ _STAGE_NAME = re.compile(r"[\w.-]{1,100}")
 class Strict(BaseModel):
     """Base for every config block: unknown keys are errors, values are checked on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(
+        extra="forbid",
+        validate_assignment=True,
+        protected_namespaces=(),
+        use_attribute_docstrings=True,  # a field's docstring is its description (see reference.py)
+    )
 
 
 class RunSpec(Strict):
@@ -349,6 +362,13 @@ class SamplingSpec(Strict):
         )
 
 
+#: Samples per prompt where samples are compared (a comparison, a rollout job or stage): each
+#: prompt gives a best-vs-worst pair and a mean over more than one sample.
+COMPARE_SAMPLES = 4
+#: The sampling defaults, for what shows them without holding a spec (the CLI's flags).
+DEFAULT_SAMPLING = SamplingSpec()
+
+
 class HeldoutSpec(Strict):
     """Held-out evaluation after a policy stage: sample the policy and its reference on the same
     prompts, score both, and estimate KL(policy || reference) from the policy's samples."""
@@ -479,6 +499,8 @@ class LayerwiseLrSpec(Strict):
 class TrainerOptions(BaseModel):
     """Optimizer options of every stage on a TRL trainer (mixed into their configs)."""
 
+    model_config = ConfigDict(use_attribute_docstrings=True)  # as Strict's (a mixin: no Strict)
+
     layerwise_lr: LayerwiseLrSpec | None = None
     """Full fine-tuning only: learning rates by depth (see ``LayerwiseLrSpec``); LoRA has
     ``adapter.loraplus_ratio`` instead."""
@@ -523,7 +545,8 @@ class StageBase(Strict):
     #: Whether this stage produces a policy (a later stage may start from it).
     is_policy: ClassVar[bool] = False
     #: Trainer options the stage sets from fields named otherwise (option -> field); an option
-    #: named like one of the stage's fields is owned by that field without being listed.
+    #: named like one of the stage's fields is owned by that field without being listed. On a
+    #: kind without a trainer, the usual TRL names of its fields (named in the refusal).
     owned_options: ClassVar[dict[str, str]] = {}
 
     train: dict[str, Any] = {}
@@ -532,8 +555,10 @@ class StageBase(Strict):
 
     @model_validator(mode="after")
     def _check_train_keys(self) -> StageBase:
-        if type(self).trainer_config is None or not self.train:
+        if not self.train:
             return self
+        if type(self).trainer_config is None:
+            raise ValueError(self._no_trainer_message())
         cls = trainer_config_class(type(self))
         valid = {f.name for f in dataclasses.fields(cls)}
         for key in self.train:
@@ -557,6 +582,22 @@ class StageBase(Strict):
             if owner is not None:
                 raise ValueError(f"'train.{key}' is set by this stage's '{owner}'; set it there")
         return self
+
+    def _no_trainer_message(self) -> str:
+        """Why a ``train:`` block is refused on a stage kind without a TRL trainer, naming the
+        stage's own field for each key where there is one."""
+        own = [f for f in type(self).model_fields if f not in ("kind", "name", "from_", "train")]
+        hints = []
+        for key in self.train:
+            field = type(self).owned_options.get(key) or (key if key in own else None)
+            if field is not None:
+                hints.append(f"train.{key} -> {field}")
+            else:
+                hints.append(f"train.{key}: no such setting{did_you_mean(key, own)}")
+        return (
+            f"a {self.kind} stage has no 'train:' block (no TRL trainer reads one; it would be "
+            f"ignored): {'; '.join(hints)}. Set the stage's own fields: {', '.join(own)}"
+        )
 
     def uses_stages(self) -> list[str]:
         """Names of other stages whose outputs this stage reads besides its parent (e.g. a reward
@@ -603,8 +644,6 @@ _TRAIN_RANGES: dict[str, tuple[str, float]] = {
 def _trainer_value_problem(cls: type, key: str, value: Any) -> str | None:
     """Why ``value`` cannot be TRL config ``cls``'s field ``key``, or None: its type (from the
     dataclass annotation) and, for common knobs, its range. ``max_steps`` is -1 (epochs) or > 0."""
-    from pydantic import TypeAdapter
-
     try:
         hint = typing.get_type_hints(cls)[key]
     except Exception:  # noqa: BLE001 (an annotation we cannot resolve: leave it to TRL)
@@ -756,6 +795,12 @@ def _check_stage_graph(cfg: PipelineConfig, where: str) -> None:
             raise UserError(
                 f"{where}: stage {s.name!r} has from: {s.from_!r}, which is not an earlier stage"
                 f"{hint}"
+            )
+        parent = parent_of(cfg, s)
+        if type(s).is_policy and getattr(s, "adapter", None) is not None and parent is not None:
+            raise UserError(
+                f"{where}: stage {s.name!r} continues the adapter of {parent.name!r}, so its "
+                "'adapter' block would be ignored; remove it (or start without a parent)"
             )
         seen.add(s.name)
 

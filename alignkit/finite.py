@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from alignkit.errors import UserError
 
@@ -57,8 +58,6 @@ def check_saved_weights(stage_dir: Path, where: str) -> None:
     """Raise :class:`NonFiniteError` when any saved ``*.safetensors`` under ``stage_dir``
     (checkpoints excluded) holds a NaN or an inf, or an empty tensor (a shard of a ZeRO-3 or
     FSDP model saved without gathering it: the weights would load as nothing)."""
-    from safetensors import safe_open
-
     for path in sorted(stage_dir.rglob("*.safetensors")):
         if "checkpoints" in path.relative_to(stage_dir).parts:
             continue

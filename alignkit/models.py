@@ -12,10 +12,20 @@ import logging
 import shutil
 from pathlib import Path
 
+import peft
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from accelerate import PartialState
+from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedTokenizerBase,
+)
 
 from alignkit.adapters import INITIAL_ADAPTER_DIR, save_adalora_as_lora
+from alignkit.builtin import ensure_tiny_model
 from alignkit.config import BUILTIN_MODEL, AdapterSpec, ModelSpec
 from alignkit.errors import UserError
 from alignkit.handoff import (
@@ -37,8 +47,6 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def resolve_model_path(spec: ModelSpec) -> str:
     """A Hub id or local path for ``spec.name``; builds and caches ``builtin:tiny`` on first use."""
     if spec.name == BUILTIN_MODEL:
-        from alignkit.builtin import ensure_tiny_model
-
         return str(ensure_tiny_model())
     if spec.name.startswith("builtin:"):
         raise UserError(
@@ -89,8 +97,6 @@ def load_tokenizer(source: str | Path, spec: ModelSpec | None = None) -> PreTrai
 def quantization_config(spec: ModelSpec):
     if spec.quantization == "none":
         return None
-    from transformers import BitsAndBytesConfig
-
     if spec.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     compute = torch_dtype(spec)
@@ -165,16 +171,12 @@ def _resize_embeddings(model, size: int) -> None:
 
 def _device_index():
     if torch.cuda.is_available():
-        from accelerate import PartialState
-
         return PartialState().local_process_index
     return "cpu"
 
 
 def peft_config(adapter: AdapterSpec, task_type: str = "CAUSAL_LM"):
     """The peft config for an adapter spec (``None`` for full fine-tuning)."""
-    import peft
-
     if adapter.type == "full":
         return None
     if adapter.type == "lora":
@@ -225,8 +227,6 @@ def peft_config(adapter: AdapterSpec, task_type: str = "CAUSAL_LM"):
 
 def attach_adapter(model, adapter: AdapterSpec, spec: ModelSpec, task_type: str = "CAUSAL_LM"):
     """Wrap ``model`` with a new trainable adapter (or return it as is for full fine-tuning)."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
-
     if adapter.type == "full":
         if spec.quantization != "none":
             raise UserError(
@@ -240,8 +240,6 @@ def attach_adapter(model, adapter: AdapterSpec, spec: ModelSpec, task_type: str 
 
 def load_adapter(model, adapter_dir: str | Path, trainable: bool, name: str = POLICY_ADAPTER):
     """Load a saved adapter onto ``model`` (trainable or frozen)."""
-    from peft import PeftModel
-
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").exists():
         raise UserError(f"no adapter found at {adapter_dir} (adapter_config.json missing)")
@@ -256,8 +254,6 @@ def load_stage_model(
     """Base + the adapter (or the full model) a finished stage saved, with the stage's tokenizer.
 
     A sequence-classification class is loaded with one output (the reward model's score)."""
-    from transformers import AutoModelForSequenceClassification
-
     extra = {"num_labels": 1} if model_cls is AutoModelForSequenceClassification else {}
     stage_dir = Path(stage_dir)
     tokenizer = load_tokenizer(stage_dir, spec)
@@ -289,8 +285,6 @@ def load_policy(spec: ModelSpec, adapter: AdapterSpec, parent_dir: Path | None):
     model = load_base(spec, tokenizer)
     if parent_dir is not None:
         if spec.quantization != "none":
-            from peft import prepare_model_for_kbit_training
-
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         return load_adapter(model, parent_dir / ADAPTER_DIR, trainable=True), tokenizer
     return attach_adapter(model, adapter, spec), tokenizer
@@ -305,8 +299,6 @@ def save_stage_model(
     loads with plain peft/transformers (and vLLM). ``state_dict``: the model's full weights when
     they were gathered from shards (ZeRO-3, FSDP). Returns the subdir name written.
     """
-    from peft import PeftModel
-
     if isinstance(model, PeftModel) and model.peft_config[POLICY_ADAPTER].peft_type == "ADALORA":
         sub = ADAPTER_DIR
         save_adalora_as_lora(model, out_dir / sub, state_dict)
@@ -336,8 +328,6 @@ def save_stage_model(
 def merge_stage(stage_dir: str | Path, out_dir: str | Path) -> Path:
     """Write base + a stage's adapter as one full model (safetensors + tokenizer) that plain
     ``from_pretrained`` loads. A quantized stage is merged into the unquantized base weights."""
-    from transformers import AutoModelForSequenceClassification
-
     stage_dir, out_dir = Path(stage_dir), Path(out_dir)
     stage = StageOutput.read(stage_dir)
     if stage is None:

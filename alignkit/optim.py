@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from peft.optimizers import create_loraplus_optimizer
 from torch import nn
 from transformers import Trainer
 from transformers.trainer_optimizer import is_optimizer_factory
@@ -90,8 +91,6 @@ def loraplus_groups(ratio: float, lr: float, weight_decay: float) -> Groups:
     """LoRA+ (Hayou et al. 2024) through peft's own grouping: B matrices (and 1-d adapter
     parameters) at ``lr * ratio``, A matrices at ``lr``. Each group is named (``lora_A``,
     ``lora_B``, ``lora_B_no_decay``, ``lora_embedding``) for the logs and tests."""
-    from peft.optimizers import create_loraplus_optimizer
-
     names = ("lora_A", "lora_embedding", "lora_B", "lora_B_no_decay")
 
     class _Collect:  # peft builds the optimizer; we want only its groups

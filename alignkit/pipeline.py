@@ -32,7 +32,14 @@ from alignkit.config import (
 )
 from alignkit.errors import UserError
 from alignkit.handoff import StageOutput, find_stage
-from alignkit.rundir import RunDir, checkpoint_step, read_json_or_none, trim_logs_to_step
+from alignkit.health import health_summary
+from alignkit.rundir import (
+    RunDir,
+    checkpoint_step,
+    latest_checkpoint,
+    read_json_or_none,
+    trim_logs_to_step,
+)
 from alignkit.tracking import NO_TRACKING, StageTracker, check_trackers, open_stage_tracker
 
 log = logging.getLogger(__name__)
@@ -199,7 +206,7 @@ def plan_of_rank_zero(decisions: list[Decision]) -> list[Decision]:
     changing them (dropping a stale partial dir, trimming logs) as soon as it has planned: a
     rank that planned a moment later could resume a checkpoint rank 0 just deleted, or skip a
     stage the others train, and the run would deadlock or diverge."""
-    from accelerate.utils import broadcast_object_list
+    from accelerate.utils import broadcast_object_list  # see _cuda: the runner plans without torch
 
     payload = [[(d.hash, d.action, d.reason, d.resume_from) for d in decisions]]
     broadcast_object_list(payload, from_process=0)
@@ -232,7 +239,7 @@ def run_pipeline(
     trial: TrialReport | None = None,
 ) -> list[Decision]:
     """Plan and run the stages; ``trial``: the sweep trial the stage ``trial.stage`` reports to."""
-    from accelerate import PartialState
+    from accelerate import PartialState  # see _cuda: the runner plans without torch
 
     console = console or Console()
     check_trackers(cfg.run.report_to)
@@ -280,7 +287,7 @@ def print_timings(decisions: list[Decision], manifest: dict, console: Console) -
 def _run_stage(
     cfg, registry, rd: RunDir, d: Decision, manifest, entry, state, console, trial
 ) -> None:
-    from alignkit.finite import check_saved_weights
+    from alignkit.finite import check_saved_weights  # torch; see _cuda
 
     entry.update(status="running", started=_now())
     rd.write_manifest(manifest)
@@ -370,8 +377,6 @@ def _record_failure(rd: RunDir, manifest, entry, out_dir: Path, error, console) 
     except Exception as e:  # noqa: BLE001 (reporting must not hide the stage's error)
         log.warning("could not record the stage's status in the manifest: %s", e)
     if interrupted and rd.is_main:
-        from alignkit.rundir import latest_checkpoint
-
         checkpoint = latest_checkpoint(out_dir / "checkpoints")
         kept = f"its checkpoint {checkpoint.name} is kept" if checkpoint else "no checkpoint yet"
         console.print(
@@ -406,6 +411,7 @@ def _engine(world_size: int) -> str:
 
 
 def _cuda() -> bool:
+    # torch costs seconds: planning, manifests and `alignkit status` run without it
     import torch
 
     return torch.cuda.is_available()
@@ -448,13 +454,12 @@ def _parent_output(rd: RunDir, parent: StageBase | None) -> StageOutput | None:
 
 def _health(out_dir: Path) -> dict:
     """The stage's health-check summary (``health.json``, see :mod:`alignkit.health`)."""
-    from alignkit.health import health_summary
-
     summary = health_summary(out_dir)
     return {"health": summary} if summary else {}
 
 
 def _stage_record(cfg, d: Decision, result: StageResult, parent, started: float) -> dict:
+    # the versions recorded (the stage has imported them already); see _cuda
     import peft
     import torch
     import transformers

@@ -141,7 +141,7 @@ def open_stage_tracker(
 
 class _TensorBoard:
     def __init__(self, root, run_name, stage, kind, config, resume_step):
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # only when report_to has it
 
         log_dir = str(root / "tensorboard" / stage)
         purge = None if resume_step is None else resume_step + 1  # steps after the checkpoint
@@ -174,7 +174,7 @@ class _TensorBoard:
 
 class _WandB:
     def __init__(self, root, run_name, stage, kind, config, resume_step):
-        import wandb
+        import wandb  # an optional tracker: only when report_to has it
 
         self.wandb = wandb
         self.run = wandb.init(
@@ -206,7 +206,7 @@ class _WandB:
         self.run.log({key: table, "train/global_step": step})
 
     def trainer_callback(self):
-        from transformers.integrations import WandbCallback
+        from transformers.integrations import WandbCallback  # transformers: seconds
 
         return WandbCallback()  # logs into wandb.run, the run opened here
 
@@ -218,7 +218,7 @@ class _MLflow:
     PARENT_FILE = "mlflow_parent.json"
 
     def __init__(self, root, run_name, stage, kind, config, resume_step):
-        import mlflow
+        import mlflow  # an optional tracker: only when report_to has it
 
         self.mlflow = mlflow
         uri = os.environ.get("MLFLOW_TRACKING_URI")
@@ -269,7 +269,7 @@ class _MLflow:
         self.mlflow.log_table(columns, artifact_file=f"{key}/step-{step:06d}.json")
 
     def trainer_callback(self):
-        from transformers.integrations import MLflowCallback
+        from transformers.integrations import MLflowCallback  # transformers: seconds
 
         return MLflowCallback()  # logs into the active run: this stage's nested run
 

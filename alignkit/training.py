@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import EarlyStoppingCallback, TrainerCallback
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_callback import ExportableState
 
 from alignkit import models  # through the module: tests swap save_stage_model
@@ -20,6 +22,17 @@ from alignkit.finite import NonFiniteError, nonfinite_names, stop_message
 from alignkit.handoff import weights_subdir
 from alignkit.optim import grouped_optimizer
 from alignkit.rundir import read_json_or_none, write_json_atomic
+
+
+def stage_trl_args(cls: type, cfg, ctx, *, seed: int | None = None, **ours: Any):
+    """:func:`trl_args` for a stage: its ``train:`` block, checkpoints in its partial dir, the
+    run's seed (or ``seed``), errors named by the stage, and what its config asks of the trainer
+    (early stopping)."""
+    seed = ctx.seed if seed is None else seed
+    return trl_args(
+        cls, cfg.train, output_dir=ctx.checkpoint_dir, seed=seed, where=ctx.where, options=cfg,
+        **ours,
+    )  # fmt: skip
 
 
 def trl_args(
@@ -357,10 +370,6 @@ def save_trained(trainer, tokenizer, ctx, adapter_type: str) -> str:
 def weights_sharded() -> bool:
     """Whether each rank holds only a shard of the weights (DeepSpeed ZeRO-3, FSDP): then any
     forward pass is a collective every rank must join."""
-    import os
-
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
         return True
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
     return is_deepspeed_zero3_enabled()

@@ -25,6 +25,8 @@ from pydantic import Field, ValidationError, model_validator
 from rich.console import Console
 
 from alignkit.config import (
+    COMPARE_SAMPLES,
+    DEFAULT_SAMPLING,
     MaxNewTokens,
     Samples,
     SamplingSpec,
@@ -33,10 +35,13 @@ from alignkit.config import (
     TopP,
     read_yaml,
 )
+from alignkit.data.prompts import load_prompts
 from alignkit.errors import UserError
-from alignkit.eval import scoring
+from alignkit.eval import metrics, plots, report, scoring
 from alignkit.eval.cache import GenerationCache
 from alignkit.handoff import StageOutput
+from alignkit.models import load_tokenizer
+from alignkit.rewards.registry import resolve_rewards
 from alignkit.rollouts.source import ModelSource, model_source
 from alignkit.rollouts.types import EngineName, encode_prompts
 from alignkit.rollouts.vllm import VLLMConfig
@@ -60,12 +65,16 @@ class CompareConfig(Strict):
     rewards: list[str] = Field(min_length=1)
     """``gold``, a rule, ``module:function`` or a reward-model dir; each reported on its own."""
     out: str
-    n: Samples = 4
+    n: Samples = COMPARE_SAMPLES
     """Samples per prompt and model."""
-    temperature: Temperature = 1.0
-    top_p: TopP = 1.0
-    max_new_tokens: MaxNewTokens = 128
-    seed: int = 0
+    temperature: Temperature = DEFAULT_SAMPLING.temperature
+    """Sampling temperature of every model (top-k off: their own distributions)."""
+    top_p: TopP = DEFAULT_SAMPLING.top_p
+    """Nucleus sampling; 1 keeps every token."""
+    max_new_tokens: MaxNewTokens = DEFAULT_SAMPLING.max_new_tokens
+    """New tokens per sample."""
+    seed: int = DEFAULT_SAMPLING.seed
+    """Sampling seed: every model samples with it, so comparisons are paired and repeatable."""
     engine: EngineName = "hf"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     quantization: Literal["none", "4bit", "8bit"] | None = None
@@ -147,11 +156,6 @@ class Entry:
 
 def run_compare(cfg: CompareConfig, console: Console | None = None) -> dict:
     """Run (or resume) the comparison into ``cfg.out``; returns the results (``results.json``)."""
-    from alignkit.data.prompts import load_prompts
-    from alignkit.eval import metrics, plots, report
-    from alignkit.models import load_tokenizer
-    from alignkit.rewards.registry import resolve_rewards
-
     console = console or Console(stderr=True)
     rewards = resolve_rewards(cfg.rewards)
     rows = _unique(load_prompts(cfg.prompts, cfg.split).rows)[: cfg.max_prompts]

@@ -15,9 +15,12 @@ from collections.abc import Callable
 import numpy as np
 
 from alignkit.config import HeldoutSpec
+from alignkit.data.prompts import load_prompts
 from alignkit.eval.logprobs import sequence_logprobs
 from alignkit.eval.stats import bootstrap_mean_ci
 from alignkit.handoff import AdapterView
+from alignkit.rewards.gold import gold_reward
+from alignkit.rewards.registry import resolve_rewards
 from alignkit.rollouts import make_engine
 
 RewardFn = Callable[..., list[float]]
@@ -47,8 +50,6 @@ def evaluate_policy(
     CI over prompts), ``kl_ref`` (mean nats per sequence), ``kl_ref_per_token``, ``response_length``
     and ``eos_rate`` (with ``_ref`` twins for the reference), ``heldout_prompts``.
     """
-    from alignkit.data.prompts import load_prompts
-
     source = spec.prompts or default_prompts
     if not spec.enabled or source is None:
         return {}
@@ -75,12 +76,8 @@ def evaluate_policy(
 
     rewards: dict[str, RewardFn] = {}
     if has_gold:
-        from alignkit.rewards.gold import gold_reward
-
         rewards["gold_reward"] = gold_reward
     if reward is None and spec.rewards:
-        from alignkit.rewards.registry import resolve_rewards
-
         reward = resolve_rewards(spec.rewards)
     if reward is not None or has_gold:
         rewards["reward"] = reward or rewards["gold_reward"]

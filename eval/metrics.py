@@ -11,10 +11,13 @@ with the largest gains and losses.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
 import numpy as np
+import sacrebleu
+from rouge_score import rouge_scorer
 
 from alignkit import __version__
 from alignkit.eval.scoring import ModelSamples
@@ -119,11 +122,6 @@ def _model_metrics(s: ModelSamples, rows: list[dict], base: str | None, cfg) -> 
 def _overlap(rows: list[dict], s: ModelSamples) -> tuple[float | None, float | None]:
     """Corpus BLEU (sacrebleu, 0-100) and mean ROUGE-L F1 (rouge-score, 0-1) of every sample
     against its prompt's reference."""
-    import logging
-
-    import sacrebleu
-    from rouge_score import rouge_scorer
-
     logging.getLogger("absl").setLevel(
         logging.WARNING
     )  # rouge-score logs every tokenizer it builds

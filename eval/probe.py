@@ -15,12 +15,15 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from alignkit.builtin.task import all_words
 from alignkit.config import HeldoutSpec
 from alignkit.eval.heldout import sample
 from alignkit.eval.logprobs import sequence_logprobs
 from alignkit.handoff import AdapterView
 from alignkit.health import SAMPLES_FILE, HealthSpec
+from alignkit.rewards.gold import gold_reward
 from alignkit.tracking import NO_TRACKING, StageTracker
 
 
@@ -49,7 +52,6 @@ class HealthProbe:
         )
 
     def __call__(self, step: int) -> dict[str, float]:
-        import torch
 
         with torch.random.fork_rng():  # a probe must not move the training's random stream
             return self._measure(step)
@@ -71,8 +73,6 @@ class HealthProbe:
             values["kl"] = float(np.mean(kl))
         gold = None
         if self.builtin:
-            from alignkit.rewards.gold import gold_reward
-
             gold = gold_reward([p for p in prompts for _ in range(batch.n)], batch.completion_text)
             values["gold"] = float(np.mean(gold))
         if self.is_main:
@@ -81,8 +81,6 @@ class HealthProbe:
 
     def _invalid(self, batch) -> float:
         if self.builtin:
-            from alignkit.builtin.task import all_words
-
             vocab = set(all_words())
             words = [w for t in batch.completion_text for w in t.replace(".", " ").split()]
             return sum(w not in vocab for w in words) / max(len(words), 1)

@@ -8,6 +8,7 @@ import math
 from importlib import resources
 from pathlib import Path
 
+import jsonschema
 from rich.console import Console
 from rich.table import Table
 
@@ -22,8 +23,6 @@ def results_schema() -> dict:
 
 def validate_results(results: dict) -> None:
     """Raise ``jsonschema.ValidationError`` when ``results`` does not fit the schema."""
-    import jsonschema
-
     jsonschema.validate(results, results_schema())
 
 

@@ -176,10 +176,10 @@ def health_png(history: list[dict], trips: list[dict]) -> bytes | None:
 
 
 def _figure(count: int, per_row: int = 3, width: float = 4.6, height: float = 3.2):
-    import matplotlib
+    import matplotlib  # the backend must be set before pyplot is imported
 
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after the backend
 
     cols = min(count, per_row)
     nrows = math.ceil(count / cols)
@@ -188,7 +188,7 @@ def _figure(count: int, per_row: int = 3, width: float = 4.6, height: float = 3.
 
 
 def _png(fig) -> bytes:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after _figure set the backend
 
     fig.tight_layout()
     buf = io.BytesIO()

@@ -19,6 +19,8 @@ import torch
 
 from alignkit.eval.cache import sample_key
 from alignkit.eval.logprobs import reference_completion_ids, sequence_logprobs
+from alignkit.rollouts import make_engine
+from alignkit.rollouts.hf import HFEngine
 
 
 @dataclass
@@ -195,8 +197,6 @@ class _Loaded:
 
     def engine(self):
         if self._engine is None:
-            from alignkit.rollouts import make_engine
-
             self._engine = make_engine(
                 self.cfg.engine,
                 self.entry.source,
@@ -207,9 +207,6 @@ class _Loaded:
 
     def model(self):
         if self._model is None:
-            from alignkit.rollouts import make_engine
-            from alignkit.rollouts.hf import HFEngine
-
             if isinstance(self._engine, HFEngine):
                 self._model = self._engine.model
             else:

@@ -75,7 +75,7 @@ def paired_comparison(
     a bootstrap CI over prompts. ``p_value`` is the two-sided sign test on wins vs losses (ties
     dropped), ``p_value_wilcoxon`` the Wilcoxon signed-rank test on the score differences.
     """
-    from scipy import stats
+    from scipy import stats  # ~0.6 s to import: only comparisons test significance
 
     model, against = np.asarray(model, dtype=float), np.asarray(against, dtype=float)
     if model.shape != against.shape:

@@ -29,7 +29,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from alignkit.errors import UserError
-from alignkit.rewards import rules
+from alignkit.rewards import gold, rules
+from alignkit.rewards.reward_model import RewardModelScorer
 from alignkit.rundir import STAGE_FILE
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,6 @@ def resolve_reward(spec: str) -> tuple[str, RewardFn]:
     """The reward function a spec names, and the name to report its values under."""
     spec = spec.strip()
     if spec in GOLD:
-        from alignkit.rewards import gold
-
         return spec, getattr(gold, GOLD[spec])
     name, _, args = spec.partition("(")
     if name.strip() in rules.RULES or name.strip() in rules.ALIASES:
@@ -129,13 +128,6 @@ def _import_function(spec: str) -> RewardFn:
 
 def _reward_model(path: Path) -> RewardFn:
     _check_reward_model_dir(path)
-    try:
-        from alignkit.rewards.reward_model import RewardModelScorer
-    except ImportError as e:
-        raise UserError(
-            f"--reward {path}: scoring with a reward model needs "
-            f"alignkit.rewards.reward_model, which could not be imported ({e})"
-        ) from None
     return RewardModelScorer.from_path(path)
 
 

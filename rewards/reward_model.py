@@ -14,9 +14,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification
 
+from alignkit.config import ModelSpec
 from alignkit.errors import UserError
 from alignkit.handoff import StageOutput
+from alignkit.models import load_base, load_stage_model, load_tokenizer
 
 Messages = list[dict]
 
@@ -33,10 +37,6 @@ class RewardModelScorer:
 
     @classmethod
     def from_path(cls, path: str | Path, batch_size: int = 32) -> RewardModelScorer:
-        from transformers import AutoModelForSequenceClassification
-
-        from alignkit.config import ModelSpec
-        from alignkit.models import load_base, load_stage_model, load_tokenizer
 
         path = Path(path)
         stage = StageOutput.read(path)
@@ -53,7 +53,6 @@ class RewardModelScorer:
             spec = ModelSpec(name=base)
             tok = load_tokenizer(path if (path / "tokenizer_config.json").exists() else base, spec)
             model = load_base(spec, tok, model_cls=AutoModelForSequenceClassification, num_labels=1)
-            from peft import PeftModel
 
             return cls(PeftModel.from_pretrained(model, str(path)), tok, batch_size=batch_size)
         if (path / "config.json").exists() or not path.exists():

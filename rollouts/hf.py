@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
+from peft import PeftModel
 from transformers import (
     GenerationConfig,
     LogitsProcessor,
@@ -30,6 +31,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from alignkit.models import load_adapter, load_base, load_tokenizer
 from alignkit.rollouts.source import ModelSource
 from alignkit.rollouts.types import Prompt, RolloutBatch, SamplingSpec, encode_prompts
 
@@ -46,7 +48,6 @@ class HFEngine:
 
     @classmethod
     def from_source(cls, source: ModelSource, batch_size: int = 64) -> HFEngine:
-        from alignkit.models import load_adapter, load_base, load_tokenizer
 
         tokenizer = load_tokenizer(source.tokenizer_dir, source.spec)
         model = load_base(source.spec, tokenizer, path=source.model_path)
@@ -194,7 +195,6 @@ def _eos_ids(model, tokenizer) -> set[int]:
 
 @contextmanager
 def _blank_generation_config(model):
-    from peft import PeftModel
 
     target = model.get_base_model() if isinstance(model, PeftModel) else model
     saved = target.generation_config

@@ -32,8 +32,10 @@ from pydantic import Field, ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from alignkit.config import Strict
+from alignkit.config import COMPARE_SAMPLES, Strict
+from alignkit.data.prompts import load_prompts
 from alignkit.errors import UserError
+from alignkit.rewards.registry import resolve_rewards
 from alignkit.rollouts import ModelSource, make_engine, model_source
 from alignkit.rollouts.best_of_n import write_preferences
 from alignkit.rollouts.shards import ShardWriter, read_rollouts, repair_torn_tail, shard_paths
@@ -64,7 +66,8 @@ class RolloutJobConfig(Strict):
     engine: EngineName = "hf"
     rewards: list[str] = []
     """Reward specs (``gold``, a rule, ``module:function``, an RM dir), each with ``*WEIGHT``."""
-    sampling: SamplingSpec = SamplingSpec()
+    sampling: SamplingSpec = SamplingSpec(n=COMPARE_SAMPLES)
+    """How to sample (``n`` samples per prompt, temperature, top-p/top-k, stop strings, seed)."""
     best_of_n: bool = False
     """Also write ``preferences.jsonl``: best vs worst sample per prompt by ``reward``."""
     chunk_prompts: int | None = Field(None, ge=1)
@@ -83,8 +86,9 @@ _VLLM_OPTIONS = ("gpu_memory_utilization", "tensor_parallel_size")
 def job_config(**options) -> RolloutJobConfig:
     """A validated config from the CLI's flat options (``reward`` -> ``rewards``, sampling and
     vLLM flags into their blocks); a bad value is a UserError naming the flag."""
-    sampling = {k: options.pop(k) for k in _SAMPLING_OPTIONS if k in options}
-    vllm = {k: options.pop(k) for k in _VLLM_OPTIONS if k in options}
+    given = {k: options.pop(k) for k in _SAMPLING_OPTIONS if k in options}
+    sampling = {**RolloutJobConfig.model_fields["sampling"].default.model_dump(), **given}
+    vllm = {k: v for k in _VLLM_OPTIONS if (v := options.pop(k, None)) is not None}
     rewards = options.pop("reward", None)
     options["rewards"] = rewards if rewards is not None else options.get("rewards", [])
     sampling["stop"] = sampling.get("stop") or []
@@ -111,9 +115,6 @@ def run_rollout_job(
 
     ``source``: the policy to sample, when the caller (the pipeline's rollout stage) has
     resolved it already; otherwise it comes from ``cfg.model``/``adapter``/``stage``."""
-    from alignkit.data.prompts import load_prompts
-    from alignkit.rewards.registry import resolve_rewards
-
     console = console or Console(stderr=True)
     if cfg.best_of_n and (not cfg.rewards or cfg.sampling.n < 2):
         raise UserError("--best-of-n needs at least one --reward and --n 2 or more")

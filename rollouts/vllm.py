@@ -26,10 +26,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
+import torch
 from pydantic import Field
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from alignkit.config import Strict
 from alignkit.errors import UserError
+from alignkit.models import load_tokenizer
 from alignkit.rollouts.source import ModelSource
 from alignkit.rollouts.types import Prompt, RolloutBatch, SamplingSpec, encode_prompts
 
@@ -45,18 +49,22 @@ TensorParallelSize = Annotated[int, Field(ge=1)]
 
 
 class VLLMConfig(Strict):
-    """The vLLM engine's settings: rollout jobs and comparisons take them as their ``vllm:``
-    block; a PPO stage builds them from its ``rollout:`` block."""
+    """The vLLM engine's settings, one block wherever vLLM runs: ``vllm:`` of a rollout job or
+    a comparison, ``rollout.vllm:`` of a PPO or GRPO/RLOO stage (GRPO/RLOO hand TRL's engine
+    the settings it takes and refuse the others)."""
 
     gpu_memory_utilization: GpuMemoryUtilization = 0.9
     """Share of the GPU vLLM may take (weights + KV cache); lower it to leave room for training."""
     tensor_parallel_size: TensorParallelSize = 1
+    """GPUs one engine shards the model over (checked against the GPUs and attention heads)."""
     max_model_len: int | None = None
     """Prompt + completion tokens; default the model's own limit."""
     max_num_seqs: int = Field(256, ge=1)
+    """Sequences vLLM schedules at once (its batch): higher is faster until the KV cache fills."""
     enable_sleep_mode: bool = False
     """Allow :meth:`VLLMEngine.sleep` (free the GPU between rollouts)."""
     enable_prefix_caching: bool = True
+    """Reuse the KV cache of shared prompt prefixes (n samples of one prompt share it)."""
     enforce_eager: bool = False
     """Skip CUDA-graph capture: slower decoding, faster start."""
     max_lora_rank: int | None = None
@@ -64,6 +72,7 @@ class VLLMConfig(Strict):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = None
     """Default: the model spec's dtype (``auto``: vLLM picks bf16 or fp16)."""
     seed: int = 0
+    """The engine's seed (each request is also seeded by its sampling settings)."""
 
 
 def lora_rank_slot(rank: int) -> int:
@@ -129,7 +138,6 @@ def check_adapter(adapter_dir: str | Path, model_path: str, revision: str | None
 
 
 def _lora_modules(adapter_dir: Path) -> set[str]:
-    from safetensors import safe_open
 
     weights = adapter_dir / "adapter_model.safetensors"
     if not weights.is_file():
@@ -147,9 +155,6 @@ def _lora_modules(adapter_dir: Path) -> set[str]:
 
 def _module_types(model_path: str, revision: str | None) -> dict[str, str]:
     """Module name -> class name of the base model, built on the meta device (no weights)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     config = AutoConfig.from_pretrained(model_path, revision=revision)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
@@ -157,7 +162,7 @@ def _module_types(model_path: str, revision: str | None) -> dict[str, str]:
 
 
 def _import_vllm():
-    try:
+    try:  # the optional vllm extra (CUDA only): imported when a vLLM engine is built
         import vllm
         from vllm.lora.request import LoRARequest
     except ImportError as e:
@@ -172,10 +177,6 @@ class VLLMEngine:
     """``generate(prompts, SamplingSpec) -> RolloutBatch`` on a ``vllm.LLM``."""
 
     def __init__(self, source: ModelSource, config: VLLMConfig | None = None):
-        import torch
-        from transformers import AutoConfig
-
-        from alignkit.models import load_tokenizer
 
         vllm, self._lora_request_cls = _import_vllm()
         config = config or VLLMConfig()
@@ -254,7 +255,7 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
 
     def generate(self, prompts: Sequence[Prompt], cfg: SamplingSpec) -> RolloutBatch:
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # the optional extra, as above
 
         prompt_ids = encode_prompts(self.tokenizer, prompts)
         params = [

@@ -4,29 +4,86 @@ from __future__ import annotations
 
 import importlib.util
 
+import torch
+from pydantic import model_validator
+from transformers import TrainerCallback
+
 from alignkit.config import DataSpec, HeldoutSpec, Strict
+from alignkit.data.prompts import load_prompts
 from alignkit.data.split import DataContext
 from alignkit.errors import UserError
+from alignkit.eval.heldout import evaluate_policy
+from alignkit.eval.probe import HealthProbe
+from alignkit.health import HealthMonitor
+from alignkit.models import load_tokenizer, resolve_model_path
 from alignkit.rollouts.types import EngineName
-from alignkit.rollouts.vllm import GpuMemoryUtilization, TensorParallelSize
+from alignkit.rollouts.vllm import GpuMemoryUtilization, VLLMConfig
+from alignkit.training import weights_sharded
+
+#: Flat keys of earlier releases -> their place in the one vLLM settings block.
+MOVED_VLLM_KEYS = {
+    "gpu_memory_utilization": "gpu_memory_utilization",
+    "tensor_parallel_size": "tensor_parallel_size",
+    "sleep": "enable_sleep_mode",
+    "max_lora_rank": "max_lora_rank",
+    "max_model_len": "max_model_len",
+}
+
+#: DataSpec keys about held-out rows and how they are split off: a stage that samples prompts
+#: reads none of them, or only ``eval_split`` (PPO's health probe); its held-out prompts are
+#: ``heldout.prompts``.
+HELDOUT_DATA_KEYS = (
+    "eval_source", "eval_split", "eval_size", "max_eval_rows", "stratify_by", "group_by",
+)  # fmt: skip
+
+
+def refuse_unread_data_keys(data: DataSpec, kind: str, unread=HELDOUT_DATA_KEYS) -> None:
+    """Raise (in a config validator) when ``data`` sets keys a ``kind`` stage never reads."""
+    given = [f"data.{k}" for k in unread if k in data.model_fields_set]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)}: not read by a {kind} stage (it samples prompts from "
+            "data.source/data.split); held-out prompts go in heldout.prompts and heldout.split"
+        )
+
+
+class ColocatedVLLMConfig(VLLMConfig):
+    """:class:`~alignkit.rollouts.vllm.VLLMConfig` for an engine that shares the GPU with
+    training: the same settings, a smaller default share of the GPU."""
+
+    gpu_memory_utilization: GpuMemoryUtilization = 0.3
+    """vLLM's share of the GPU (weights + KV cache); the rest is left to training."""
 
 
 class RolloutSpec(Strict):
-    """Where an online-RL stage's rollouts come from."""
+    """Where an online-RL stage's rollouts come from. ``vllm`` is the same settings block a
+    rollout job or a comparison takes (:class:`~alignkit.rollouts.vllm.VLLMConfig`), with a
+    smaller default share of the GPU: training needs the rest."""
 
     engine: EngineName = "hf"
     """``hf``: transformers ``generate`` (any device). ``vllm``: a vLLM engine on the same GPU as
     training (the ``vllm`` extra, CUDA only)."""
-    gpu_memory_utilization: GpuMemoryUtilization = 0.3
-    """vLLM's share of the GPU (weights + KV cache); the rest is left to training."""
-    tensor_parallel_size: TensorParallelSize = 1
-    """vLLM: GPUs one engine shards the model over."""
+    vllm: ColocatedVLLMConfig = ColocatedVLLMConfig()
+    """The vLLM engine's settings (read with ``engine: vllm``); ``gpu_memory_utilization``
+    defaults to 0.3 here, leaving the rest of the GPU to training."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data):
+        moved = [k for k in MOVED_VLLM_KEYS if isinstance(data, dict) and k in data]
+        if moved:
+            raise ValueError(
+                "vLLM settings live in the rollout's 'vllm' block (the one rollout jobs and "
+                "comparisons take): write "
+                + ", ".join(
+                    f"rollout.vllm.{MOVED_VLLM_KEYS[k]} instead of rollout.{k}" for k in moved
+                )
+            )
+        return data
 
 
 def check_vllm(where: str) -> None:
     """Fail before any model loads: rollouts on vLLM need the extra and a CUDA GPU."""
-    import torch
-
     if importlib.util.find_spec("vllm") is None:
         raise UserError(
             f"{where}.rollout.engine: vllm is not installed; install the extra "
@@ -39,8 +96,6 @@ def check_vllm(where: str) -> None:
 def data_context(ctx, data: DataSpec, heldout: HeldoutSpec | None = None) -> DataContext:
     """What ``data.clean`` needs from a stage: the prompts its held-out evaluation samples (the
     same default as :func:`heldout_evaluation`), where the report goes, the model's tokenizer."""
-    from alignkit.models import load_tokenizer, resolve_model_path
-
     sources = []
     if heldout is not None and heldout.enabled:
         builtin = data.source.startswith("builtin:")
@@ -63,9 +118,6 @@ def heldout_evaluation(cfg, ctx, policy, reference, tokenizer, reward=None) -> d
     rank (one process, DDP, ZeRO-2) only the main process samples; with sharded weights (ZeRO-3,
     FSDP) every forward is a collective, so every rank samples the same prompts in step.
     """
-    from alignkit.eval.heldout import evaluate_policy
-    from alignkit.training import weights_sharded
-
     if not ctx.is_main and not weights_sharded():
         return {}
     builtin = cfg.data.source.startswith("builtin:")
@@ -144,10 +196,6 @@ def replay(
 def health_monitor(cfg, ctx, policy, reference, tokenizer):
     """The stage's health monitor and probe (see :mod:`alignkit.health`), or ``None`` when
     ``health.enabled`` is false. ``reference`` may be ``None`` (no KL checks then)."""
-    from alignkit.data.prompts import load_prompts
-    from alignkit.eval.probe import HealthProbe
-    from alignkit.health import HealthMonitor
-
     spec = cfg.health
     if not spec.enabled:
         return None
@@ -185,8 +233,6 @@ ONLINE_LOGS = {"reward": "reward"}
 def health_callback(check: HealthCheck | None, every: int, log_keys: dict[str, str]):
     """A TRL callback running ``check`` before training and every ``every`` steps, with the
     trainer's latest logged values (renamed by ``log_keys``). ``[]`` without a check."""
-    from transformers import TrainerCallback
-
     if check is None:
         return []
 

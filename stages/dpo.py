@@ -10,24 +10,21 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
+import torch
+from datasets import Dataset
 from pydantic import Field, field_validator
+from trl import DPOConfig, DPOTrainer
 
-from alignkit.config import (
-    AdapterSpec,
-    DataSpec,
-    EvaluatedTrainerOptions,
-    ForgettingSpec,
-    HeldoutSpec,
-    ReplaySpec,
-    StageBase,
-)
+from alignkit.config import ReplaySpec
+from alignkit.data.preference import load_preference
+from alignkit.data.split import data_records, train_eval_rows
 from alignkit.handoff import PolicyPair
 from alignkit.health import HealthSpec
 from alignkit.models import load_base, load_stage_model
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.stages import common, policy
 from alignkit.stages.common import DPO_LOGS, data_context, replay_stages
-from alignkit.training import make_trl_trainer, trl_args
+from alignkit.training import make_trl_trainer, stage_trl_args
 
 #: TRL 1.16 DPOTrainer loss types. TRL exposes no list to import (only the help text of
 #: ``DPOConfig.loss_type`` and the trainer's if-chain), so this copy is checked against that help
@@ -57,18 +54,10 @@ REPLAY_HINT = (
 )
 
 
-class DPOStageConfig(StageBase, EvaluatedTrainerOptions):
+class DPOStageConfig(policy.PreferenceStageConfig):
     kind: Literal["dpo"] = "dpo"
     trainer_config: ClassVar[str] = "trl.DPOConfig"
-    is_policy: ClassVar[bool] = True
-    default_parent: ClassVar[bool] = True
 
-    data: DataSpec
-    """Preference pairs (any format the preference loader detects)."""
-    adapter: AdapterSpec | None = None
-    """Adapter for a DPO stage without a parent (a parent's adapter is continued)."""
-    beta: float = Field(0.1, gt=0)
-    """Strength of the pull towards the reference (higher: smaller drift)."""
     loss_type: list[str] = ["sigmoid"]
     """One or more TRL loss types (sigmoid, ipo, hinge, robust, ...); several are summed with
     ``train.loss_weights``."""
@@ -76,14 +65,8 @@ class DPOStageConfig(StageBase, EvaluatedTrainerOptions):
     """Probability that a label is flipped (robust DPO); 0 for plain DPO."""
     precompute_ref_log_probs: bool = False
     """Compute the reference's log-probs once before training instead of at every step."""
-    max_length: int = 1024
-    """Prompt + completion tokens; longer pairs are truncated."""
-    heldout: HeldoutSpec = HeldoutSpec()
-    """Sample the trained policy and its reference on held-out prompts (gold reward, KL)."""
     health: HealthSpec = HealthSpec()
     """Training health checks (DPO collapse, KL, length, repetition, reward vs gold)."""
-    forgetting: ForgettingSpec = ForgettingSpec()
-    """Measure forgetting: general-text NLL before and after the stage."""
     replay: ReplaySpec | None = None
     """Mix earlier preference pairs into the training pairs (``fraction`` of them): a previous
     round's data, or ``stage:NAME`` for what an earlier DPO/SimPO/ORPO/reward-model stage
@@ -113,12 +96,6 @@ def run(cfg: DPOStageConfig, ctx: StageContext) -> StageResult:
 def build_trainer(cfg: DPOStageConfig, ctx: StageContext) -> policy.PolicyTrainer:
     """Data, policy (+ reference) and the DPOTrainer. Separate from :func:`run` so tests can
     inspect the handoff."""
-    import torch
-    from trl import DPOConfig, DPOTrainer
-
-    from alignkit.data.preference import load_preference
-    from alignkit.data.split import data_records, train_eval_rows
-
     torch.manual_seed(ctx.seed)
     train_rows, eval_rows = train_eval_rows(
         cfg.data, load_preference, ctx.seed, data_context(ctx, cfg.data, cfg.heldout)
@@ -142,13 +119,10 @@ def build_trainer(cfg: DPOStageConfig, ctx: StageContext) -> policy.PolicyTraine
         else:
             ref_model = load_base(ctx.model, tokenizer)
 
-    args = trl_args(
+    args = stage_trl_args(
         DPOConfig,
-        cfg.train,
-        output_dir=ctx.checkpoint_dir,
-        seed=ctx.seed,
-        where=ctx.where,
-        options=cfg,
+        cfg,
+        ctx,
         beta=cfg.beta,
         loss_type=cfg.loss_type,
         label_smoothing=cfg.label_smoothing,
@@ -185,8 +159,6 @@ def build_trainer(cfg: DPOStageConfig, ctx: StageContext) -> policy.PolicyTraine
 
 
 def _dataset(rows: list[dict]):
-    from datasets import Dataset
-
     return Dataset.from_list(
         [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
     )

@@ -21,6 +21,7 @@ from pydantic import Field
 
 from alignkit.config import (
     BUILTIN_MODEL,
+    COMPARE_SAMPLES,
     MaxNewTokens,
     Samples,
     StageBase,
@@ -28,6 +29,8 @@ from alignkit.config import (
     did_you_mean,
 )
 from alignkit.errors import UserError
+from alignkit.eval.compare import CompareConfig, run_compare
+from alignkit.eval.report import reward_label
 from alignkit.handoff import StageOutput, run_stages
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.rollouts.types import EngineName
@@ -52,7 +55,7 @@ class EvalStageConfig(StageBase):
     rewards: list[str] = []
     """Reward specs as ``alignkit compare --reward`` takes them; the name of a reward_model
     stage of this run works too. Default on ``builtin:tiny``: ``gold``."""
-    n: Samples = 4
+    n: Samples = COMPARE_SAMPLES
     """Samples per prompt and model."""
     max_prompts: int = Field(128, ge=1)
     """Compare on the first this many prompts."""
@@ -69,7 +72,6 @@ class EvalStageConfig(StageBase):
 
 
 def run(cfg: EvalStageConfig, ctx: StageContext) -> StageResult:
-    from alignkit.eval.compare import CompareConfig, run_compare
 
     if not ctx.is_main:  # one process compares; the others wait for the stage to finish
         return StageResult(metrics={}, adapter_type="none")
@@ -159,7 +161,6 @@ def _reward(spec: str, run_dir: Path) -> str:
 
 
 def _metrics(results: dict) -> dict[str, float]:
-    from alignkit.eval.report import reward_label
 
     out: dict[str, float] = {}
     for m in results["models"]:

@@ -16,7 +16,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar, Literal
 
+import torch
+from datasets import Dataset
 from pydantic import Field, model_validator
+from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 from alignkit.config import (
     AdapterSpec,
@@ -30,25 +33,41 @@ from alignkit.config import (
     TrainerOptions,
 )
 from alignkit.data.fingerprint import data_record
+from alignkit.data.prompts import load_prompts
+from alignkit.data.split import training_rows
 from alignkit.errors import UserError
 from alignkit.handoff import PolicyPair, StageOutput, find_stage, run_stages
 from alignkit.health import HealthSpec
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.rewards.registry import WeightedReward, known_names, resolve_reward, split_weight
+from alignkit.rewards.reward_model import RewardModelScorer
 from alignkit.stages import policy
-from alignkit.stages.common import ONLINE_LOGS, RolloutSpec, check_vllm, data_context
-from alignkit.training import make_trl_trainer, trl_args
+from alignkit.stages.common import (
+    ONLINE_LOGS,
+    RolloutSpec,
+    check_vllm,
+    data_context,
+    refuse_unread_data_keys,
+)
+from alignkit.training import make_trl_trainer, stage_trl_args
 
 STAGE_PREFIX = "stage:"
 REWARD_KINDS = ("reward_model",)
+#: The vLLM settings TRL's colocated engine takes: ours -> GRPOConfig's (the others of the
+#: ``rollout.vllm`` block belong to our own engine and are refused here).
+TRL_VLLM = {
+    "gpu_memory_utilization": "vllm_gpu_memory_utilization",
+    "tensor_parallel_size": "vllm_tensor_parallel_size",
+    "enable_sleep_mode": "vllm_enable_sleep_mode",
+    "max_model_len": "vllm_max_model_length",
+}
 #: Trainer options this stage sets from fields named otherwise; ``train.<key>`` may not set them
 #: (nor any option named like a field: ``beta``, ``num_generations``, ``temperature``, ...).
 OWNED_OPTIONS = {
     "reward_weights": "rewards (write 'gold*0.5')",
     "use_vllm": "rollout.engine",
     "vllm_mode": "rollout.engine",
-    "vllm_gpu_memory_utilization": "rollout.gpu_memory_utilization",
-    "vllm_tensor_parallel_size": "rollout.tensor_parallel_size",
+    **{theirs: f"rollout.vllm.{ours}" for ours, theirs in TRL_VLLM.items()},
 }
 
 
@@ -97,8 +116,13 @@ class OnlineRLConfig(StageBase, TrainerOptions):
 
     @model_validator(mode="after")
     def _check(self) -> OnlineRLConfig:
-        if self.data.eval_source or self.data.eval_split:
-            raise ValueError("data: held-out prompts go in heldout.prompts and heldout.split")
+        refuse_unread_data_keys(self.data, self.kind)
+        not_trl = sorted(set(self.rollout.vllm.model_fields_set) - set(TRL_VLLM))
+        if not_trl:
+            raise ValueError(
+                f"rollout.vllm: TRL's colocated vLLM engine takes only {', '.join(TRL_VLLM)}; "
+                f"remove {', '.join(not_trl)}"
+            )
         return self
 
 
@@ -118,12 +142,6 @@ def run(cfg: OnlineRLConfig, ctx: StageContext) -> StageResult:
 def build_trainer(cfg: OnlineRLConfig, ctx: StageContext):
     """Prompts, rewards, policy (+ "ref" adapter) and the TRL trainer. Separate from :func:`run`
     so tests can inspect the handoff."""
-    import torch
-    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
-
-    from alignkit.data.prompts import load_prompts
-    from alignkit.data.split import training_rows
-
     config_cls, trainer_cls = {
         "grpo": (GRPOConfig, GRPOTrainer),
         "rloo": (RLOOConfig, RLOOTrainer),
@@ -151,12 +169,10 @@ def build_trainer(cfg: OnlineRLConfig, ctx: StageContext):
         cfg.num_generations, cfg.temperature, cfg.max_completion_length, ctx.seed
     )
     try:
-        args = trl_args(
+        args = stage_trl_args(
             config_cls,
-            cfg.train,
-            output_dir=ctx.checkpoint_dir,
-            seed=ctx.seed,
-            where=ctx.where,
+            cfg,
+            ctx,
             beta=cfg.beta,
             num_generations=cfg.num_generations,
             per_device_train_batch_size=cfg.num_generations,
@@ -168,8 +184,7 @@ def build_trainer(cfg: OnlineRLConfig, ctx: StageContext):
             disable_dropout=True,  # sampling and training forwards must agree for the ratios
             use_vllm=vllm,
             vllm_mode="colocate",
-            vllm_gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-            vllm_tensor_parallel_size=cfg.rollout.tensor_parallel_size,
+            **{theirs: getattr(cfg.rollout.vllm, ours) for ours, theirs in TRL_VLLM.items()},
         )
     except UserError as e:
         if "num_generations" not in str(e):
@@ -256,16 +271,12 @@ class NamedReward:
 
 def _move_reward_models(reward, device) -> None:
     """A reward model loads on the CPU; score on the policy's device (a quantized one is there)."""
-    from alignkit.rewards.reward_model import RewardModelScorer
-
     for _, fn, _ in reward.components:
         if isinstance(fn, RewardModelScorer) and next(fn.model.parameters()).device != device:
             fn.model.to(device)
 
 
 def _dataset(rows: list[dict]):
-    from datasets import Dataset
-
     return Dataset.from_list(
         [{"prompt": r["prompt"], "reference": r["reference"], "id": r["id"]} for r in rows]
     )

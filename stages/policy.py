@@ -17,13 +17,21 @@ a TRL trainer needs its config, its build step and a registry line, nothing more
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
+from pydantic import Field
 from transformers import TrainerCallback
 
 from alignkit import models  # through the module: tests swap its functions
 from alignkit.adapters import INITIAL_ADAPTER_DIR, keep_initial_adapter
-from alignkit.config import AdapterSpec
+from alignkit.config import (
+    AdapterSpec,
+    DataSpec,
+    EvaluatedTrainerOptions,
+    ForgettingSpec,
+    HeldoutSpec,
+    StageBase,
+)
 from alignkit.errors import UserError
 from alignkit.handoff import REFERENCE_ADAPTER, AdapterView, PolicyPair
 from alignkit.pipeline import StageContext, StageResult
@@ -41,6 +49,31 @@ from alignkit.training import (
     train_and_evaluate,
     weights_sharded,
 )
+
+
+class PreferenceStageConfig(StageBase, EvaluatedTrainerOptions):
+    """The fields every stage that trains a policy on preference pairs shares (DPO, SimPO, ORPO,
+    a new kind such as KTO), early stopping included: a kind adds its own and may redefine
+    ``beta``'s default."""
+
+    is_policy: ClassVar[bool] = True
+    default_parent: ClassVar[bool] = True
+
+    data: DataSpec
+    """Preference pairs (any format the preference loader detects)."""
+    adapter: AdapterSpec | None = None
+    """Adapter for a stage without a parent (a parent's adapter is continued)."""
+    beta: float = Field(0.1, gt=0)
+    """The loss's scale: in DPO (and KTO) the strength of the pull towards the reference
+    (higher: smaller drift); SimPO and ORPO document and default their own."""
+    max_length: int = 1024
+    """Prompt + completion tokens; longer pairs are truncated."""
+    heldout: HeldoutSpec = HeldoutSpec()
+    """Sample the trained policy and its reference on held-out prompts (gold reward, KL). A
+    reference-free method (SimPO, ORPO) trains against no reference: the policy it started
+    from is the yardstick."""
+    forgetting: ForgettingSpec = ForgettingSpec()
+    """Measure forgetting: general-text NLL before and after the stage."""
 
 
 class PolicyTrainer(NamedTuple):

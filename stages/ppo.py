@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from alignkit.config import (
     AdapterSpec,
@@ -29,9 +29,17 @@ from alignkit.data.fingerprint import data_record
 from alignkit.errors import UserError
 from alignkit.handoff import ADAPTER_DIR, PolicyPair
 from alignkit.health import HealthSpec
+from alignkit.models import save_stage_model
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.rollouts.vllm import VLLMConfig
-from alignkit.stages.common import RolloutSpec, check_vllm
+from alignkit.stages.common import (
+    HELDOUT_DATA_KEYS,
+    RolloutSpec,
+    check_vllm,
+    heldout_evaluation,
+    refuse_unread_data_keys,
+)
+from alignkit.stages.ppo_loop import PPOTrainer
 from alignkit.stages.ppo_model import HELDOUT_REWARD, REWARD
 
 #: Health defaults when a reward model scores (a user's explicit setting wins): a hacked RM is
@@ -40,36 +48,51 @@ RM_HEALTH = {"every": 10, "length_ratio": 1.5, "max_invalid": 0.1}
 
 
 class PPORolloutSpec(RolloutSpec):
-    """``vllm``: the engine receives the policy adapter before every step's rollouts."""
+    """``vllm``: the engine receives the policy adapter before every step's rollouts, and
+    ``vllm.enable_sleep_mode`` releases its GPU memory between rollouts (sleep level 1)."""
 
     batch_size: int = 64
     """HF engine: prompts per generate call."""
-    sleep: bool = False
-    """vLLM: release its GPU memory between rollouts (sleep level 1) and wake it for the next."""
-    max_lora_rank: int | None = None
-    """vLLM: default the policy adapter's rank."""
-    max_model_len: int | None = None
-    """vLLM: prompt + completion tokens; default the model's own limit."""
+
+    @model_validator(mode="after")
+    def _engine_seed(self) -> PPORolloutSpec:
+        if "seed" in self.vllm.model_fields_set:
+            raise ValueError(
+                "vllm.seed: PPO seeds its vLLM engine from the run's seed (run.seed); remove it"
+            )
+        return self
 
     def vllm_config(self, seed: int) -> VLLMConfig:
-        """The vLLM engine's settings these fields stand for."""
-        return VLLMConfig(
-            gpu_memory_utilization=self.gpu_memory_utilization,
-            tensor_parallel_size=self.tensor_parallel_size,
-            enable_sleep_mode=self.sleep,
-            max_lora_rank=self.max_lora_rank,
-            max_model_len=self.max_model_len,
-            seed=seed,
-        )
+        """The vLLM engine's settings, seeded by the run."""
+        return self.vllm.model_copy(update={"seed": seed})
+
+
+#: TRL-style trainer options (as in a ``train:`` block, or TRL's old PPOConfig) -> our field.
+TRL_NAMES = {
+    "max_steps": "steps",
+    "total_episodes": "steps",
+    "per_device_train_batch_size": "prompts_per_step",
+    "num_mini_batches": "minibatches",
+    "num_ppo_epochs": "ppo_epochs",
+    "gradient_accumulation_steps": "micro_batch_size",
+    "cliprange": "clip_range",
+    "cliprange_value": "value_clip_range",
+    "response_length": "max_new_tokens",
+    "max_completion_length": "max_new_tokens",
+    "save_steps": "checkpoint_every",
+    "save_total_limit": "keep_checkpoints",
+    "seed": "run.seed (the pipeline's seed)",
+}
 
 
 class PPOStageConfig(StageBase):
-    """Our PPO: every knob is a field here (there is no TRL trainer for a ``train:`` block to
-    reach; one given is not read)."""
+    """Our PPO: every knob is a field here. There is no TRL trainer for a ``train:`` block to
+    reach, so one is refused, naming the field to use (``train.max_steps`` -> ``steps``)."""
 
     kind: Literal["ppo"] = "ppo"
     is_policy: ClassVar[bool] = True
     default_parent: ClassVar[bool] = True
+    owned_options: ClassVar[dict[str, str]] = TRL_NAMES
 
     data: DataSpec
     """Prompts (any prompt source: prompt/messages/instruction rows, or preference/SFT rows)."""
@@ -166,6 +189,13 @@ class PPOStageConfig(StageBase):
     """Measure forgetting: general-text NLL of the reference (the starting policy) and the
     trained policy."""
 
+    @model_validator(mode="after")
+    def _data_keys(self) -> PPOStageConfig:
+        # eval_split is read: without other health prompts, the probe samples that split
+        unread = [k for k in HELDOUT_DATA_KEYS if k != "eval_split"]
+        refuse_unread_data_keys(self.data, self.kind, unread)
+        return self
+
     @field_validator("normalize_scores", mode="before")
     @classmethod
     def _bool_normalization(cls, v):
@@ -187,10 +217,8 @@ class PPOStageConfig(StageBase):
 
 def _heldout(cfg, ctx, trainer) -> dict[str, float]:
     """Held-out metrics; the reward is the one PPO trained on (RM adapter and/or functions)."""
-    from alignkit.stages.common import heldout_evaluation
-
     pair = PolicyPair.of(trainer.model.peft)
-    custom = None if cfg.heldout.rewards else trainer.scoring
+    custom = None if cfg.heldout.rewards else trainer.scoring.reward
     return heldout_evaluation(cfg, ctx, pair.policy, pair.reference, trainer.tokenizer, custom)
 
 
@@ -205,8 +233,6 @@ def _forgetting(cfg, ctx, trainer) -> tuple[dict[str, float], list[dict]]:
 
 
 def run(cfg: PPOStageConfig, ctx: StageContext) -> StageResult:
-    from alignkit.stages.ppo_loop import PPOTrainer
-
     ctx.require_policy_parent("ppo", required=True)
     if cfg.reward_model is None and not cfg.rewards:
         raise UserError(f"{ctx.where}: give reward_model (a reward_model stage) and/or rewards")
@@ -215,6 +241,7 @@ def run(cfg: PPOStageConfig, ctx: StageContext) -> StageResult:
     if cfg.rollout.engine == "vllm":
         check_vllm(ctx.where)
     reward_dirs: dict[str, Path] = {}
+    reward_model_apart: Path | None = None
     for name, key in ((cfg.reward_model, REWARD), (cfg.heldout_reward_model, HELDOUT_REWARD)):
         if name is None:
             continue
@@ -223,7 +250,7 @@ def run(cfg: PPOStageConfig, ctx: StageContext) -> StageResult:
         if rm.base.name == ctx.model.name and rm.adapter_type == "lora":
             reward_dirs[key] = rm.dir  # an adapter on PPO's own base
         elif key == REWARD:  # another base (or fully fine-tuned): loaded on its own
-            cfg = cfg.model_copy(update={"rewards": [*cfg.rewards, str(rm.dir)]})
+            reward_model_apart = rm.dir
         else:
             raise UserError(
                 f"{ctx.where}.heldout_reward_model: {name!r} must be a LoRA reward model on "
@@ -233,14 +260,12 @@ def run(cfg: PPOStageConfig, ctx: StageContext) -> StageResult:
         # a learned reward has blind spots: watch length and invalid words closer, and more often
         tighter = {k: v for k, v in RM_HEALTH.items() if k not in cfg.health.model_fields_set}
         cfg = cfg.model_copy(update={"health": cfg.health.model_copy(update=tighter)})
-    trainer = PPOTrainer(cfg, ctx, reward_dirs)
+    trainer = PPOTrainer(cfg, ctx, reward_dirs, reward_model_apart)
     metrics = trainer.train(heldout=lambda: _heldout(cfg, ctx, trainer))
     metrics.update(_heldout(cfg, ctx, trainer))
     forgetting, forgetting_texts = _forgetting(cfg, ctx, trainer)
     metrics.update(forgetting)
     if ctx.is_main:
-        from alignkit.models import save_stage_model
-
         save_stage_model(trainer.model.peft, trainer.tokenizer, ctx.out_dir)
     data = cfg.data
     used = [data_record("train", data.source, data.split, trainer.prompts), *forgetting_texts]

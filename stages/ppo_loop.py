@@ -16,10 +16,11 @@ from tqdm.auto import tqdm
 
 from alignkit.data.prompts import load_prompts
 from alignkit.data.split import training_rows
+from alignkit.errors import UserError
 from alignkit.finite import NonFiniteError, nonfinite_names, stop_message
 from alignkit.handoff import PolicyPair, StageOutput
 from alignkit.health import HealthStop
-from alignkit.rewards.registry import resolve_rewards
+from alignkit.rewards.registry import WeightedReward, resolve_reward, resolve_rewards
 from alignkit.rewards.reward_model import RewardModelScorer
 from alignkit.rollouts.types import RolloutBatch
 from alignkit.stages import ppo_core as core
@@ -27,6 +28,7 @@ from alignkit.stages import ppo_update as update
 from alignkit.stages.common import data_context, health_monitor
 from alignkit.stages.ppo_checkpoint import read_checkpoint, restore_checkpoint, save_checkpoint
 from alignkit.stages.ppo_model import (
+    HELDOUT_REWARD,
     REWARD,
     VALUE,
     SharedBaseRewardModel,
@@ -40,8 +42,14 @@ __all__ = ["ROLLOUT_ADAPTER", "PPOTrainer"]
 
 class PPOTrainer:
     # --- setup ------------------------------------------------------------------------------
-    def __init__(self, cfg, ctx, reward_dirs: dict[str, Path]):
-        """Everything the loop needs, built in a fixed order (the seeded RNG draws depend on
+    def __init__(
+        self, cfg, ctx, reward_dirs: dict[str, Path], reward_model_apart: Path | None = None
+    ):
+        """``reward_dirs``: reward_model stages that run as adapters on PPO's base, by role
+        (``reward`` trains, ``heldout_reward`` watches); ``reward_model_apart``: the training
+        reward_model stage when it is on another base (loaded on its own).
+
+        Everything the loop needs, built in a fixed order (the seeded RNG draws depend on
         it): accelerator → prompts → model (four adapters) → scoring → optimizer (prepared) →
         rollout engine → health monitor → KL controller → the checkpoint to resume from."""
         self.cfg, self.ctx = cfg, ctx
@@ -55,7 +63,7 @@ class PPOTrainer:
             ctx.model, ctx.parent.dir, cfg.value_adapter, reward_dirs
         )
         self.model.to(self.accelerator.device)
-        self.scoring, self.rm_flagged = self._build_scoring(reward_dirs)
+        self.scoring, self.rm_flagged = self._build_scoring(reward_dirs, reward_model_apart)
         optimizer = torch.optim.AdamW(
             [
                 {"params": self.model.policy_parameters(), "lr": cfg.learning_rate},
@@ -81,10 +89,13 @@ class PPOTrainer:
         cfg = self.cfg
         return training_rows(cfg.data, load_prompts, data_context(self.ctx, cfg.data, cfg.heldout))
 
-    def _build_scoring(self, reward_dirs: dict[str, Path]) -> tuple[Scoring, float]:
-        """The scoring of rollouts (reward adapters on the shared base and/or reward functions)
-        and what the training RM's sanity probe flagged (rewards/sanity.py), for the health
-        check."""
+    def _build_scoring(
+        self, reward_dirs: dict[str, Path], reward_model_apart: Path | None
+    ) -> tuple[Scoring, float]:
+        """The scoring of rollouts and what the training RM's sanity probe flagged
+        (rewards/sanity.py), for the health check. The training reward is one weighted sum: the
+        run's reward model (the ``reward`` adapter on the shared base, or ``reward_model_apart``,
+        a model loaded on its own) and the ``rewards`` functions."""
         cfg = self.cfg
         reward_stages = {name: StageOutput.read(rm_dir) for name, rm_dir in reward_dirs.items()}
         scorers = {
@@ -95,8 +106,18 @@ class PPOTrainer:
             )
             for name, rm in reward_stages.items()
         }
-        functions = resolve_rewards(cfg.rewards) if cfg.rewards else None
-        scoring = Scoring(cfg, scorers, functions, self._gather)
+        rm_name = cfg.reward_model or REWARD
+        components = [(rm_name, scorers[REWARD], 1.0)] if REWARD in scorers else []
+        if reward_model_apart is not None:
+            components.append((rm_name, resolve_reward(str(reward_model_apart))[1], 1.0))
+        components += resolve_rewards(cfg.rewards).components
+        try:
+            reward = WeightedReward(components)  # refuses a reward named twice
+        except UserError as e:
+            raise UserError(
+                f"{self.ctx.where}.rewards: {str(e).removeprefix('--reward: ')}"
+            ) from None
+        scoring = Scoring(cfg, reward, scorers.get(HELDOUT_REWARD), self._gather)
         flagged = (
             reward_stages[REWARD].record["metrics"].get("rm_probe/flagged", 0.0)
             if REWARD in reward_stages

@@ -15,11 +15,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from peft import PeftModel, set_peft_model_state_dict
+from safetensors.torch import load_file
 from torch import nn
 
 from alignkit.config import AdapterSpec, ModelSpec
 from alignkit.errors import UserError
 from alignkit.handoff import ADAPTER_DIR, POLICY_ADAPTER, REFERENCE_ADAPTER
+from alignkit.models import load_base, load_tokenizer, peft_config
 
 POLICY, REFERENCE, VALUE, REWARD = POLICY_ADAPTER, REFERENCE_ADAPTER, "value", "reward"
 HELDOUT_REWARD = "heldout_reward"  # a second RM that only watches (never trained on)
@@ -131,10 +134,6 @@ def build_ppo_model(
     """Base + policy (SFT adapter, trainable) + ref (SFT adapter, frozen) + value (new LoRA, head
     from the RM's score head when there is one, else zeros) + one frozen adapter with its score
     head per reward model in ``reward_dirs`` (adapter name -> reward_model stage dir)."""
-    from peft import PeftModel
-
-    from alignkit.models import load_base, load_tokenizer, peft_config
-
     if not (sft_dir / ADAPTER_DIR).is_dir():
         raise UserError(f"PPO needs a LoRA policy stage to start from; {sft_dir} has no adapter/")
     tokenizer = load_tokenizer(sft_dir, spec)
@@ -163,11 +162,6 @@ def build_ppo_model(
 
 def _add_reward_adapter(model, name: str, rm_dir: Path, like: AdapterSpec, hidden: int):
     """Load a reward_model stage's LoRA as adapter ``name`` (frozen); return its score head."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    from alignkit.models import peft_config
-
     rm_state = load_file(str(rm_dir / ADAPTER_DIR / "adapter_model.safetensors"))
     head_key = next((k for k in rm_state if k.endswith("score.weight")), None)
     if head_key is None:

@@ -41,13 +41,13 @@ class PolicyRollouts:
         """Completions of the policy after ``step`` updates."""
         if not self.vllm:
             return self.engine.generate(prompts, sampling)
-        if self.cfg.rollout.sleep:
+        if self.cfg.rollout.vllm.enable_sleep_mode:
             self.engine.wake_up()
         if self.synced_step != step:
             self.engine.update_adapter(self._export_policy(step))
             self.synced_step = step
         batch = self.engine.generate(prompts, sampling)
-        if self.cfg.rollout.sleep:
+        if self.cfg.rollout.vllm.enable_sleep_mode:
             self.engine.sleep(level=1)
         return batch
 

@@ -1,8 +1,9 @@
 """What a PPO rollout is worth: the training reward, shaped, and a held-out RM's view of it.
 
-The training score of a completion is the reward-model adapter's score plus any reward
-functions (``rewards``), computed on the rollout as generated (a cut-off answer is scored as
-cut off). :meth:`Scoring.shape` then normalises it (statistics of the first step, or running),
+The training score of a completion is one :class:`~alignkit.rewards.registry.WeightedReward`:
+the run's reward model (an adapter on PPO's base, or a model of its own) as one component and
+the ``rewards`` functions as the others, computed on the rollout as generated (a cut-off answer
+is scored as cut off). :meth:`Scoring.shape` then normalises it (statistics of the first step, or running),
 clips it and subtracts the missing-EOS penalty. A held-out reward model, when there is one,
 scores the same rollouts for the gold-free hacking check. Statistics are taken over every
 rank's scores (``gather``), so all ranks normalise alike.
@@ -15,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from alignkit.stages.ppo_model import HELDOUT_REWARD, REWARD
+from alignkit.rewards.registry import RewardFn, WeightedReward
 
 
 class RunningMoments:
@@ -42,31 +43,30 @@ class RunningMoments:
 
 
 class Scoring:
-    """``scorers``: reward-model scorers on PPO's base by adapter name (``reward`` trains,
-    ``heldout_reward`` only watches); ``reward_fn``: the weighted reward functions, or None."""
+    """``reward``: the training reward (reward model and functions, weighted);
+    ``heldout_scorer``: a held-out reward model that only watches, or None."""
 
     def __init__(
-        self, cfg, scorers: dict, reward_fn, gather: Callable[[torch.Tensor], torch.Tensor]
+        self,
+        cfg,
+        reward: WeightedReward,
+        heldout_scorer: RewardFn | None,
+        gather: Callable[[torch.Tensor], torch.Tensor],
     ):
-        self.cfg, self.reward_fn, self.gather = cfg, reward_fn, gather
-        self.scorer = scorers.get(REWARD)
-        self.heldout_scorer = scorers.get(HELDOUT_REWARD)
+        self.cfg, self.reward, self.heldout_scorer, self.gather = (
+            cfg,
+            reward,
+            heldout_scorer,
+            gather,
+        )
         self.score_stats = RunningMoments()
         self.heldout_stats, self.proxy_stats = RunningMoments(), RunningMoments()
 
-    def __call__(self, prompts, completions, **meta) -> list[float]:
-        """The training reward, unshaped: RM score plus reward functions (a reward function;
-        the held-out evaluation scores with it too)."""
-        total = torch.zeros(len(completions))
-        if self.scorer is not None:
-            total += torch.tensor(self.scorer(prompts, completions, **meta), dtype=torch.float)
-        if self.reward_fn is not None:
-            total += torch.tensor(self.reward_fn(prompts, completions, **meta), dtype=torch.float)
-        return total.tolist()
-
     def raw(self, prompts, batch) -> torch.Tensor:
         """Raw scores of the rollouts as generated: a truncated answer is scored truncated."""
-        return torch.tensor(self(prompts, batch.completion_text, finish_reason=batch.finish_reason))
+        return torch.tensor(
+            self.reward(prompts, batch.completion_text, finish_reason=batch.finish_reason)
+        )
 
     def heldout(self, prompts, batch, scores_raw: torch.Tensor) -> dict[str, float]:
         """What the held-out RM says of these rollouts, each RM's scores in units of its own

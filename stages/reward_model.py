@@ -13,13 +13,36 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import ClassVar, Literal
 
+import torch
+from datasets import Dataset
+from peft import (
+    PeftConfig,
+    get_peft_model,
+    prepare_model_for_kbit_training,
+    set_peft_model_state_dict,
+)
 from pydantic import Field, model_validator
+from transformers import AutoModelForSequenceClassification
+from trl import RewardConfig, RewardTrainer
 
 from alignkit.config import AdapterSpec, DataSpec, EvaluatedTrainerOptions, StageBase, Strict
+from alignkit.data.fingerprint import data_record
+from alignkit.data.preference import load_preference
+from alignkit.data.split import data_records, train_eval_rows
 from alignkit.errors import UserError
 from alignkit.handoff import ADAPTER_DIR
+from alignkit.models import (
+    attach_adapter,
+    count_parameters,
+    load_base,
+    load_tokenizer,
+    resolve_model_path,
+    torch_dtype,
+)
 from alignkit.pipeline import StageContext, StageResult
+from alignkit.rewards.reward_model import RewardModelScorer
 from alignkit.rewards.sanity import probe_reward_model
+from alignkit.rollouts.best_of_n import PREFERENCES_FILE
 from alignkit.rundir import write_json_atomic
 from alignkit.stages.common import data_context
 from alignkit.training import (
@@ -27,8 +50,8 @@ from alignkit.training import (
     make_trl_trainer,
     save_trained,
     snapshot_adapter,
+    stage_trl_args,
     train_and_evaluate,
-    trl_args,
     weights_sharded,
 )
 
@@ -91,16 +114,17 @@ class RewardModelStageConfig(StageBase, EvaluatedTrainerOptions):
     def uses_stages(self) -> list[str]:
         return [m.stage for m in self.mix if m.stage is not None]
 
+    @model_validator(mode="after")
+    def _adapter_or_from_sft(self) -> RewardModelStageConfig:
+        if self.from_sft and self.adapter is not None:
+            raise ValueError(
+                "from_sft: true continues the SFT stage's adapter, so 'adapter' would be "
+                "ignored; remove one of them"
+            )
+        return self
+
 
 def run(cfg: RewardModelStageConfig, ctx: StageContext) -> StageResult:
-    import torch
-    from trl import RewardConfig, RewardTrainer
-
-    from alignkit.data.fingerprint import data_record
-    from alignkit.data.preference import load_preference
-    from alignkit.data.split import data_records, train_eval_rows
-    from alignkit.models import count_parameters, torch_dtype
-
     seed = ctx.seed + cfg.seed_offset
     torch.manual_seed(seed)
     # 1. data: every row validated before any model is loaded
@@ -130,13 +154,11 @@ def run(cfg: RewardModelStageConfig, ctx: StageContext) -> StageResult:
     # 3. trainer
     train_ds = _dataset(train_rows, cfg.use_margin)
     eval_ds = _dataset(eval_rows, cfg.use_margin) if eval_rows else None
-    args = trl_args(
+    args = stage_trl_args(
         RewardConfig,
-        cfg.train,
-        output_dir=ctx.checkpoint_dir,
+        cfg,
+        ctx,
         seed=seed,
-        where=ctx.where,
-        options=cfg,
         max_length=cfg.max_length,
         center_rewards_coefficient=cfg.center_rewards,
         per_device_eval_batch_size=32,
@@ -182,16 +204,6 @@ def run(cfg: RewardModelStageConfig, ctx: StageContext) -> StageResult:
 def load_reward_model_for_training(spec, adapter: AdapterSpec, sft_dir: Path | None):
     """Base as a sequence classifier (num_labels=1) plus a trainable adapter whose
     ``modules_to_save`` includes the score head; or the whole model for full fine-tuning."""
-    from peft import (
-        PeftConfig,
-        get_peft_model,
-        prepare_model_for_kbit_training,
-        set_peft_model_state_dict,
-    )
-    from transformers import AutoModelForSequenceClassification
-
-    from alignkit.models import attach_adapter, load_base, load_tokenizer, resolve_model_path
-
     tokenizer = load_tokenizer(sft_dir or resolve_model_path(spec), spec)
     model = load_base(spec, tokenizer, model_cls=AutoModelForSequenceClassification, num_labels=1)
     head = next((h for h in HEAD_NAMES if hasattr(model, h)), None)
@@ -235,9 +247,6 @@ def load_reward_model_for_training(spec, adapter: AdapterSpec, sft_dir: Path | N
 
 def _mix_rows(spec: MixSpec, ctx: StageContext) -> tuple[list[dict], list[dict]]:
     """(training rows with ``weight`` applied, held-out rows) of one mix entry."""
-    from alignkit.data.preference import load_preference
-    from alignkit.rollouts.best_of_n import PREFERENCES_FILE
-
     if spec.stage is not None:
         stage = ctx.finished_stage(spec.stage, "mix.stage", ("rollout",))
         path = stage.dir / PREFERENCES_FILE
@@ -263,8 +272,6 @@ def _mix_rows(spec: MixSpec, ctx: StageContext) -> tuple[list[dict], list[dict]]
 
 def _probe(model, tokenizer, cfg, eval_rows: list[dict], ctx: StageContext) -> dict[str, float]:
     """The RM sanity probe on the trained model; warns about flagged categories."""
-    from alignkit.rewards.reward_model import RewardModelScorer
-
     scorer = RewardModelScorer(model, tokenizer, max_length=cfg.max_length)
     result = probe_reward_model(scorer, eval_rows[:128], seed=ctx.seed)
     model.train()
@@ -284,8 +291,6 @@ def _probe(model, tokenizer, cfg, eval_rows: list[dict], ctx: StageContext) -> d
 
 
 def _dataset(rows: list[dict], use_margin: bool):
-    from datasets import Dataset
-
     keep = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
     if use_margin:
         missing = sum(r.get("margin") is None for r in rows)

@@ -27,7 +27,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from alignkit.config import DataSpec, StageBase
+from alignkit.config import COMPARE_SAMPLES, DataSpec, StageBase
 from alignkit.data.fingerprint import data_record
 from alignkit.errors import UserError
 from alignkit.models import ADAPTER_DIR, FULL_MODEL_DIR, resolve_model_path
@@ -38,6 +38,7 @@ from alignkit.rollouts.best_of_n import PREFERENCES_FILE, PairMode, write_prefer
 from alignkit.rollouts.job import RolloutJobConfig, run_rollout_job
 from alignkit.rollouts.shards import read_rollouts
 from alignkit.rollouts.types import EngineName, SamplingSpec
+from alignkit.stages.common import refuse_unread_data_keys
 
 ROLLOUTS_DIR = "rollouts"
 #: A rollout stage has no trainer checkpoints. This marker tells the runner that an interrupted
@@ -48,10 +49,14 @@ RESUME_MARKER = Path("checkpoints") / "checkpoint-0" / "trainer_state.json"
 class RolloutStageConfig(StageBase):
     kind: Literal["rollout"] = "rollout"
     default_parent: ClassVar[bool] = True
+    #: sampling knobs live in ``sampling`` (a ``train:`` block is refused, naming them)
+    owned_options: ClassVar[dict[str, str]] = {
+        key: f"sampling.{key}" for key in SamplingSpec.model_fields
+    }
 
     data: DataSpec
     """Prompts (any prompt source); ``max_rows`` caps how many are sampled."""
-    sampling: SamplingSpec = SamplingSpec(n=4, max_new_tokens=128)
+    sampling: SamplingSpec = SamplingSpec(n=COMPARE_SAMPLES)
     """n samples per prompt (at least 2 to compare), at the policy's own distribution."""
     labeller: list[str] = []
     """Reward specs that rank the samples (``gold``, a reward_model stage name, a rule,
@@ -73,12 +78,12 @@ class RolloutStageConfig(StageBase):
 
     @model_validator(mode="after")
     def _check_data(self) -> RolloutStageConfig:
-        for key in ("clean", "stratify_by", "group_by"):
-            if getattr(self.data, key) is not None:
-                raise ValueError(
-                    f"data.{key}: a rollout stage samples its prompts as given; clean them first "
-                    "(alignkit data clean IN OUT --kind prompts) and point data.source at OUT"
-                )
+        if self.data.clean is not None:
+            raise ValueError(
+                "data.clean: a rollout stage samples its prompts as given; clean them first "
+                "(alignkit data clean IN OUT --kind prompts) and point data.source at OUT"
+            )
+        refuse_unread_data_keys(self.data, self.kind)  # held-out keys, stratify_by, group_by
         return self
 
     def uses_stages(self) -> list[str]:

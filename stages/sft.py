@@ -11,7 +11,11 @@ from __future__ import annotations
 import math
 from typing import ClassVar, Literal
 
+import torch
+from datasets import Dataset
 from pydantic import model_validator
+from trl import SFTConfig, SFTTrainer
+from trl.chat_template_utils import get_training_chat_template
 
 from alignkit.config import (
     AdapterSpec,
@@ -22,12 +26,14 @@ from alignkit.config import (
     ReplaySpec,
     StageBase,
 )
+from alignkit.data.sft import load_sft
+from alignkit.data.split import data_records, train_eval_rows
 from alignkit.errors import UserError
 from alignkit.handoff import PolicyPair
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.stages import common, policy
 from alignkit.stages.common import data_context, replay_stages
-from alignkit.training import make_trl_trainer, trl_args
+from alignkit.training import make_trl_trainer, stage_trl_args
 
 
 class SFTStageConfig(StageBase, EvaluatedTrainerOptions):
@@ -65,12 +71,6 @@ class SFTStageConfig(StageBase, EvaluatedTrainerOptions):
 
 
 def run(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
-    import torch
-    from trl import SFTConfig, SFTTrainer
-
-    from alignkit.data.sft import load_sft
-    from alignkit.data.split import data_records, train_eval_rows
-
     torch.manual_seed(ctx.seed)
     # 1. data first: a bad row stops the stage before any model is loaded
     train_rows, eval_rows = train_eval_rows(
@@ -90,13 +90,10 @@ def run(cfg: SFTStageConfig, ctx: StageContext) -> StageResult:
     )
 
     # 4. trainer
-    args = trl_args(
+    args = stage_trl_args(
         SFTConfig,
-        cfg.train,
-        output_dir=ctx.checkpoint_dir,
-        seed=ctx.seed,
-        where=ctx.where,
-        options=cfg,
+        cfg,
+        ctx,
         max_length=cfg.max_length,
         packing=cfg.packing,
         eval_packing=False,
@@ -184,7 +181,6 @@ def _trl_format(rows: list[dict], tokenizer, loss_on: str) -> str:
             "the tokenizer has no chat template, so conversations cannot be rendered; "
             "use a chat/instruct model or plain-text rows"
         )
-    from trl.chat_template_utils import get_training_chat_template
 
     try:
         get_training_chat_template(tokenizer)  # None (already marked) or a patched template
@@ -194,8 +190,6 @@ def _trl_format(rows: list[dict], tokenizer, loss_on: str) -> str:
 
 
 def _to_dataset(rows: list[dict], fmt: str):
-    from datasets import Dataset
-
     if fmt == "text":
         return Dataset.from_list([{"text": r["text"]} for r in rows])
     if fmt == "prompt_completion":

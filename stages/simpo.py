@@ -10,43 +10,20 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
+import torch
+from datasets import Dataset
 from pydantic import Field
 
-from alignkit.config import (
-    AdapterSpec,
-    DataSpec,
-    EvaluatedTrainerOptions,
-    ForgettingSpec,
-    HeldoutSpec,
-    StageBase,
-)
+from alignkit.data.preference import load_preference
+from alignkit.data.split import data_records, train_eval_rows
 from alignkit.handoff import PolicyPair
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.stages import policy
 from alignkit.stages.common import data_context
-from alignkit.training import make_trl_trainer, trl_args
+from alignkit.training import make_trl_trainer, stage_trl_args
 
 
-class _ReferenceFree(StageBase, EvaluatedTrainerOptions):
-    is_policy: ClassVar[bool] = True
-    default_parent: ClassVar[bool] = True
-
-    data: DataSpec
-    """Preference pairs (any format the preference loader detects)."""
-    adapter: AdapterSpec | None = None
-    """Adapter for a stage without a parent (a parent's adapter is continued)."""
-    beta: float = Field(0.1, gt=0)
-    """The method's loss scale (each kind documents and defaults its own)."""
-    max_length: int = 1024
-    """Prompt + completion tokens; longer pairs are truncated."""
-    heldout: HeldoutSpec = HeldoutSpec()
-    """Sample the trained policy and the policy it started from on held-out prompts (gold
-    reward, KL): no reference is trained against, so the starting policy is the yardstick."""
-    forgetting: ForgettingSpec = ForgettingSpec()
-    """Measure forgetting: general-text NLL before and after the stage."""
-
-
-class SimPOStageConfig(_ReferenceFree):
+class SimPOStageConfig(policy.PreferenceStageConfig):
     kind: Literal["simpo"] = "simpo"
     trainer_config: ClassVar[str] = "trl.experimental.cpo.CPOConfig"
     beta: float = Field(2.0, gt=0)
@@ -55,27 +32,23 @@ class SimPOStageConfig(_ReferenceFree):
     """Target reward margin (SimPO's γ, as a fraction of β in TRL's ``simpo_gamma``)."""
 
 
-class ORPOStageConfig(_ReferenceFree):
+class ORPOStageConfig(policy.PreferenceStageConfig):
     kind: Literal["orpo"] = "orpo"
     trainer_config: ClassVar[str] = "trl.experimental.orpo.ORPOConfig"
     beta: float = Field(0.1, gt=0)
     """Weight of the odds-ratio term (ORPO's λ)."""
 
 
-def run(cfg: _ReferenceFree, ctx: StageContext) -> StageResult:
+def run(cfg: SimPOStageConfig | ORPOStageConfig, ctx: StageContext) -> StageResult:
     built = build_trainer(cfg, ctx)
     return policy.finish(cfg, ctx, built, policy.train(cfg, ctx, built))
 
 
-def build_trainer(cfg: _ReferenceFree, ctx: StageContext) -> policy.PolicyTrainer:
+def build_trainer(
+    cfg: SimPOStageConfig | ORPOStageConfig, ctx: StageContext
+) -> policy.PolicyTrainer:
     """Data, policy and TRL's CPOTrainer (SimPO) or ORPOTrainer. No reference is trained
     against: the held-out KL is measured to the policy the stage started from."""
-    import torch
-    from datasets import Dataset
-
-    from alignkit.data.preference import load_preference
-    from alignkit.data.split import data_records, train_eval_rows
-
     torch.manual_seed(ctx.seed)
     train_rows, eval_rows = train_eval_rows(
         cfg.data, load_preference, ctx.seed, data_context(ctx, cfg.data, cfg.heldout)
@@ -87,18 +60,20 @@ def build_trainer(cfg: _ReferenceFree, ctx: StageContext) -> policy.PolicyTraine
         return Dataset.from_list([{k: r[k] for k in keep} for r in rows]) if rows else None
 
     if isinstance(cfg, SimPOStageConfig):
+        # trl.experimental warns on import that its API is unstable: only SimPO/ORPO import it
         from trl.experimental.cpo import CPOConfig as config_cls
         from trl.experimental.cpo import CPOTrainer as trainer_cls
 
         ours = {"loss_type": "simpo", "cpo_alpha": 0.0, "simpo_gamma": cfg.gamma}
     else:
+        # trl.experimental warns on import that its API is unstable: only SimPO/ORPO import it
         from trl.experimental.orpo import ORPOConfig as config_cls
         from trl.experimental.orpo import ORPOTrainer as trainer_cls
 
         ours = {}
-    args = trl_args(
-        config_cls, cfg.train, output_dir=ctx.checkpoint_dir, seed=ctx.seed, where=ctx.where, options=cfg,
-        beta=cfg.beta, max_length=cfg.max_length, per_device_eval_batch_size=32, **ours,
+    args = stage_trl_args(
+        config_cls, cfg, ctx, beta=cfg.beta, max_length=cfg.max_length,
+        per_device_eval_batch_size=32, **ours,
     )  # fmt: skip
     trainer = make_trl_trainer(
         trainer_cls,

@@ -136,6 +136,7 @@ def build_tokenizer():
     the one that loads. ``unk_token=None`` is explicit: Qwen2Tokenizer's default would add an
     ``<|endoftext|>`` token beyond the model's vocabulary.
     """
+    # torch, tokenizers, transformers (seconds): only when builtin:tiny is first built, not to read its path
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from tokenizers.trainers import BpeTrainer
     from transformers import Qwen2Tokenizer
@@ -182,6 +183,7 @@ def build_tokenizer():
 
 def build_tiny_model(out_dir: Path) -> None:
     """Tokenizer, seeded Qwen2 init, brief pretraining; saved into ``out_dir``."""
+    # torch, tokenizers, transformers (seconds): only when builtin:tiny is first built, not to read its path
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
@@ -230,7 +232,7 @@ def pretrain(model, tokenizer, steps: int = PRETRAIN_STEPS) -> float:
     AdamW with linear warmup and cosine decay; the reported loss is the mean of the last
     20 steps (padding excluded from the loss).
     """
-    import torch
+    import torch  # as above: only when the model is built
 
     texts = task.pretraining_texts(steps * PRETRAIN_BATCH, seed=SEED)
     optimizer = torch.optim.AdamW(model.parameters(), lr=PRETRAIN_LR, weight_decay=0.01)

@@ -303,6 +303,7 @@ class _writer:
             self._flush()
 
     def _flush(self) -> None:
+        # only for Parquet output
         import pyarrow as pa
         import pyarrow.parquet as pq
 

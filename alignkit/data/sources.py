@@ -196,7 +196,7 @@ def _first_bad_utf8_line(path: Path) -> int:
 
 
 def _parquet_rows(path: Path) -> Iterator[Row]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # only for Parquet files
 
     try:
         batches = pq.ParquetFile(path).iter_batches(batch_size=4096)
@@ -211,7 +211,7 @@ def _parquet_rows(path: Path) -> Iterator[Row]:
 
 def _hub_rows(name: str, split: str) -> Iterator[Row]:
     """``owner/name`` or ``owner/name:config`` (a dataset with several configs, e.g. gsm8k:main)."""
-    import datasets
+    import datasets  # ~1 s: only for Hub sources
 
     name, _, config = name.partition(":")
     try:

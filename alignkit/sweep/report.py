@@ -114,9 +114,10 @@ def _cell(v) -> str:
 def _plots(study, spec: SweepSpec, out: Path) -> None:
     """Optuna's matplotlib plots. Parameter importances use PED-ANOVA (no scikit-learn needed);
     a plot Optuna cannot draw yet (too few trials) is skipped with a note."""
-    import matplotlib
+    import matplotlib  # the backend must be set before pyplot is imported
 
     matplotlib.use("Agg")
+    # pyplot after the backend; optuna: the optional sweep extra
     import matplotlib.pyplot as plt
     import optuna
     from optuna.visualization import matplotlib as views

@@ -13,17 +13,20 @@ A parameter is a dotted path into the swept stage, as ``--set`` writes it, and a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 import math
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from alignkit.config import (
     StageBase,
     StageKinds,
     Strict,
+    _format_errors,
     _model_in,
     apply_override,
     did_you_mean,
@@ -205,10 +208,6 @@ def load_sweep(raw: dict, stage_kinds: StageKinds, where: str) -> SweepSpec:
     """The checked ``sweep:`` block of a raw pipeline config: its keys, distributions, stage and
     parameter paths ("did you mean"), and the pipeline validated with each parameter set to a
     value of its distribution (a value of the wrong type fails here, not in trial 7)."""
-    from pydantic import ValidationError
-
-    from alignkit.config import _format_errors
-
     block = raw.get("sweep")
     if not isinstance(block, dict):
         raise UserError(f"{where}: no `sweep:` block (stage, params, objective, direction, trials)")
@@ -274,9 +273,6 @@ def check_param_path(path: str, stage: StageBase, where: str) -> None:
 def with_params(raw: dict, values: dict[str, Any]) -> dict:
     """A copy of the raw pipeline config with each dotted path set (as ``--set`` would), and
     the ``sweep:`` block removed: the config one trial runs."""
-    import copy
-    import json
-
     out = copy.deepcopy({k: v for k, v in raw.items() if k != "sweep"})
     for path, value in values.items():
         apply_override(out, f"{path}={json.dumps(value)}")

@@ -28,11 +28,19 @@ from typing import Any
 
 from rich.console import Console
 
-from alignkit.config import PipelineConfig, StageKinds, parent_of, validate_pipeline
+from alignkit.config import (
+    PipelineConfig,
+    StageKinds,
+    did_you_mean,
+    parent_of,
+    validate_pipeline,
+)
 from alignkit.errors import UserError
 from alignkit.finite import NonFiniteError
 from alignkit.health import HealthStop
+from alignkit.pipeline import run_pipeline
 from alignkit.rundir import RunDir
+from alignkit.sweep.report import write_report
 from alignkit.sweep.space import SweepSpec, load_sweep, with_params
 
 log = logging.getLogger(__name__)
@@ -44,7 +52,7 @@ ENDED = ("COMPLETE", "PRUNED", "FAIL")
 
 
 def require_optuna():
-    try:
+    try:  # the optional sweep extra
         import optuna
     except ImportError:
         raise UserError(
@@ -87,7 +95,7 @@ class TrialReport:
             f"sweep trial {self.trial.number}: {self.objective} = {value:.4g} at step {step}"
         )
         if self.trial.should_prune():
-            import optuna
+            import optuna  # the optional sweep extra (installed: this trial is Optuna's)
 
             raise optuna.TrialPruned(f"{self.objective} = {value:.4g} at step {step}")
 
@@ -102,9 +110,6 @@ def run_sweep(
 ) -> Path:
     """Run (or resume, or join) the sweep a raw pipeline config's ``sweep:`` block describes,
     until its trial budget is spent; write the report. Returns the report directory."""
-    from alignkit.pipeline import run_pipeline
-    from alignkit.sweep.report import write_report
-
     spec = load_sweep(raw, stage_kinds, where)
     cfg = validate_pipeline(raw, stage_kinds, where)
     optuna = require_optuna()
@@ -148,8 +153,6 @@ def run_sweep(
         metrics = (RunDir(trial_dir).stage_json(spec.stage) or {}).get("metrics", {})
         trial.set_user_attr("metrics", {k: v for k, v in metrics.items() if _number(v)})
         if not _number(metrics.get(spec.objective)):
-            from alignkit.config import did_you_mean
-
             raise UserError(
                 f"{where}: sweep.objective: stage {spec.stage!r} recorded no metric "
                 f"{spec.objective!r}{did_you_mean(spec.objective, metrics)}; it records: "

@@ -1,6 +1,7 @@
 """The layering DESIGN.md draws, read from the source (every import, in functions too): the core
 imports no area except from the CLI, eval imports no stage, rewards import no rollouts, eval or
-stages, and no modules import each other in a cycle."""
+stages, no modules import each other in a cycle, and an import inside a function says why it is
+there (a comment on its line or the line above)."""
 
 import ast
 from pathlib import Path
@@ -83,3 +84,55 @@ def test_no_modules_import_each_other_in_a_cycle():
         if start not in done:
             visit(start, [start], done)
     assert not cycles, "\n".join(cycles)
+
+
+def unexplained_function_imports(path: Path) -> list[str]:
+    """Imports inside functions with no comment on their lines or on the line above them (a run
+    of imports may share one comment): module level is the default, a lazy import needs a reason
+    (startup time, an optional extra, a warning on import)."""
+    lines = path.read_text().splitlines()
+    tree = ast.parse("\n".join(lines))
+    import_lines = {
+        line
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for line in range(node.lineno, node.end_lineno + 1)
+    }
+    found = []
+    for fn in ast.walk(tree):
+        if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        for node in ast.walk(fn):
+            if not isinstance(node, ast.Import | ast.ImportFrom):
+                continue
+            top = node.lineno
+            while top - 1 in import_lines and "#" not in lines[top - 1]:
+                top -= 1  # up to the first import of the run, or one with its own comment
+            own = range(top, node.end_lineno + 1)
+            if not any("#" in lines[i - 1] for i in own) and "#" not in lines[top - 2]:
+                found.append(
+                    f"{path.relative_to(ROOT)}:{node.lineno}: {lines[node.lineno - 1].strip()}"
+                )
+    return found
+
+
+def test_every_import_inside_a_function_says_why():
+    known = modules()
+    found = [
+        line for path in sorted(set(known.values())) for line in unexplained_function_imports(path)
+    ]
+    assert not found, "move to module level, or say why it is lazy:\n" + "\n".join(found)
+
+
+def test_the_import_check_sees_an_unexplained_import(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        "def f():\n    import json\n\n\ndef g():\n    # optional extra\n    import csv\n"
+        "    import re\n\n\ndef h():\n    import os  # slow\n"
+    )
+    global ROOT
+    root, ROOT = ROOT, tmp_path
+    try:
+        assert unexplained_function_imports(sample) == ["sample.py:2: import json"]
+    finally:
+        ROOT = root

@@ -8,18 +8,10 @@ from typing import ClassVar, Literal
 
 import torch
 from datasets import Dataset
-from pydantic import Field
 from rich.console import Console
 from trl import KTOConfig, KTOTrainer
 
-from alignkit.config import (
-    AdapterSpec,
-    DataSpec,
-    ForgettingSpec,
-    HeldoutSpec,
-    ModelSpec,
-    StageBase,
-)
+from alignkit.config import ModelSpec
 from alignkit.config import validate_pipeline as validate
 from alignkit.data.preference import load_preference
 from alignkit.data.split import train_eval_rows
@@ -29,42 +21,30 @@ from alignkit.models import load_stage_model
 from alignkit.pipeline import StageContext, StageKind, StageResult, run_pipeline
 from alignkit.rundir import STAGE_FILE
 from alignkit.stages import REGISTRY, policy
-from alignkit.training import make_trl_trainer, trl_args
+from alignkit.stages.common import data_context
+from alignkit.training import make_trl_trainer, stage_trl_args
 
 
 # --- the new stage: what would be stages/kto.py ------------------------------------------------
-class KTOStageConfig(StageBase):
+class KTOStageConfig(policy.PreferenceStageConfig):
     kind: Literal["kto"] = "kto"
     trainer_config: ClassVar[str] = "trl.KTOConfig"
-    is_policy: ClassVar[bool] = True
-    default_parent: ClassVar[bool] = True
 
-    data: DataSpec
-    """Preference pairs, unpaired: each chosen answer is a good example, each rejected a bad one."""
-    adapter: AdapterSpec | None = None
-    """Adapter for a stage without a parent (a parent's adapter is continued)."""
-    beta: float = Field(0.1, gt=0)
-    """Strength of the pull towards the reference."""
-    max_length: int = 1024
-    """Prompt + completion tokens; longer examples are truncated."""
-    heldout: HeldoutSpec = HeldoutSpec()
-    """Sample the trained policy and its reference on held-out prompts (gold reward, KL)."""
     health: HealthSpec = HealthSpec()
     """Training health checks (KL, length, repetition, reward vs gold)."""
-    forgetting: ForgettingSpec = ForgettingSpec()
-    """General-text NLL before and after the stage."""
 
 
 def run(cfg: KTOStageConfig, ctx: StageContext) -> StageResult:
     torch.manual_seed(ctx.seed)
-    train_rows, eval_rows = train_eval_rows(cfg.data, load_preference, ctx.seed)
+    context = data_context(ctx, cfg.data, cfg.heldout)
+    train_rows, eval_rows = train_eval_rows(cfg.data, load_preference, ctx.seed, context)
     model, tokenizer, adapter, saved = policy.start_policy(cfg, ctx, "kto")
-    args = trl_args(
-        KTOConfig, cfg.train, output_dir=ctx.checkpoint_dir, seed=ctx.seed, where=ctx.where,
-        beta=cfg.beta, max_length=cfg.max_length, per_device_eval_batch_size=16,
-    )  # fmt: skip
+    args = stage_trl_args(
+        KTOConfig, cfg, ctx, beta=cfg.beta, max_length=cfg.max_length, per_device_eval_batch_size=16
+    )
     trainer = make_trl_trainer(
-        KTOTrainer, ctx, saved, model=model, args=args, processing_class=tokenizer,
+        KTOTrainer, ctx, saved, options=cfg, adapter=adapter, model=model, args=args,
+        processing_class=tokenizer,
         train_dataset=unpaired(train_rows), eval_dataset=unpaired(eval_rows),
     )  # fmt: skip
     pair = PolicyPair.of(trainer.model, trainer.ref_model, base_is_reference=True)

@@ -9,6 +9,7 @@ from alignkit.errors import UserError
 from alignkit.handoff import StageOutput
 from alignkit.models import load_stage_model
 from alignkit.pipeline import StageContext, run_pipeline
+from alignkit.rewards.gold import gold_reward
 from alignkit.rewards.reward_model import RewardModelScorer
 from alignkit.rundir import RunDir
 from alignkit.stages import REGISTRY, stage_kinds
@@ -34,7 +35,7 @@ def run_dir(tmp_path_factory, tiny_pipeline_cfg):
     return RunDir(root)
 
 
-def make(rd, out_dir, resume=None, spec=None, heldout=None, **over):
+def make(rd, out_dir, resume=None, spec=None, heldout=None, reward_dirs=None, apart=None, **over):
     fields = {
         "name": "ppo",
         "data": {"source": "builtin:prompts", "max_rows": 64},
@@ -55,8 +56,13 @@ def make(rd, out_dir, resume=None, spec=None, heldout=None, **over):
         resume_from=resume, console=Console(quiet=True),
     )  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
-    rms = {REWARD: rd.stage_dir("rm"), **(heldout or {})}
-    return PPOTrainer(cfg, ctx, rms)
+    rms = {REWARD: rd.stage_dir("rm")} if reward_dirs is None else reward_dirs
+    return PPOTrainer(cfg, ctx, {**rms, **(heldout or {})}, apart)
+
+
+def rm_scorer(trainer):
+    """The reward-model component of the trainer's training reward."""
+    return {name: fn for name, fn, _ in trainer.scoring.reward.components}["rm"]
 
 
 def test_ppo_adapters_start_right_and_only_policy_and_value_move(run_dir, tmp_path):
@@ -73,8 +79,13 @@ def test_ppo_adapters_start_right_and_only_policy_and_value_move(run_dir, tmp_pa
         assert (model.peft(**enc).logits - want).abs().max() < 1e-5  # policy starts at SFT too
     # the reward adapter on the shared base scores like the standalone reward model
     alone = RewardModelScorer.from_path(run_dir.stage_dir("rm"))(PROMPTS, COMPLETIONS)
-    shared = trainer.scoring.scorer(PROMPTS, COMPLETIONS)
+    shared = rm_scorer(trainer)(PROMPTS, COMPLETIONS)
     assert max(abs(a - b) for a, b in zip(alone, shared, strict=True)) < 1e-4
+    # the training reward: the RM as one component of a weighted sum with the reward functions
+    assert trainer.scoring.reward.names == ["rm", "gold"]
+    gold = gold_reward(PROMPTS, COMPLETIONS)
+    total = trainer.scoring.reward(PROMPTS, COMPLETIONS)
+    assert total == pytest.approx([s + g for s, g in zip(shared, gold, strict=True)], abs=1e-6)
 
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     metrics = trainer.train()
@@ -97,6 +108,17 @@ def test_ppo_adapters_start_right_and_only_policy_and_value_move(run_dir, tmp_pa
     )
     assert (tmp_path / "ppo" / "checkpoints" / "checkpoint-2" / "state.pt").exists()
     assert len((tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_reward_model_on_another_base_is_one_component_loaded_apart(run_dir, tmp_path):
+    """A reward_model stage PPO cannot run as an adapter on its base (another base, or full
+    fine-tuning) is loaded on its own and scores as the same component."""
+    trainer = make(run_dir, tmp_path / "ppo", reward_dirs={}, apart=run_dir.stage_dir("rm"))
+    assert "reward" not in trainer.model.peft.peft_config
+    assert trainer.scoring.reward.names == ["rm", "gold"]
+    assert isinstance(rm_scorer(trainer).model, torch.nn.Module)
+    alone = RewardModelScorer.from_path(run_dir.stage_dir("rm"))(PROMPTS, COMPLETIONS)
+    assert rm_scorer(trainer)(PROMPTS, COMPLETIONS) == pytest.approx(alone, abs=1e-6)
 
 
 def test_ppo_resumes_from_its_checkpoint_to_the_same_next_step(run_dir, tmp_path):
@@ -184,7 +206,7 @@ def test_vllm_rollouts_get_the_policy_adapter_after_every_update(run_dir, tmp_pa
 
 def test_truncated_answers_are_scored_as_cut_and_penalised(run_dir, tmp_path):
     trainer = make(run_dir, tmp_path / "ppo")
-    scorer = trainer.scoring.scorer
+    scorer = rm_scorer(trainer)
     whole = scorer.encode(PROMPTS[0], COMPLETIONS[0])
     cut = scorer.encode(PROMPTS[0], COMPLETIONS[0], truncated=True)
     end = trainer.tokenizer.eos_token_id
@@ -227,7 +249,7 @@ def test_a_heldout_reward_model_watches_every_rollout(run_dir, tmp_path):
     assert HELDOUT_REWARD in trainer.model.peft.peft_config
     # the same RM twice: the held-out adapter scores exactly like the training one
     assert trainer.scoring.heldout_scorer(PROMPTS, COMPLETIONS) == pytest.approx(
-        trainer.scoring.scorer(PROMPTS, COMPLETIONS), abs=1e-5
+        rm_scorer(trainer)(PROMPTS, COMPLETIONS), abs=1e-5
     )
     trainer.train()
     rows = (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()
