@@ -41,7 +41,7 @@ app = typer.Typer(
 data_app = typer.Typer(no_args_is_help=True, help="Inspect, validate and clean datasets.")
 app.add_typer(data_app, name="data")
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # errors unwrapped: greppable, paths whole
 
 SetOpt = Annotated[
     list[str] | None,
