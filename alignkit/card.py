@@ -16,6 +16,8 @@ import json
 import re
 from pathlib import Path
 
+from huggingface_hub import ModelCardData
+
 from alignkit.config import BUILTIN_MODEL
 from alignkit.handoff import ADAPTER_DIR, FULL_MODEL_DIR, StageOutput
 from alignkit.rundir import read_json_or_none, write_text_atomic
@@ -63,8 +65,6 @@ def lineage(run_dir: Path, parent: str | None) -> list[dict]:
 def model_card(record: dict, chain: list[dict], adapter_config: dict | None = None) -> str:
     """The card's text: front matter, then the sections (see the module docstring).
     ``adapter_config``: the saved ``adapter_config.json``, for the adapter section."""
-    from huggingface_hub import ModelCardData
-
     base = (record.get("base_model") or {}).get("name", "")
     weights = record.get("outputs", {}).get("weights")
     data = record.get("data") or []

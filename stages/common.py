@@ -8,10 +8,13 @@ import torch
 from pydantic import model_validator
 from transformers import TrainerCallback
 
-from alignkit.config import DataSpec, HeldoutSpec, Strict
+from alignkit.config import BUILTIN_MODEL, DataSpec, HeldoutSpec, Strict
+from alignkit.data.fingerprint import data_record
 from alignkit.data.prompts import load_prompts
+from alignkit.data.replay import replay_rows
 from alignkit.data.split import DataContext
 from alignkit.errors import UserError
+from alignkit.eval.forgetting import forgetting_metrics, general_texts
 from alignkit.eval.heldout import evaluate_policy
 from alignkit.eval.probe import HealthProbe
 from alignkit.health import HealthMonitor
@@ -139,10 +142,6 @@ def forgetting_evaluation(cfg, ctx, policy, start, tokenizer) -> tuple[dict[str,
     """Forgetting (``cfg.forgetting``): general-text NLL of ``start`` (the policy the stage began
     from) and of ``policy``; returns the main process's metrics and the data record of the texts.
     Every rank calls it when the weights are sharded (each forward is a collective)."""
-    from alignkit.config import BUILTIN_MODEL
-    from alignkit.data.fingerprint import data_record
-    from alignkit.eval.forgetting import forgetting_metrics, general_texts
-
     spec = cfg.forgetting
     if not spec.enabled:
         return {}, []
@@ -175,9 +174,6 @@ def replay(
     :class:`~alignkit.config.ReplaySpec`), and their data record. ``stage:NAME`` replays the
     training data of that finished stage of the run, which must be one of ``kinds``. ``hint``
     follows the error when the source's rows do not fit the stage."""
-    from alignkit.data.fingerprint import data_record
-    from alignkit.data.replay import replay_rows
-
     source, split = spec.source, spec.split
     if source.startswith(REPLAY_STAGE_PREFIX):
         name = source.removeprefix(REPLAY_STAGE_PREFIX).strip()

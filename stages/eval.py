@@ -28,6 +28,8 @@ from alignkit.config import (
     Temperature,
     did_you_mean,
 )
+from alignkit.data.fingerprint import data_record
+from alignkit.data.prompts import load_prompts
 from alignkit.errors import UserError
 from alignkit.eval.compare import CompareConfig, run_compare
 from alignkit.eval.report import reward_label
@@ -131,9 +133,6 @@ def run(cfg: EvalStageConfig, ctx: StageContext) -> StageResult:
 
 def _prompts_record(source: str, split: str | None, max_prompts: int) -> dict:
     """The data record of the prompts compared on (the first ``max_prompts`` distinct ones)."""
-    from alignkit.data.fingerprint import data_record
-    from alignkit.data.prompts import load_prompts
-
     seen: set[str] = set()
     rows = [
         r for r in load_prompts(source, split).rows if not (r["id"] in seen or seen.add(r["id"]))

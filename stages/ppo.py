@@ -36,6 +36,7 @@ from alignkit.stages.common import (
     HELDOUT_DATA_KEYS,
     RolloutSpec,
     check_vllm,
+    forgetting_evaluation,
     heldout_evaluation,
     refuse_unread_data_keys,
 )
@@ -224,8 +225,6 @@ def _heldout(cfg, ctx, trainer) -> dict[str, float]:
 
 def _forgetting(cfg, ctx, trainer) -> tuple[dict[str, float], list[dict]]:
     """Forgetting against the reference (the starting policy), and the texts' data record."""
-    from alignkit.stages.common import forgetting_evaluation
-
     if not ctx.is_main:
         return {}, []
     pair = PolicyPair.of(trainer.model.peft)

@@ -12,7 +12,7 @@ import math
 from typing import ClassVar, Literal
 
 import torch
-from datasets import Dataset
+from datasets import Dataset, concatenate_datasets
 from pydantic import model_validator
 from trl import SFTConfig, SFTTrainer
 from trl.chat_template_utils import get_training_chat_template
@@ -148,10 +148,6 @@ def _mix_replay(cfg: SFTStageConfig, ctx: StageContext, trainer, tokenizer) -> t
     data record. They are tokenized by TRL in their own format (text rows: every token trained;
     conversations: as ``loss_on`` says), then the two sets are joined: the trainer samples
     batches from the union, so ``replay.fraction`` of every batch is replay, on average."""
-    from datasets import concatenate_datasets
-
-    from alignkit.data.sft import load_sft
-
     task = trainer.train_dataset
     rows, record = common.replay(cfg.replay, ctx, load_sft, len(task), ("sft",))
     # TRL has no public way to tokenize a second set as it did the first; its own step keeps
