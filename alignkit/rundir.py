@@ -134,17 +134,40 @@ def checkpoint_step(checkpoint: Path) -> int:
 
 
 def latest_checkpoint(directory: Path) -> Path | None:
-    """The ``checkpoint-N`` with the highest N under ``directory`` that holds trainer state."""
+    """The checkpoint an interrupted stage resumes from: the ``checkpoint-N`` under
+    ``directory`` with the highest N that holds trainer state and was saved while training
+    was still going on.
+
+    A checkpoint transformers saved after training had stopped (its last step, or early
+    stopping) is passed over: transformers resumed from it takes one more optimizer step before
+    it checks whether to stop, so the stage would end one step past the uninterrupted run.
+    Resuming from the checkpoint before it repeats those steps exactly; with none, the stage
+    starts again."""
     if not directory.is_dir():
         return None
     best: tuple[int, Path] | None = None
     for child in directory.iterdir():
         m = CHECKPOINT_RE.match(child.name)
-        if m and read_json_or_none(child / "trainer_state.json") is not None:
+        state = read_json_or_none(child / "trainer_state.json") if m else None
+        if isinstance(state, dict) and not training_had_stopped(state):
             step = int(m.group(1))
             if best is None or step > best[0]:
                 best = (step, child)
     return best[1] if best else None
+
+
+def training_had_stopped(trainer_state: dict) -> bool:
+    """Whether a transformers ``trainer_state.json`` was saved at or after the end of training:
+    ``global_step`` reached ``max_steps``, or a callback had set ``should_training_stop`` (early
+    stopping). PPO's checkpoints record only ``global_step``; its own loop resumes exactly."""
+    max_steps = trainer_state.get("max_steps")
+    step = trainer_state.get("global_step")
+    if isinstance(max_steps, int) and isinstance(step, int) and 0 < max_steps <= step:
+        return True
+    control = trainer_state.get("stateful_callbacks", {}).get("TrainerControl", {})
+    if isinstance(control, list):  # transformers keeps a list when several share a class
+        control = control[0] if control else {}
+    return bool(control.get("args", {}).get("should_training_stop"))
 
 
 @dataclass

@@ -45,9 +45,11 @@ def check_each_kill(kills):
 
 
 def test_three_kills_after_checkpoints_resume_to_the_same_run(tmp_path):
+    # DPO is stopped after its last checkpoint, before the stage completes: transformers resumed
+    # from such a checkpoint takes one step past max_steps, so the resume must start earlier
     plan = [
         ("sft", signal.SIGKILL, ".sft.partial/checkpoints/checkpoint-4"),
-        ("dpo", signal.SIGTERM, ".dpo.partial/checkpoints/checkpoint-4"),
+        ("dpo", signal.SIGTERM, ".dpo.partial/checkpoints/checkpoint-10/trainer_state.json"),
         ("ppo", signal.SIGINT, ".ppo.partial/checkpoints/checkpoint-3"),
     ]
     kills, diff = clean_and_chaos(tmp_path, plan, steps=10, rollout_prompts=0)

@@ -84,6 +84,42 @@ def test_stops_at_the_expected_step_and_saves_the_best_checkpoint_across_a_resum
     assert any(not torch.equal(best[n], last[n]) for n in best)  # the last step differs
 
 
+def test_a_kill_after_the_stopping_checkpoint_resumes_before_it(
+    tmp_path, monkeypatch, tiny_pipeline_cfg
+):
+    """Killed once checkpoint-10 (the step that stopped training) is saved, before the stage
+    completes: transformers resumed from it would train on to the next evaluation."""
+    scripted_eval(monkeypatch)
+    seen = weights_by_step(monkeypatch, kill_at=-1)
+    real_save = training.FiniteGuard.on_save
+
+    def on_save(self, args, state, control, **kwargs):
+        real_save(self, args, state, control, **kwargs)
+        if state.global_step == 10 and not (tmp_path / "killed").exists():
+            (tmp_path / "killed").touch()
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.FiniteGuard, "on_save", on_save)
+    raw = tiny_pipeline_cfg(tmp_path / "run", steps=20)
+    stage = raw["stages"][0]
+    stage["heldout"] = {"enabled": False}
+    del stage["train"]["save_steps"]
+    stage["early_stopping"] = {"metric": "loss", "patience": 3, "min_delta": 0.1, "every": 2}
+    cfg = validate_pipeline(raw, stage_kinds())
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(cfg, REGISTRY, tmp_path / "run")
+    assert (tmp_path / "run" / ".sft.partial" / "checkpoints" / "checkpoint-10").is_dir()
+    run_pipeline(cfg, REGISTRY, tmp_path / "run")
+
+    record = json.loads((tmp_path / "run" / "sft" / "stage.json").read_text())
+    assert record["resumed_from"] == "checkpoint-8"
+    assert record["early_stopping"]["stopped_at"] == 10 == record["metrics"]["global_step"]
+    assert record["early_stopping"]["best_step"] == 8
+    saved = load_file(tmp_path / "run" / "sft" / "adapter" / "adapter_model.safetensors")
+    for name, tensor in saved.items():
+        assert torch.equal(tensor, seen[8][name.replace(".weight", ".default.weight")]), name
+
+
 def test_a_metric_the_evaluation_does_not_report_fails_before_training(tmp_path, tiny_pipeline_cfg):
     raw = tiny_pipeline_cfg(tmp_path / "run", steps=4)
     del raw["stages"][0]["train"]["save_steps"]
