@@ -101,12 +101,20 @@ class Experience:
     gen_seconds: float
 
     def rows(self, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """``ids, attn, pos, cmask, old_logp, values, advantages, returns`` of sequences idx."""
-        return tuple(
-            t[idx]
-            for t in (self.ids, self.attn, self.pos, self.cmask, self.old_logp, self.values,
-                      self.advantages, self.returns)
-        )  # fmt: skip
+        """``ids, attn, pos, cmask, old_logp, values, advantages, returns`` of sequences idx,
+        cut after the longest of their completions: the columns dropped are padding of every
+        row (masked out of each loss, and never attended to by an earlier position), so the
+        update's forwards skip them. Completions vary in length (the quickstart's: ~17 tokens
+        on average, padded to the step's longest)."""
+        cmask = self.cmask[idx]
+        T = max(1, int(cmask.sum(1).max()))
+        whole = (self.ids, self.attn, self.pos)
+        per_token = (cmask, self.old_logp, self.values, self.advantages, self.returns)
+        return (
+            *(t[idx, : self.P + T] for t in whole),
+            cmask[:, :T],
+            *(t[idx, :T] for t in per_token[1:]),
+        )
 
 
 @dataclass

@@ -1,5 +1,7 @@
 """PPO on one base: the four adapters, what moves, reward parity, checkpoints, NaN stop."""
 
+import dataclasses
+
 import pytest
 import torch
 from rich.console import Console
@@ -14,6 +16,7 @@ from alignkit.rewards.reward_model import RewardModelScorer
 from alignkit.rundir import RunDir
 from alignkit.stages import REGISTRY, stage_kinds
 from alignkit.stages import ppo_core as core
+from alignkit.stages import ppo_update as update
 from alignkit.stages.ppo import PPOStageConfig
 from alignkit.stages.ppo_loop import PPOTrainer
 from alignkit.stages.ppo_model import HELDOUT_REWARD, REFERENCE, REWARD
@@ -300,3 +303,35 @@ def test_a_sweep_trial_gets_heldout_values_between_steps_and_can_stop_ppo(run_di
     assert trainer.ctx.trial.reported == [(1, 0.1), (2, 0.2)] and calls == [1, 2]
     checkpoints = sorted(p.name for p in (tmp_path / "ppo" / "checkpoints").iterdir())
     assert checkpoints == ["checkpoint-1"]  # stopped before the pruned step's checkpoint
+
+
+def test_the_update_skips_padding_columns_and_gets_the_same_gradients(run_dir, tmp_path):
+    """A micro-batch is cut after its longest completion: same losses and gradients as over
+    the step's full width, fewer columns through the model."""
+    trainer = make(run_dir, tmp_path / "ppo", prompts_per_step=8, max_new_tokens=24)
+    exp = trainer._experience(0)
+    lengths = exp.cmask.sum(1)
+    idx = torch.argsort(lengths)[:4]  # the four shortest completions
+    assert int(lengths[idx].max()) < exp.cmask.shape[1], "needs completions of unequal length"
+    ids = exp.rows(idx)[0]
+    assert ids.shape[1] == exp.P + int(lengths[idx].max())
+
+    full = dataclasses.replace(exp)
+    full.rows = lambda i: tuple(
+        t[i] for t in (exp.ids, exp.attn, exp.pos, exp.cmask, exp.old_logp, exp.values,
+                       exp.advantages, exp.returns)
+    )  # fmt: skip
+    grads, losses = [], []
+    for e in (exp, full):
+        trainer.optimizer.zero_grad(set_to_none=True)
+        parts = update.backward(
+            trainer.accelerator, trainer.wrapped, trainer.cfg, e, idx, 1.0, True,
+            lambda *a: None,
+        )  # fmt: skip
+        losses.append(parts)
+        grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters()
+                      if p.grad is not None})  # fmt: skip
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-6)
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, g in grads[0].items():
+        assert torch.allclose(g, grads[1][name], rtol=1e-4, atol=1e-6), name
