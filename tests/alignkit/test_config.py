@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from alignkit.config import (
@@ -48,6 +49,23 @@ def test_compare_config_validates():
 
 def test_configs_exist():
     assert any(p.name == "quickstart.yaml" for p in CONFIGS)
+
+
+def test_iterated_rlhf_round_one_is_the_quickstart():
+    """iterated-rlhf.yaml shares runs/quickstart: its round-1 stages must hash like the
+    quickstart's, or running one re-runs (and replaces) the other's stages."""
+    quick, iterated = (
+        yaml.safe_load((ROOT / "configs" / name).read_text())
+        for name in ("quickstart.yaml", "iterated-rlhf.yaml")
+    )
+    assert iterated["run"]["dir"] == quick["run"]["dir"]
+    for key in ("model", "adapter"):
+        assert iterated[key] == quick[key], key
+    assert iterated["run"]["seed"] == quick["run"]["seed"]
+    stages = {s["name"]: s for s in iterated["stages"]}
+    for stage in quick["stages"]:
+        if stage["name"] in ("sft", "onpolicy", "reward_model", "ppo"):
+            assert stages[stage["name"]] == stage, stage["name"]
 
 
 def test_unknown_top_level_key_suggests_nearest():
