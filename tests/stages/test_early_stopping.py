@@ -49,17 +49,23 @@ def weights_by_step(monkeypatch, kill_at: int) -> dict[int, dict[str, torch.Tens
     return seen
 
 
-def test_stops_at_the_expected_step_and_saves_the_best_checkpoint_across_a_resume(
-    tmp_path, monkeypatch, tiny_pipeline_cfg
-):
-    scripted_eval(monkeypatch)
-    seen = weights_by_step(monkeypatch, kill_at=7)
+def scripted_sft(tmp_path, tiny_pipeline_cfg):
+    """20 SFT steps, evaluated every 2 (the scripted losses), stopping after 3 evaluations
+    that miss min_delta 0.1; checkpoints at the evaluations."""
     raw = tiny_pipeline_cfg(tmp_path / "run", steps=20)
     stage = raw["stages"][0]
     stage["heldout"] = {"enabled": False}
     del stage["train"]["save_steps"]
     stage["early_stopping"] = {"metric": "loss", "patience": 3, "min_delta": 0.1, "every": 2}
-    cfg = validate_pipeline(raw, stage_kinds())
+    return validate_pipeline(raw, stage_kinds())
+
+
+def test_stops_at_the_expected_step_and_saves_the_best_checkpoint_across_a_resume(
+    tmp_path, monkeypatch, tiny_pipeline_cfg
+):
+    scripted_eval(monkeypatch)
+    seen = weights_by_step(monkeypatch, kill_at=7)
+    cfg = scripted_sft(tmp_path, tiny_pipeline_cfg)
     with pytest.raises(KeyboardInterrupt):  # killed after step 7, checkpoints at 2, 4, 6
         run_pipeline(cfg, REGISTRY, tmp_path / "run")
     # resumed from step 6 with one evaluation (6) already past the best: a resume that forgot
@@ -100,12 +106,7 @@ def test_a_kill_after_the_stopping_checkpoint_resumes_before_it(
             raise KeyboardInterrupt
 
     monkeypatch.setattr(training.FiniteGuard, "on_save", on_save)
-    raw = tiny_pipeline_cfg(tmp_path / "run", steps=20)
-    stage = raw["stages"][0]
-    stage["heldout"] = {"enabled": False}
-    del stage["train"]["save_steps"]
-    stage["early_stopping"] = {"metric": "loss", "patience": 3, "min_delta": 0.1, "every": 2}
-    cfg = validate_pipeline(raw, stage_kinds())
+    cfg = scripted_sft(tmp_path, tiny_pipeline_cfg)
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(cfg, REGISTRY, tmp_path / "run")
     assert (tmp_path / "run" / ".sft.partial" / "checkpoints" / "checkpoint-10").is_dir()
