@@ -82,6 +82,17 @@ def test_quickstart_meets_its_promises(tmp_path):
     for stage in ("sft", "dpo", "ppo"):
         assert m[stage]["forgetting_nll_after"] > 0 and m[stage]["forgetting_texts"] == 256
     assert "## Forgetting" in (tmp_path / "compare" / "report.md").read_text()
+    # the run page: curves of sft, reward_model, dpo, ppo; health of dpo, ppo; 3 comparison plots
+    check_run_page(tmp_path, pictures=9)
+
+
+def check_run_page(run_dir: Path, pictures: int) -> None:
+    """One file, every stage in its graph and a section each, ``pictures`` PNGs inline."""
+    page = (run_dir / "report.html").read_text()
+    stages = [s["name"] for s in json.loads((run_dir / "manifest.json").read_text())["stages"]]
+    for stage in stages:
+        assert f'id="stage-{stage}"' in page and f">{stage}</text>" in page
+    assert "<script" not in page and page.count("data:image/png;base64,") == pictures
 
 
 @pytest.mark.slow
@@ -93,9 +104,5 @@ def test_quickstart_grpo_beats_its_reference(tmp_path):
     assert "reward" in record["health"]["last"]  # TRL's logged reward reached the monitor
     assert grpo["gold_reward_gain_ci_low"] > 0
     assert 0 < grpo["kl_ref"] < 10
-    # the run page: one file, every stage in its graph and a section each, pictures inline
-    page = (tmp_path / "report.html").read_text()
-    stages = [s["name"] for s in json.loads((tmp_path / "manifest.json").read_text())["stages"]]
-    for stage in stages:
-        assert f'id="stage-{stage}"' in page and f">{stage}</text>" in page
-    assert "<script" not in page and page.count("data:image/png;base64,") >= 9
+    # the run page: sft and grpo curves, grpo's health checks
+    check_run_page(tmp_path, pictures=3)
