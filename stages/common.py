@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import torch
 from pydantic import model_validator
@@ -17,8 +18,10 @@ from alignkit.errors import UserError
 from alignkit.eval.forgetting import forgetting_metrics, general_texts
 from alignkit.eval.heldout import evaluate_policy
 from alignkit.eval.probe import HealthProbe
+from alignkit.handoff import StageOutput, find_stage, run_stages
 from alignkit.health import HealthMonitor
 from alignkit.models import load_tokenizer, resolve_model_path
+from alignkit.rewards.registry import known_names, split_weight
 from alignkit.rollouts.types import EngineName
 from alignkit.rollouts.vllm import GpuMemoryUtilization, VLLMConfig
 from alignkit.training import weights_sharded
@@ -157,14 +160,64 @@ def forgetting_evaluation(cfg, ctx, policy, start, tokenizer) -> tuple[dict[str,
     return metrics, [data_record("forgetting", source, spec.split, texts)]
 
 
-REPLAY_STAGE_PREFIX = "stage:"
+STAGE_PREFIX = "stage:"  # names a stage of this run where a source or reward spec could be
+REWARD_STAGE_KINDS = ("reward_model",)
 
 
 def replay_stages(spec) -> list[str]:
     """The stage a ``replay:`` block names (``stage:NAME``), for ``uses_stages``."""
-    if spec is None or not spec.source.startswith(REPLAY_STAGE_PREFIX):
+    if spec is None or not spec.source.startswith(STAGE_PREFIX):
         return []
-    return [spec.source.removeprefix(REPLAY_STAGE_PREFIX).strip()]
+    return [spec.source.removeprefix(STAGE_PREFIX).strip()]
+
+
+# --- reward specs that name a reward_model stage of the run (GRPO/RLOO rewards, a rollout
+# stage's labeller, an eval stage's rewards: one reading for all three) ---
+
+
+def reward_stage_name(spec: str) -> str | None:
+    """The stage of this run a reward spec names, any ``*WEIGHT`` aside: ``stage:NAME``, or a
+    bare name that is no builtin reward (``stage:`` reaches a stage named like one). None for
+    any other spec (a builtin, a rule, a path, ``module:function``)."""
+    head = split_weight(spec)[0].strip()
+    if head.startswith(STAGE_PREFIX):
+        return head.removeprefix(STAGE_PREFIX).strip()
+    return head if head.isidentifier() and head not in known_names() else None
+
+
+def reward_stage_names(specs: list[str]) -> list[str]:
+    """The stages these reward specs name, for ``uses_stages``."""
+    return [name for name in map(reward_stage_name, specs) if name is not None]
+
+
+def reward_stage(spec: str, run_dir: Path, where: str) -> StageOutput | None:
+    """The finished reward_model stage ``spec`` names, or None. ``stage:NAME`` must name one;
+    a bare name that names no stage is left to the reward registry, whose error lists the
+    builtin rewards (see :func:`reward_stage_hint` for the stages)."""
+    name = reward_stage_name(spec)
+    if name is None:
+        return None
+    if split_weight(spec)[0].strip().startswith(STAGE_PREFIX):
+        return find_stage(run_dir, name, REWARD_STAGE_KINDS, where)
+    if StageOutput.read(run_dir / name) is None:
+        return None
+    return find_stage(run_dir, name, REWARD_STAGE_KINDS, where)  # refuses other kinds
+
+
+def stage_reward_spec(spec: str, run_dir: Path, where: str) -> str:
+    """``spec`` with the reward_model stage it names replaced by that stage's directory, its
+    ``*WEIGHT`` kept; any other spec as given."""
+    stage = reward_stage(spec, run_dir, where)
+    if stage is None:
+        return spec
+    weighted = split_weight(spec)[0] != spec
+    return str(stage.dir) + ("*" + spec.rpartition("*")[2].strip() if weighted else "")
+
+
+def reward_stage_hint(run_dir: Path) -> str:
+    """What to append to an unknown-reward error: the reward_model stages a spec could name."""
+    stages = [s.name for s in run_stages(run_dir, REWARD_STAGE_KINDS)]
+    return f"; reward_model stages of this run: {', '.join(stages)}" if stages else ""
 
 
 def replay(
@@ -175,8 +228,8 @@ def replay(
     training data of that finished stage of the run, which must be one of ``kinds``. ``hint``
     follows the error when the source's rows do not fit the stage."""
     source, split = spec.source, spec.split
-    if source.startswith(REPLAY_STAGE_PREFIX):
-        name = source.removeprefix(REPLAY_STAGE_PREFIX).strip()
+    if source.startswith(STAGE_PREFIX):
+        name = source.removeprefix(STAGE_PREFIX).strip()
         stage = ctx.finished_stage(name, "replay.source", kinds)
         data = (stage.record.get("config") or {}).get("data") or {}
         if "source" not in data:

@@ -37,6 +37,7 @@ from alignkit.handoff import StageOutput, run_stages
 from alignkit.pipeline import StageContext, StageResult
 from alignkit.rollouts.types import EngineName
 from alignkit.rundir import MANIFEST_FILE, REPORT_FILE, read_json
+from alignkit.stages.common import reward_stage_names, stage_reward_spec
 
 
 class EvalStageConfig(StageBase):
@@ -55,8 +56,9 @@ class EvalStageConfig(StageBase):
     split: str | None = "test"
     """Split of a Hub or builtin prompt source."""
     rewards: list[str] = []
-    """Reward specs as ``alignkit compare --reward`` takes them; the name of a reward_model
-    stage of this run works too. Default on ``builtin:tiny``: ``gold``."""
+    """Reward specs as ``alignkit compare --reward`` takes them; a reward_model stage of this
+    run is named ``stage:NAME``, or by its bare name when that is no builtin reward. Default on
+    ``builtin:tiny``: ``gold``."""
     n: Samples = COMPARE_SAMPLES
     """Samples per prompt and model."""
     max_prompts: int = Field(128, ge=1)
@@ -70,7 +72,7 @@ class EvalStageConfig(StageBase):
 
     def uses_stages(self) -> list[str]:
         """The compared stages and reward stages: re-running any of them re-runs the comparison."""
-        return [*self.stages, *self.rewards]
+        return [*self.stages, *reward_stage_names(self.rewards)]
 
 
 def run(cfg: EvalStageConfig, ctx: StageContext) -> StageResult:
@@ -102,7 +104,7 @@ def run(cfg: EvalStageConfig, ctx: StageContext) -> StageResult:
         prompts=prompts,
         split=cfg.split,
         max_prompts=cfg.max_prompts,
-        rewards=[_reward(spec, run_dir) for spec in rewards],
+        rewards=[stage_reward_spec(spec, run_dir, f"{ctx.where}.rewards") for spec in rewards],
         out=str(ctx.out_dir),
         n=cfg.n,
         temperature=cfg.temperature,
@@ -150,13 +152,6 @@ def _policy_stages(run_dir: Path, ctx: StageContext) -> list[str]:
         if stage is not None and stage.is_policy:
             names.append(entry["name"])
     return names
-
-
-def _reward(spec: str, run_dir: Path) -> str:
-    """A stage name of this run stands for that stage's directory."""
-    if "/" in spec or StageOutput.read(run_dir / spec) is None:
-        return spec
-    return str(run_dir / spec)
 
 
 def _metrics(results: dict) -> dict[str, float]:

@@ -36,10 +36,10 @@ from alignkit.data.fingerprint import data_record
 from alignkit.data.prompts import load_prompts
 from alignkit.data.split import training_rows
 from alignkit.errors import UserError
-from alignkit.handoff import PolicyPair, StageOutput, find_stage, run_stages
+from alignkit.handoff import PolicyPair
 from alignkit.health import HealthSpec
 from alignkit.pipeline import StageContext, StageResult
-from alignkit.rewards.registry import WeightedReward, known_names, resolve_reward, split_weight
+from alignkit.rewards.registry import WeightedReward, resolve_reward, split_weight
 from alignkit.rewards.reward_model import RewardModelScorer
 from alignkit.stages import policy
 from alignkit.stages.common import (
@@ -48,11 +48,12 @@ from alignkit.stages.common import (
     check_vllm,
     data_context,
     refuse_unread_data_keys,
+    reward_stage,
+    reward_stage_hint,
+    reward_stage_names,
 )
 from alignkit.training import make_trl_trainer, stage_trl_args
 
-STAGE_PREFIX = "stage:"
-REWARD_KINDS = ("reward_model",)
 #: The vLLM settings TRL's colocated engine takes: ours -> GRPOConfig's (the others of the
 #: ``rollout.vllm`` block belong to our own engine and are refused here).
 TRL_VLLM = {
@@ -110,9 +111,8 @@ class OnlineRLConfig(StageBase, TrainerOptions):
     """Measure forgetting: general-text NLL before and after the stage."""
 
     def uses_stages(self) -> list[str]:
-        """Reward specs that may name reward_model stages of the run (the pipeline keeps those
-        that do: they must run first, and their hashes join this stage's)."""
-        return [split_weight(r)[0].removeprefix(STAGE_PREFIX).strip() for r in self.rewards]
+        """The reward_model stages the rewards name: they run first, their hashes join ours."""
+        return reward_stage_names(self.rewards)
 
     @model_validator(mode="after")
     def _check(self) -> OnlineRLConfig:
@@ -230,31 +230,19 @@ def reward_functions(specs: list[str], run_dir: Path, where: str):
     for i, item in enumerate(specs):
         # split here as the registry does: the spec alone says whether it names a stage
         spec, weight = split_weight(item)
-        stage_dir = _reward_stage(spec, run_dir, f"{where}.rewards[{i}]: {item!r}")
+        stage = reward_stage(spec, run_dir, f"{where}.rewards[{i}]: {item!r}")
         try:
-            name, fn = resolve_reward(str(stage_dir) if stage_dir else spec)
+            name, fn = resolve_reward(str(stage.dir) if stage else spec)
         except UserError as e:
-            stages = [s.name for s in run_stages(run_dir, REWARD_KINDS)]
-            hint = f"; reward_model stages of this run: {', '.join(stages)}" if stages else ""
             message = str(e).removeprefix("--reward ")
-            raise UserError(f"{where}.rewards[{i}]: {message}{hint}") from None
-        components.append((stage_dir.name if stage_dir else name, fn, weight))
+            raise UserError(
+                f"{where}.rewards[{i}]: {message}{reward_stage_hint(run_dir)}"
+            ) from None
+        components.append((stage.name if stage else name, fn, weight))
     try:
         return WeightedReward(components)  # refuses a reward named twice
     except UserError as e:
         raise UserError(f"{where}.rewards: {str(e).removeprefix('--reward: ')}") from None
-
-
-def _reward_stage(spec: str, run_dir: Path, where: str) -> Path | None:
-    """The finished reward_model stage of this run that ``spec`` names, if it names one: always
-    ``stage:NAME``, and a bare name that is no builtin reward and names such a stage."""
-    if spec.startswith(STAGE_PREFIX):
-        name = spec.removeprefix(STAGE_PREFIX).strip()
-        return find_stage(run_dir, name, REWARD_KINDS, where).dir
-    if spec in known_names() or "/" in spec:
-        return None
-    stage = StageOutput.read(run_dir / spec)
-    return stage.dir if stage is not None and stage.kind in REWARD_KINDS else None
 
 
 class NamedReward:

@@ -32,13 +32,18 @@ from alignkit.data.fingerprint import data_record
 from alignkit.errors import UserError
 from alignkit.models import ADAPTER_DIR, FULL_MODEL_DIR, resolve_model_path
 from alignkit.pipeline import StageContext, StageResult
-from alignkit.rewards.registry import known_names, resolve_rewards
+from alignkit.rewards.registry import resolve_rewards
 from alignkit.rollouts import ModelSource
 from alignkit.rollouts.best_of_n import PREFERENCES_FILE, PairMode, write_preferences
 from alignkit.rollouts.job import RolloutJobConfig, run_rollout_job
 from alignkit.rollouts.shards import read_rollouts
 from alignkit.rollouts.types import EngineName, SamplingSpec
-from alignkit.stages.common import refuse_unread_data_keys
+from alignkit.stages.common import (
+    refuse_unread_data_keys,
+    reward_stage_hint,
+    reward_stage_names,
+    stage_reward_spec,
+)
 
 ROLLOUTS_DIR = "rollouts"
 #: A rollout stage has no trainer checkpoints. This marker tells the runner that an interrupted
@@ -59,8 +64,9 @@ class RolloutStageConfig(StageBase):
     sampling: SamplingSpec = SamplingSpec(n=COMPARE_SAMPLES)
     """n samples per prompt (at least 2 to compare), at the policy's own distribution."""
     labeller: list[str] = []
-    """Reward specs that rank the samples (``gold``, a reward_model stage name, a rule,
-    ``module:function``, ``SPEC*WEIGHT``); their weighted sum is each sample's label."""
+    """Reward specs that rank the samples (``gold``, a rule, ``module:function``, a reward-model
+    stage of this run: ``stage:NAME``, or its bare name when that is no builtin reward;
+    ``SPEC*WEIGHT``); their weighted sum is each sample's label."""
     labels: str | None = None
     """JSONL of labels for this stage's rollouts: ``{"prompt_id", "sample", "reward"}`` rows."""
     pairs: PairMode = "best_worst"
@@ -87,13 +93,7 @@ class RolloutStageConfig(StageBase):
         return self
 
     def uses_stages(self) -> list[str]:
-        return [s for s in self.labeller if _is_stage_name(s)]
-
-
-def _is_stage_name(spec: str) -> bool:
-    """A plain word that is no builtin reward: read as a stage of this run (e.g. an RM)."""
-    name = spec.split("*")[0].strip()
-    return name.isidentifier() and name not in known_names()
+        return reward_stage_names(self.labeller)
 
 
 def run(cfg: RolloutStageConfig, ctx: StageContext) -> StageResult:
@@ -103,9 +103,15 @@ def run(cfg: RolloutStageConfig, ctx: StageContext) -> StageResult:
         raise UserError(f"{ctx.where}.sampling.n: compare at least 2 samples per prompt")
     if cfg.labeller and cfg.labels:
         raise UserError(f"{ctx.where}: give labeller or labels, not both")
-    labeller = [_labeller_spec(s, ctx) for s in cfg.labeller]
+    run_dir = ctx.out_dir.parent
+    where = f"{ctx.where}.labeller"
+    labeller = [stage_reward_spec(s, run_dir, where) for s in cfg.labeller]
     if labeller:
-        resolve_rewards(labeller)  # a bad spec fails before any model loads
+        try:
+            resolve_rewards(labeller)  # a bad spec fails before any model loads
+        except UserError as e:
+            message = str(e).removeprefix("--reward ")
+            raise UserError(f"{where}: {message}{reward_stage_hint(run_dir)}") from None
     labelled = bool(labeller or cfg.labels)
     outputs = {"rollouts": ROLLOUTS_DIR, **({"preferences": PREFERENCES_FILE} if labelled else {})}
     if not ctx.is_main:  # one process generates (vLLM spreads over GPUs by itself)
@@ -157,15 +163,6 @@ def run(cfg: RolloutStageConfig, ctx: StageContext) -> StageResult:
             f"{ROLLOUTS_DIR}; label them and set {ctx.where}.labels to make pairs"
         )
     return StageResult(metrics=metrics, adapter_type="none", outputs=outputs, data=data)
-
-
-def _labeller_spec(spec: str, ctx: StageContext) -> str:
-    """A stage name becomes that finished reward_model stage's directory."""
-    if not _is_stage_name(spec):
-        return spec
-    name, star, weight = spec.partition("*")
-    stage = ctx.finished_stage(name.strip(), "labeller", ("reward_model",))
-    return str(stage.dir) + (star + weight if star else "")
 
 
 def _policy_source(ctx: StageContext) -> ModelSource:
