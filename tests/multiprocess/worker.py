@@ -32,10 +32,12 @@ def recording(self, *args, **kwargs):
     rank = os.environ.get("RANK", "0")
     torch.save(state, out / f"{stage}-rank{rank}.pt")
     names = {id(p): n for n, p in model.named_parameters()}
-    groups = {  # parameter -> [optimizer group name, initial learning rate]
+    groups = {  # parameter -> [optimizer group name, initial learning rate]; DeepSpeed's ZeRO
+        # optimizer holds flattened partitions instead of the parameters: none recorded then
         names[id(p)]: [g.get("name"), g["initial_lr"]]
         for g in self.optimizer.param_groups
         for p in g["params"]
+        if id(p) in names
     }
     (out / f"{stage}-groups-rank{rank}.json").write_text(json.dumps(groups))
     return result
