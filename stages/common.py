@@ -195,11 +195,8 @@ def reward_stage(spec: str, run_dir: Path, where: str) -> StageOutput | None:
     a bare name that names no stage is left to the reward registry, whose error lists the
     builtin rewards (see :func:`reward_stage_hint` for the stages)."""
     name = reward_stage_name(spec)
-    if name is None:
-        return None
-    if split_weight(spec)[0].strip().startswith(STAGE_PREFIX):
-        return find_stage(run_dir, name, REWARD_STAGE_KINDS, where)
-    if StageOutput.read(run_dir / name) is None:
+    prefixed = split_weight(spec)[0].strip().startswith(STAGE_PREFIX)
+    if name is None or (not prefixed and StageOutput.read(run_dir / name) is None):
         return None
     return find_stage(run_dir, name, REWARD_STAGE_KINDS, where)  # refuses other kinds
 
@@ -214,10 +211,12 @@ def stage_reward_spec(spec: str, run_dir: Path, where: str) -> str:
     return str(stage.dir) + ("*" + spec.rpartition("*")[2].strip() if weighted else "")
 
 
-def reward_stage_hint(run_dir: Path) -> str:
-    """What to append to an unknown-reward error: the reward_model stages a spec could name."""
+def reward_spec_error(error: UserError, where: str, run_dir: Path) -> UserError:
+    """The registry's error about a reward spec, at ``where``, with the reward_model stages of
+    the run a bare name could have meant."""
     stages = [s.name for s in run_stages(run_dir, REWARD_STAGE_KINDS)]
-    return f"; reward_model stages of this run: {', '.join(stages)}" if stages else ""
+    hint = f"; reward_model stages of this run: {', '.join(stages)}" if stages else ""
+    return UserError(f"{where}: {str(error).removeprefix('--reward ')}{hint}")
 
 
 def replay(

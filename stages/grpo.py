@@ -48,8 +48,8 @@ from alignkit.stages.common import (
     check_vllm,
     data_context,
     refuse_unread_data_keys,
+    reward_spec_error,
     reward_stage,
-    reward_stage_hint,
     reward_stage_names,
 )
 from alignkit.training import make_trl_trainer, stage_trl_args
@@ -234,10 +234,7 @@ def reward_functions(specs: list[str], run_dir: Path, where: str):
         try:
             name, fn = resolve_reward(str(stage.dir) if stage else spec)
         except UserError as e:
-            message = str(e).removeprefix("--reward ")
-            raise UserError(
-                f"{where}.rewards[{i}]: {message}{reward_stage_hint(run_dir)}"
-            ) from None
+            raise reward_spec_error(e, f"{where}.rewards[{i}]", run_dir) from None
         components.append((stage.name if stage else name, fn, weight))
     try:
         return WeightedReward(components)  # refuses a reward named twice

@@ -106,15 +106,10 @@ class Experience:
         row (masked out of each loss, and never attended to by an earlier position), so the
         update's forwards skip them. Completions vary in length (the quickstart's: ~17 tokens
         on average, padded to the step's longest)."""
-        cmask = self.cmask[idx]
-        T = max(1, int(cmask.sum(1).max()))
+        T = max(1, int(self.cmask[idx].sum(1).max()))
         whole = (self.ids, self.attn, self.pos)
-        per_token = (cmask, self.old_logp, self.values, self.advantages, self.returns)
-        return (
-            *(t[idx, : self.P + T] for t in whole),
-            cmask[:, :T],
-            *(t[idx, :T] for t in per_token[1:]),
-        )
+        per_token = (self.cmask, self.old_logp, self.values, self.advantages, self.returns)
+        return (*(t[idx, : self.P + T] for t in whole), *(t[idx, :T] for t in per_token))
 
 
 @dataclass

@@ -40,7 +40,7 @@ from alignkit.rollouts.shards import read_rollouts
 from alignkit.rollouts.types import EngineName, SamplingSpec
 from alignkit.stages.common import (
     refuse_unread_data_keys,
-    reward_stage_hint,
+    reward_spec_error,
     reward_stage_names,
     stage_reward_spec,
 )
@@ -103,15 +103,13 @@ def run(cfg: RolloutStageConfig, ctx: StageContext) -> StageResult:
         raise UserError(f"{ctx.where}.sampling.n: compare at least 2 samples per prompt")
     if cfg.labeller and cfg.labels:
         raise UserError(f"{ctx.where}: give labeller or labels, not both")
-    run_dir = ctx.out_dir.parent
     where = f"{ctx.where}.labeller"
-    labeller = [stage_reward_spec(s, run_dir, where) for s in cfg.labeller]
+    labeller = [stage_reward_spec(s, ctx.run_dir, where) for s in cfg.labeller]
     if labeller:
         try:
             resolve_rewards(labeller)  # a bad spec fails before any model loads
         except UserError as e:
-            message = str(e).removeprefix("--reward ")
-            raise UserError(f"{where}: {message}{reward_stage_hint(run_dir)}") from None
+            raise reward_spec_error(e, where, ctx.run_dir) from None
     labelled = bool(labeller or cfg.labels)
     outputs = {"rollouts": ROLLOUTS_DIR, **({"preferences": PREFERENCES_FILE} if labelled else {})}
     if not ctx.is_main:  # one process generates (vLLM spreads over GPUs by itself)
